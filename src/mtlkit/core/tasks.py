@@ -1,0 +1,290 @@
+"""Tasks and task sets: what each task predicts, how its loss is computed, which labels are missing.
+
+A :class:`Task` names one prediction target, its loss (a shortcut or a callable), the metrics it is
+judged by and an optional fixed weight. A :class:`TaskSet` turns a model's ``{task: output}`` and the
+batch's ``{task: target}`` into ``{task: scalar loss}``.
+
+Missing labels are masked, never imputed: a sample whose target is NaN (or negative, for class
+indices; or ``False`` in an explicit mask) is left out of that task's loss, which is the mean over the
+labelled entries only. A task with no labelled entry in the batch gets a loss of exactly zero that is
+still attached to the graph, so it contributes no gradient and no NaN, and the returned
+:class:`TaskLosses` records its label count as zero so gradient methods can leave it out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mtlkit.errors import (
+    DTypeMismatchError,
+    MissingTaskError,
+    ShapeMismatchError,
+    TaskError,
+    unknown_name,
+)
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+#: Loss shortcuts. Elementwise losses take a prediction and a target of the same shape; "ce" takes
+#: logits of shape (B, C, ...) and integer class indices of shape (B, ...).
+ELEMENTWISE_LOSSES: dict[str, LossFn] = {
+    "mse": lambda p, t: F.mse_loss(p, t, reduction="none"),
+    "l1": lambda p, t: F.l1_loss(p, t, reduction="none"),
+    "huber": lambda p, t: F.huber_loss(p, t, reduction="none", delta=1.0),
+    "bce": lambda p, t: F.binary_cross_entropy_with_logits(p, t, reduction="none"),
+}
+CLASS_INDEX_LOSSES = ("ce",)
+LOSS_SHORTCUTS = (*ELEMENTWISE_LOSSES, *CLASS_INDEX_LOSSES)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of a multi-task problem.
+
+    Args:
+        name: unique task name; the model's output dict and the batch's target dict use it.
+        loss: ``"mse"``, ``"l1"``, ``"huber"``, ``"bce"`` (on logits), ``"ce"`` (on logits, integer
+            targets), or a callable ``loss(pred, target) -> Tensor``. A callable receives only the
+            labelled samples and may return a scalar or per-sample values (then averaged).
+        metrics: metric names (``"accuracy"``, ``"auc"``, ``"f1"``, ``"mse"``, ``"mae"``, ``"r2"``)
+            or metric objects from :mod:`mtlkit.metrics`; the first one is the task's main metric.
+        weight: fixed weight used by linear scalarisation (EW); 1.0 by default.
+        target: key of this task's target in the batch's target dict (defaults to ``name``).
+    """
+
+    name: str
+    loss: str | LossFn = "mse"
+    metrics: Sequence[Any] = ()
+    weight: float = 1.0
+    target: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise TaskError(f"A task name must be a non-empty string, got {self.name!r}.")
+        if isinstance(self.loss, str):
+            if self.loss not in LOSS_SHORTCUTS:
+                raise unknown_name(f"loss of task {self.name!r}", self.loss, LOSS_SHORTCUTS)
+        elif not callable(self.loss):
+            raise TaskError(f"Task {self.name!r}: loss must be a shortcut name or a callable.")
+        if not (isinstance(self.weight, (int, float)) and self.weight >= 0):
+            raise TaskError(f"Task {self.name!r}: weight must be a number >= 0, got {self.weight!r}.")
+        object.__setattr__(self, "metrics", tuple(self.metrics))
+
+    @property
+    def target_key(self) -> str:
+        return self.target or self.name
+
+    @property
+    def loss_name(self) -> str:
+        return self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", "custom")
+
+    def labelled_mask(self, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Boolean mask of labelled target entries (same shape as ``target``)."""
+        if self.loss in CLASS_INDEX_LOSSES:
+            valid = target >= 0
+        elif target.is_floating_point():
+            valid = ~torch.isnan(target)
+        else:
+            valid = torch.ones_like(target, dtype=torch.bool)
+        if mask is not None:
+            mask = mask.to(device=target.device, dtype=torch.bool)
+            if mask.shape != target.shape:
+                if mask.dim() == 1 and mask.shape[0] == target.shape[0]:
+                    mask = mask.view(-1, *([1] * (target.dim() - 1))).expand_as(target)
+                else:
+                    raise ShapeMismatchError(
+                        f"Task {self.name!r}: label mask shape {tuple(mask.shape)} fits neither the "
+                        f"target shape {tuple(target.shape)} nor its batch size."
+                    )
+            valid = valid & mask
+        return valid
+
+    def align(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Check and align a prediction with its target; raise a clear error on mismatch."""
+        if not isinstance(pred, Tensor) or not pred.is_floating_point():
+            raise DTypeMismatchError(
+                f"Task {self.name!r}: the model output must be a floating-point tensor, "
+                f"got {getattr(pred, 'dtype', type(pred).__name__)}."
+            )
+        if not isinstance(target, Tensor):
+            raise DTypeMismatchError(
+                f"Task {self.name!r}: the target must be a tensor, got {type(target).__name__}."
+            )
+        if pred.dim() == 0 or target.dim() == 0 or pred.shape[0] != target.shape[0]:
+            raise ShapeMismatchError(
+                f"Task {self.name!r}: prediction {tuple(pred.shape)} and target "
+                f"{tuple(target.shape)} must share the batch dimension."
+            )
+        if self.loss in CLASS_INDEX_LOSSES:
+            if target.is_floating_point() or target.dtype == torch.bool:
+                raise DTypeMismatchError(
+                    f"Task {self.name!r}: loss 'ce' expects integer class indices as targets, got "
+                    f"{target.dtype}. Use .long() targets, or loss='bce' for 0/1 labels."
+                )
+            if pred.dim() != target.dim() + 1 or pred.shape[2:] != target.shape[1:]:
+                raise ShapeMismatchError(
+                    f"Task {self.name!r}: loss 'ce' expects logits of shape (B, C, ...) for targets "
+                    f"(B, ...); got prediction {tuple(pred.shape)} and target {tuple(target.shape)}."
+                )
+            return pred, target
+        if target.is_complex():
+            raise DTypeMismatchError(f"Task {self.name!r}: complex targets are not supported.")
+        if pred.shape != target.shape:
+            if pred.dim() == target.dim() + 1 and pred.shape[-1] == 1:
+                pred = pred.squeeze(-1)
+            elif target.dim() == pred.dim() + 1 and target.shape[-1] == 1:
+                target = target.squeeze(-1)
+            if pred.shape != target.shape:
+                raise ShapeMismatchError(
+                    f"Task {self.name!r}: loss {self.loss_name!r} expects a prediction of the "
+                    f"target's shape {tuple(target.shape)}, got {tuple(pred.shape)}."
+                )
+        return pred, target.to(pred.dtype)
+
+    def loss_value(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Masked mean loss and the number of labelled entries (a 0-dim integer tensor).
+
+        Runs without a host synchronisation for the built-in losses: unlabelled entries get a
+        harmless target and a zero weight, so no NaN reaches the forward or the backward pass.
+        """
+        pred, target = self.align(pred, target)
+        valid = self.labelled_mask(target, mask)
+        count = valid.sum()
+        if self.loss in CLASS_INDEX_LOSSES:
+            safe_target = torch.where(valid, target, torch.zeros_like(target))
+            values = F.cross_entropy(pred, safe_target, reduction="none")
+        elif isinstance(self.loss, str):
+            safe_target = torch.where(valid, target, pred.detach())
+            values = ELEMENTWISE_LOSSES[self.loss](pred, safe_target)
+        else:
+            return self._custom_loss(pred, target, valid), count
+        total = torch.where(valid, values, torch.zeros_like(values)).sum()
+        return total / count.clamp(min=1).to(values.dtype), count
+
+    def _custom_loss(self, pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+        # A user's callable sees only labelled samples (a sample counts if any entry is labelled).
+        rows = valid.reshape(valid.shape[0], -1).any(dim=1) if valid.dim() > 1 else valid
+        if bool(rows.all()):
+            value = self.loss(pred, target)
+        elif not bool(rows.any()):
+            return pred.sum() * 0.0
+        else:
+            value = self.loss(pred[rows], target[rows])
+        if not isinstance(value, Tensor):
+            raise TaskError(f"Task {self.name!r}: the loss callable must return a tensor.")
+        return value.mean() if value.dim() > 0 else value
+
+
+class TaskLosses(dict):
+    """``{task: scalar loss}`` plus the number of labelled entries per task.
+
+    ``labelled`` is a 1-D tensor in task order; a zero means the task had no label in the batch,
+    so gradient methods leave it out of the solve and give it weight zero.
+    """
+
+    labelled: Tensor | None = None
+
+
+class TaskSet(Sequence[Task]):
+    """An ordered collection of uniquely named tasks."""
+
+    def __init__(self, tasks: Sequence[Task] | Mapping[str, Any]) -> None:
+        if isinstance(tasks, Mapping):
+            tasks = [t if isinstance(t, Task) else Task(name, **t) for name, t in tasks.items()]
+        tasks = list(tasks)
+        if not tasks:
+            raise TaskError("A TaskSet needs at least one task.")
+        for t in tasks:
+            if not isinstance(t, Task):
+                raise TaskError(f"TaskSet items must be mtlkit.Task objects, got {type(t).__name__}.")
+        names = [t.name for t in tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise TaskError(f"Duplicate task names: {', '.join(map(repr, dupes))}. Names must be unique.")
+        self._tasks = tasks
+        self._index = {t.name: i for i, t in enumerate(tasks)}
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __iter__(self) -> Iterator[Task]:
+        return iter(self._tasks)
+
+    def __getitem__(self, key: int | str) -> Task:  # type: ignore[override]
+        if isinstance(key, str):
+            if key not in self._index:
+                raise unknown_name("task", key, self._index)
+            return self._tasks[self._index[key]]
+        return self._tasks[key]
+
+    def __repr__(self) -> str:
+        return f"TaskSet({[t.name for t in self._tasks]})"
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self._tasks]
+
+    def index(self, name: str) -> int:  # type: ignore[override]
+        if name not in self._index:
+            raise unknown_name("task", name, self._index)
+        return self._index[name]
+
+    @property
+    def weights(self) -> list[float]:
+        return [t.weight for t in self._tasks]
+
+    def losses(
+        self,
+        outputs: Mapping[str, Tensor],
+        targets: Mapping[str, Tensor],
+        masks: Mapping[str, Tensor] | None = None,
+    ) -> TaskLosses:
+        """Per-task scalar losses ``{task: loss}`` (see the module docstring for missing labels).
+
+        Args:
+            outputs: the model's ``{task: prediction}``.
+            targets: ``{target_key: tensor}``; NaN (or a negative class index) marks a missing label.
+            masks: optional ``{task: bool tensor}``, ``True`` where a label is present.
+        """
+        missing_out = [t.name for t in self._tasks if t.name not in outputs]
+        if missing_out:
+            raise MissingTaskError(
+                f"The model output has no entry for task(s) {missing_out}; it has {sorted(outputs)}."
+            )
+        missing_t = [t.target_key for t in self._tasks if t.target_key not in targets]
+        if missing_t:
+            raise MissingTaskError(
+                f"The batch has no target for {missing_t}; it has {sorted(targets)}."
+            )
+        result = TaskLosses()
+        counts = []
+        for t in self._tasks:
+            mask = masks.get(t.name) if masks else None
+            result[t.name], count = t.loss_value(outputs[t.name], targets[t.target_key], mask)
+            counts.append(count)
+        result.labelled = torch.stack(counts)
+        return result
+
+    def labelled_masks(
+        self, targets: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """``{task: bool mask}`` of labelled entries, for metric computation."""
+        return {
+            t.name: t.labelled_mask(targets[t.target_key], masks.get(t.name) if masks else None)
+            for t in self._tasks
+        }
+
+
+@dataclass
+class Batch:
+    """A multi-task batch: inputs, ``{task: target}`` and optional ``{task: label mask}``."""
+
+    inputs: Any
+    targets: dict[str, Tensor]
+    masks: dict[str, Tensor] | None = field(default=None)

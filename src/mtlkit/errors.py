@@ -1,0 +1,71 @@
+"""Exceptions raised by mtlkit.
+
+Every error says what was wrong and how to fix it. Each class subclasses the
+built-in exception a caller would expect (``ValueError`` for bad input,
+``RuntimeError`` for failures during a run), so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class MtlkitError(Exception):
+    """Base class of every mtlkit error."""
+
+
+class TaskError(MtlkitError, ValueError):
+    """A task definition is invalid (empty task set, duplicate names, unknown loss)."""
+
+
+class ShapeMismatchError(MtlkitError, ValueError):
+    """A prediction and its target do not fit together for a task."""
+
+
+class DTypeMismatchError(MtlkitError, TypeError):
+    """A target has a dtype the task's loss cannot use."""
+
+
+class MissingTaskError(MtlkitError, KeyError):
+    """A batch or a model output lacks an entry for a task."""
+
+    def __str__(self) -> str:  # KeyError would quote the message otherwise
+        return str(self.args[0]) if self.args else ""
+
+
+class NonFiniteLossError(MtlkitError, FloatingPointError):
+    """A task loss is NaN or infinite; raised before any update is made."""
+
+
+class UnknownNameError(MtlkitError, KeyError):
+    """A registry lookup failed; the message lists close matches."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(MtlkitError, ValueError):
+    """A configuration file has a bad or unknown key or value."""
+
+
+class CheckpointError(MtlkitError, RuntimeError):
+    """A checkpoint is missing, corrupt, truncated or does not match the run."""
+
+
+class DatasetNotAvailableError(MtlkitError, RuntimeError):
+    """A dataset's donor package is not installed or its files are not the expected ones."""
+
+
+class EngineError(MtlkitError, RuntimeError):
+    """The gradient engine cannot serve a request (e.g. no shared representation)."""
+
+
+def unknown_name(kind: str, name: str, known: Iterable[str]) -> UnknownNameError:
+    """Build an :class:`UnknownNameError` naming close matches among ``known``."""
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return UnknownNameError(
+        f"Unknown {kind} {name!r}.{hint} Available: {', '.join(known) or '(none)'}."
+    )

@@ -1,0 +1,282 @@
+"""The multi-task method interface shared by every loss weighting and gradient aggregator.
+
+``method.backward(losses, shared=..., features=..., task_specific=...) -> StepInfo`` fills ``.grad``
+of every parameter (accumulating, like ``Tensor.backward``): shared parameters get the method's
+combined direction, task-specific parameters their own task's gradient or the weighted one.
+
+Families:
+- :class:`LossWeighting` -- needs only the loss values; one backward of ``sum_k w_k L_k``.
+- :class:`GramianWeighting` -- ``w = f(G)`` from the Gramian of per-task gradients, computed by the
+  engine at the parameter or the representation level; then ``J^T w``.
+- :class:`JacobianAggregator` -- needs the per-task gradients themselves.
+
+A method declares what it needs in ``requires`` and which lifecycle hooks it uses
+(``"post_step_losses"`` -> :meth:`Method.after_step`, ``"epoch_end"`` -> :meth:`Method.on_epoch_end`).
+The caller (the Trainer or a user's loop) calls the hooks; no method reads trainer attributes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from mtlkit.core.engine import GradientEngine, HeadGrad, TaskParams, as_param_list
+from mtlkit.errors import EngineError, NonFiniteLossError, TaskError
+
+Level = Literal["parameter", "representation"]
+
+
+@dataclass
+class StepInfo:
+    """What a method did in one step. Tensors are detached and stay on the device (no host sync).
+
+    Attributes:
+        task_names: task order of every vector and matrix below.
+        weights: effective weight of each task's loss in the shared update (``d = J^T w``).
+        losses: the task losses seen by the method.
+        grad_norms: per-task gradient norms (when per-task gradients were computed).
+        cosines: K x K pairwise cosine similarities of the task gradients (idem).
+        gramian: the float64 Gramian the weights were computed from (idem).
+        level: ``"loss"``, ``"parameter"`` or ``"representation"``.
+    """
+
+    task_names: list[str]
+    weights: Tensor
+    losses: Tensor
+    level: str = "loss"
+    grad_norms: Tensor | None = None
+    cosines: Tensor | None = None
+    gramian: Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def scalars(self) -> dict[str, float]:
+        """Flat ``{name: float}`` for logging (this is where the host sync happens)."""
+        out: dict[str, float] = {}
+        w = self.weights.detach().float().cpu().tolist()
+        losses = self.losses.detach().float().cpu().tolist()
+        for i, name in enumerate(self.task_names):
+            out[f"weight/{name}"] = w[i]
+            out[f"loss/{name}"] = losses[i]
+        if self.grad_norms is not None:
+            norms = self.grad_norms.detach().float().cpu().tolist()
+            for i, name in enumerate(self.task_names):
+                out[f"grad_norm/{name}"] = norms[i]
+        if self.cosines is not None:
+            cos = self.cosines.detach().float().cpu().tolist()
+            for i, a in enumerate(self.task_names):
+                for j in range(i + 1, len(self.task_names)):
+                    out[f"cosine/{a}~{self.task_names[j]}"] = cos[i][j]
+        return out
+
+
+def gradient_statistics(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-task gradient norms and pairwise cosines from a Gramian (zero norms give cosine 0)."""
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    denom = norms[:, None] * norms[None, :]
+    cos = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros_like(gram))
+    return norms, cos
+
+
+class Method:
+    """Base class of every multi-task optimisation method (see the module docstring)."""
+
+    #: Registry name.
+    name: ClassVar[str] = "method"
+    #: What the method consumes: "losses", "gramian", "rep_gramian", "jacobian".
+    requires: ClassVar[frozenset[str]] = frozenset({"losses"})
+    #: Lifecycle hooks the caller must invoke: "post_step_losses", "epoch_end", "extra_batches".
+    hooks: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self) -> None:
+        self.task_names: list[str] | None = None
+
+    # -- input checks ------------------------------------------------------------------------------
+    def _prepare(self, losses: Mapping[str, Tensor] | Sequence[Tensor]) -> tuple[list[str], list[Tensor], Tensor | None]:
+        if isinstance(losses, Mapping):
+            names = list(losses)
+            values = list(losses.values())
+            labelled = getattr(losses, "labelled", None)
+        else:
+            values = list(losses)
+            names = [str(i) for i in range(len(values))]
+            labelled = None
+        if not values:
+            raise TaskError("method.backward() got no task losses.")
+        for n, v in zip(names, values, strict=True):
+            if not isinstance(v, Tensor) or v.numel() != 1:
+                raise TaskError(
+                    f"Task {n!r}: a loss must be a scalar tensor, got "
+                    f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}."
+                )
+        values = [v.reshape(()) for v in values]
+        if self.task_names is None:
+            self.task_names = names
+        elif names != self.task_names:
+            raise TaskError(
+                f"{type(self).__name__} was first used with tasks {self.task_names}; now it got "
+                f"{names}. Use one method object per task set (and the same task order)."
+            )
+        stacked = torch.stack([v.detach() for v in values])
+        finite = torch.isfinite(stacked)
+        if not bool(finite.all()):
+            bad = [n for n, ok in zip(names, finite.tolist(), strict=True) if not ok]
+            raise NonFiniteLossError(
+                f"Non-finite loss for task(s) {bad} (values {stacked.tolist()}); nothing was updated. "
+                "Check the inputs and targets of these tasks, or lower the learning rate."
+            )
+        return names, values, labelled
+
+    @staticmethod
+    def _active(values: Sequence[Tensor], labelled: Tensor | None) -> Tensor:
+        req = torch.tensor([v.requires_grad for v in values], device=values[0].device)
+        return req if labelled is None else req & (labelled.to(values[0].device) > 0)
+
+    # -- the interface -------------------------------------------------------------------------------
+    def backward(
+        self,
+        losses: Mapping[str, Tensor] | Sequence[Tensor],
+        shared: Iterable[Tensor] | None = None,
+        features: Tensor | None = None,
+        task_specific: TaskParams = None,
+    ) -> StepInfo:
+        """Fill ``.grad`` of every parameter from the task losses; return what was done."""
+        raise NotImplementedError
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Learnable parameters of the method itself (e.g. UW's log-variances); none by default."""
+        return []
+
+    def after_step(self, new_losses: Mapping[str, Tensor] | Sequence[Tensor]) -> None:
+        """Hook called with the losses after the optimiser step (methods with "post_step_losses")."""
+
+    def on_epoch_end(self) -> None:
+        """Hook called at the end of each epoch (methods with "epoch_end")."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only, so checkpoints load with ``weights_only=True``."""
+        return {"task_names": list(self.task_names) if self.task_names is not None else None}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        names = state.get("task_names")
+        self.task_names = list(names) if names is not None else None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class LossWeighting(Method):
+    """A method that only needs the loss values: one backward of the weighted sum."""
+
+    requires = frozenset({"losses"})
+
+    def loss_weights(self, losses: Tensor, active: Tensor) -> Tensor:
+        """Weights (K,) for the detached losses; may carry grad for learnable weightings."""
+        raise NotImplementedError
+
+    def backward(self, losses, shared=None, features=None, task_specific=None) -> StepInfo:
+        names, values, labelled = self._prepare(losses)
+        stacked = torch.stack(values)
+        active = self._active(values, labelled)
+        weights = self.loss_weights(stacked.detach(), active)
+        total = (weights.to(stacked.dtype) * stacked).sum()
+        if total.requires_grad:
+            total.backward()
+        return StepInfo(names, weights.detach(), stacked.detach(), level="loss")
+
+
+class GramianWeighting(Method):
+    """A method whose shared direction is ``J^T w`` with ``w = f(G)`` (G = J J^T).
+
+    Args:
+        level: ``"parameter"`` (Gramian of the shared-parameter gradients) or ``"representation"``
+            (Gramian of the gradients w.r.t. the shared representation ``features``).
+        head_grad: task-specific parameters get their ``"own"`` gradient or the ``"weighted"`` one.
+        engine: the :class:`~mtlkit.core.engine.GradientEngine` to use.
+    """
+
+    requires = frozenset({"gramian"})
+    default_head_grad: ClassVar[HeadGrad] = "weighted"
+
+    def __init__(
+        self,
+        level: Level = "parameter",
+        head_grad: HeadGrad | None = None,
+        engine: GradientEngine | None = None,
+    ) -> None:
+        super().__init__()
+        if level not in ("parameter", "representation"):
+            raise EngineError(f"level must be 'parameter' or 'representation', got {level!r}.")
+        head_grad = head_grad or self.default_head_grad
+        if head_grad not in ("own", "weighted"):
+            raise EngineError(f"head_grad must be 'own' or 'weighted', got {head_grad!r}.")
+        self.level = level
+        self.head_grad = head_grad
+        self.engine = engine or GradientEngine()
+
+    def weights(self, gram: Tensor, losses: Tensor, active: Tensor) -> Tensor:
+        """float64 weights (K,) from the float64 Gramian; inactive tasks must get weight 0."""
+        raise NotImplementedError
+
+    def backward(self, losses, shared=None, features=None, task_specific=None) -> StepInfo:
+        names, values, labelled = self._prepare(losses)
+        active = self._active(values, labelled)
+        stacked = torch.stack([v.detach() for v in values])
+        if self.level == "representation":
+            if features is None:
+                raise EngineError(
+                    f"{type(self).__name__}(level='representation') needs features= (the shared "
+                    "representation, e.g. model.last_features)."
+                )
+            gram, rep = self.engine.representation_gramian(values, features, names, task_specific)
+            w = self.weights(gram, stacked, active)
+            rep.backward_shared(w)
+            rep.write_heads(w if self.head_grad == "weighted" else None)
+        else:
+            shared = as_param_list(shared)
+            gram, jac = self.engine.parameter_gramian(values, shared, names, task_specific)
+            w = self.weights(gram, stacked, active)
+            jac.write_shared_weighted(w)
+            jac.write_heads(w if self.head_grad == "weighted" else None)
+        norms, cos = gradient_statistics(gram)
+        return StepInfo(
+            names, w.detach(), stacked, level=self.level, grad_norms=norms, cosines=cos, gramian=gram
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(level={self.level!r}, head_grad={self.head_grad!r})"
+
+
+class JacobianAggregator(Method):
+    """A method that needs the per-task gradients themselves (parameter level only).
+
+    Subclasses implement :meth:`aggregate`, returning one direction per shared parameter.
+    """
+
+    requires = frozenset({"jacobian"})
+    default_head_grad: ClassVar[HeadGrad] = "own"
+
+    def __init__(self, head_grad: HeadGrad | None = None, engine: GradientEngine | None = None) -> None:
+        super().__init__()
+        self.head_grad = head_grad or self.default_head_grad
+        self.engine = engine or GradientEngine()
+
+    def aggregate(self, blocks: Sequence[Tensor], gram: Tensor, active: Tensor) -> tuple[list[Tensor], Tensor]:
+        """``(directions, weights)``: one direction per shared block and the effective weights
+        used for the heads and for logging."""
+        raise NotImplementedError
+
+    def backward(self, losses, shared=None, features=None, task_specific=None) -> StepInfo:
+        names, values, labelled = self._prepare(losses)
+        active = self._active(values, labelled)
+        stacked = torch.stack([v.detach() for v in values])
+        jac = self.engine.jacobian(values, as_param_list(shared), names, task_specific)
+        gram = jac.gramian(self.engine.chunk_numel)
+        directions, w = self.aggregate(jac.blocks, gram, active)
+        jac.write_shared(directions)
+        jac.write_heads(w if self.head_grad == "weighted" else None)
+        norms, cos = gradient_statistics(gram)
+        return StepInfo(names, w.detach(), stacked, level="parameter", grad_norms=norms, cosines=cos, gramian=gram)

@@ -1,0 +1,140 @@
+"""The multi-task model protocol and building blocks.
+
+A multi-task model is an ``nn.Module`` whose ``forward(x, task=None)`` returns ``{task: output}``
+(only ``{task: output}`` for one task when ``task`` is given), and which names its parts:
+``shared_parameters()``, ``task_parameters()`` (``{task: [params]}``) and, where it has one,
+``last_features``: the shared representation of the last forward, for representation-level methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+from mtlkit.core.registry import Registry
+from mtlkit.core.tasks import Task, TaskSet
+from mtlkit.errors import ShapeMismatchError, TaskError, unknown_name
+
+MODELS: Registry[nn.Module] = Registry("model")
+register = MODELS.register
+
+
+@runtime_checkable
+class MultiTaskModel(Protocol):
+    """What the Trainer and the methods need from a model."""
+
+    last_features: Tensor | None
+
+    def __call__(self, x: Any, task: str | None = None) -> dict[str, Tensor]: ...
+
+    def shared_parameters(self) -> list[nn.Parameter]: ...
+
+    def task_parameters(self) -> dict[str, list[nn.Parameter]]: ...
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+}
+
+
+def mlp(
+    in_features: int,
+    dims: Sequence[int],
+    activation: str = "relu",
+    dropout: float = 0.0,
+    batch_norm: bool = False,
+    out_features: int | None = None,
+) -> nn.Sequential:
+    """``Linear -> [BatchNorm] -> activation -> [Dropout]`` per hidden width, then an optional
+    plain ``Linear`` output layer."""
+    if activation not in ACTIVATIONS:
+        raise unknown_name("activation", activation, ACTIVATIONS)
+    layers: list[nn.Module] = []
+    width = in_features
+    for d in dims:
+        layers.append(nn.Linear(width, d))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(d))
+        layers.append(ACTIVATIONS[activation]())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = d
+    if out_features is not None:
+        layers.append(nn.Linear(width, out_features))
+    return nn.Sequential(*layers)
+
+
+def task_names(tasks: TaskSet | Sequence[Task] | Sequence[str]) -> list[str]:
+    names = [t.name if isinstance(t, Task) else str(t) for t in tasks]
+    if not names:
+        raise TaskError("A multi-task model needs at least one task.")
+    if len(set(names)) != len(names):
+        raise TaskError(f"Duplicate task names {names}.")
+    return names
+
+
+def resolve_out_features(names: Sequence[str], out_features: int | Mapping[str, int]) -> dict[str, int]:
+    if isinstance(out_features, Mapping):
+        unknown = set(out_features) - set(names)
+        if unknown:
+            raise TaskError(f"out_features names unknown tasks {sorted(unknown)}; tasks are {list(names)}.")
+        return {n: int(out_features.get(n, 1)) for n in names}
+    return {n: int(out_features) for n in names}
+
+
+class MultiTaskModule(nn.Module):
+    """Base class for mtlkit architectures: task bookkeeping and the parameter split."""
+
+    def __init__(self, tasks: TaskSet | Sequence[Task] | Sequence[str]) -> None:
+        super().__init__()
+        self.task_names = task_names(tasks)
+        self.last_features: Tensor | None = None
+
+    def shared_modules(self) -> Iterable[nn.Module]:
+        raise NotImplementedError
+
+    def task_modules(self, task: str) -> Iterable[nn.Module]:
+        raise NotImplementedError
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.shared_modules() for p in m.parameters() if p.requires_grad]
+
+    def task_parameters(self) -> dict[str, list[nn.Parameter]]:
+        return {
+            t: [p for m in self.task_modules(t) for p in m.parameters() if p.requires_grad]
+            for t in self.task_names
+        }
+
+    def _selected(self, task: str | None) -> list[str]:
+        if task is None:
+            return self.task_names
+        if task not in self.task_names:
+            raise unknown_name("task", task, self.task_names)
+        return [task]
+
+
+def check_input(x: Tensor, in_features: int, model: str) -> None:
+    """Raise a clear error when ``x`` is not a (batch, in_features) tensor."""
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != in_features:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ShapeMismatchError(f"{model} expects inputs of shape (batch, {in_features}), got {shape}.")
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "MODELS",
+    "MultiTaskModel",
+    "MultiTaskModule",
+    "check_input",
+    "mlp",
+    "register",
+    "resolve_out_features",
+    "task_names",
+]

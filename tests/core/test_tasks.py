@@ -1,0 +1,110 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mtlkit as mk
+from mtlkit.errors import DTypeMismatchError, MissingTaskError, ShapeMismatchError, TaskError, UnknownNameError
+
+
+def test_losses_match_torch_functionals():
+    tasks = mk.TaskSet(
+        [
+            mk.Task("reg", loss="mse"),
+            mk.Task("abs", loss="l1"),
+            mk.Task("hub", loss="huber"),
+            mk.Task("bin", loss="bce"),
+            mk.Task("cls", loss="ce"),
+        ]
+    )
+    p = torch.randn(8, 1)
+    logits = torch.randn(8, 4)
+    y = torch.randn(8)
+    b = torch.randint(0, 2, (8,)).float()
+    c = torch.randint(0, 4, (8,))
+    out = {"reg": p, "abs": p, "hub": p, "bin": p, "cls": logits}
+    tgt = {"reg": y, "abs": y, "hub": y, "bin": b, "cls": c}
+    losses = tasks.losses(out, tgt)
+    assert torch.allclose(losses["reg"], F.mse_loss(p.squeeze(1), y))
+    assert torch.allclose(losses["abs"], F.l1_loss(p.squeeze(1), y))
+    assert torch.allclose(losses["hub"], F.huber_loss(p.squeeze(1), y))
+    assert torch.allclose(losses["bin"], F.binary_cross_entropy_with_logits(p.squeeze(1), b))
+    assert torch.allclose(losses["cls"], F.cross_entropy(logits, c))
+    assert losses.labelled.tolist() == [8] * 5
+
+
+def test_nan_targets_are_masked_out_of_loss_and_gradient():
+    task = mk.TaskSet([mk.Task("r", loss="mse")])
+    pred = torch.randn(6, requires_grad=True)
+    y = torch.randn(6)
+    y[[1, 4]] = float("nan")
+    loss = task.losses({"r": pred}, {"r": y})["r"]
+    keep = torch.tensor([0, 2, 3, 5])
+    assert torch.allclose(loss, F.mse_loss(pred[keep], y[keep]))
+    loss.backward()
+    assert torch.isfinite(pred.grad).all()
+    assert pred.grad[1] == 0 and pred.grad[4] == 0
+
+
+def test_explicit_mask_and_negative_class_index():
+    tasks = mk.TaskSet([mk.Task("b", loss="bce"), mk.Task("c", loss="ce")])
+    pb = torch.randn(5, requires_grad=True)
+    pc = torch.randn(5, 3, requires_grad=True)
+    yb = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    yc = torch.tensor([0, -100, 2, 1, -1])
+    mask = {"b": torch.tensor([True, False, True, False, True])}
+    losses = tasks.losses({"b": pb, "c": pc}, {"b": yb, "c": yc}, masks=mask)
+    kb = torch.tensor([0, 2, 4])
+    kc = torch.tensor([0, 2, 3])
+    assert torch.allclose(losses["b"], F.binary_cross_entropy_with_logits(pb[kb], yb[kb]))
+    assert torch.allclose(losses["c"], F.cross_entropy(pc[kc], yc[kc]))
+    assert losses.labelled.tolist() == [3, 3]
+
+
+def test_task_without_labels_gives_zero_loss_and_zero_gradient():
+    tasks = mk.TaskSet([mk.Task("r", loss="mse"), mk.Task("c", loss="ce")])
+    pr = torch.randn(4, requires_grad=True)
+    pc = torch.randn(4, 3, requires_grad=True)
+    losses = tasks.losses({"r": pr, "c": pc}, {"r": torch.full((4,), math.nan), "c": torch.full((4,), -1)})
+    assert losses["r"].item() == 0.0 and losses["c"].item() == 0.0
+    (losses["r"] + losses["c"]).backward()
+    assert torch.count_nonzero(pr.grad) == 0 and torch.count_nonzero(pc.grad) == 0
+    assert losses.labelled.tolist() == [0, 0]
+
+
+def test_custom_callable_sees_only_labelled_rows():
+    seen = {}
+
+    def loss(p, t):
+        seen["n"] = p.shape[0]
+        return ((p - t) ** 4).mean()
+
+    tasks = mk.TaskSet([mk.Task("q", loss=loss)])
+    y = torch.tensor([1.0, math.nan, 3.0])
+    p = torch.zeros(3)
+    value = tasks.losses({"q": p}, {"q": y})["q"]
+    assert seen["n"] == 2 and torch.isclose(value, torch.tensor((1 + 81) / 2))
+
+
+def test_shape_and_dtype_errors_name_the_task():
+    tasks = mk.TaskSet([mk.Task("income", loss="bce"), mk.Task("kind", loss="ce")])
+    with pytest.raises(ShapeMismatchError, match="income"):
+        tasks.losses({"income": torch.randn(4, 2), "kind": torch.randn(4, 3)}, {"income": torch.ones(4), "kind": torch.zeros(4).long()})
+    with pytest.raises(DTypeMismatchError, match="kind.*integer class indices"):
+        tasks.losses({"income": torch.randn(4), "kind": torch.randn(4, 3)}, {"income": torch.ones(4), "kind": torch.zeros(4)})
+    with pytest.raises(ShapeMismatchError, match="batch dimension"):
+        tasks.losses({"income": torch.randn(3), "kind": torch.randn(4, 3)}, {"income": torch.ones(4), "kind": torch.zeros(4).long()})
+    with pytest.raises(MissingTaskError, match="kind"):
+        tasks.losses({"income": torch.randn(4)}, {"income": torch.ones(4)})
+
+
+def test_bad_task_sets():
+    with pytest.raises(TaskError, match="at least one"):
+        mk.TaskSet([])
+    with pytest.raises(TaskError, match="Duplicate.*'a'"):
+        mk.TaskSet([mk.Task("a"), mk.Task("a")])
+    with pytest.raises(UnknownNameError, match="Did you mean 'mse'"):
+        mk.Task("a", loss="mes")
+    with pytest.raises(UnknownNameError, match="Did you mean 'income'"):
+        mk.TaskSet([mk.Task("income")])["incme"]
