@@ -38,6 +38,10 @@ class NonFiniteLossError(MtlkitError, FloatingPointError):
     """A task loss is NaN or infinite; raised before any update is made."""
 
 
+class NonFiniteGradientError(MtlkitError, FloatingPointError):
+    """A task gradient is NaN or infinite although the losses are finite."""
+
+
 class UnknownNameError(MtlkitError, KeyError):
     """A registry lookup failed; the message lists close matches."""
 
@@ -66,6 +70,4 @@ def unknown_name(kind: str, name: str, known: Iterable[str]) -> UnknownNameError
     known = sorted(known)
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return UnknownNameError(
-        f"Unknown {kind} {name!r}.{hint} Available: {', '.join(known) or '(none)'}."
-    )
+    return UnknownNameError(f"Unknown {kind} {name!r}.{hint} Available: {', '.join(known) or '(none)'}.")

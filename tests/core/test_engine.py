@@ -33,7 +33,9 @@ def test_parameter_gramian_and_jacobian_match_brute_force(model, strategy, chunk
     J, _, _ = brute_force(net, tasks, x, y)
     engine = GradientEngine(strategy, chunk_numel=chunk)
     losses = tasks.losses(net(x), y)
-    gram, jac = engine.parameter_gramian(list(losses.values()), net.shared_parameters(), tasks.names, net.task_parameters())
+    gram, jac = engine.parameter_gramian(
+        list(losses.values()), net.shared_parameters(), tasks.names, net.task_parameters()
+    )
     assert gram.dtype == torch.float64
     torch.testing.assert_close(jac.flat(), J, atol=1e-10, rtol=0)
     torch.testing.assert_close(gram, J @ J.T, atol=1e-10, rtol=0)
@@ -61,7 +63,9 @@ def test_parameter_level_writes_JTw_and_head_gradients(strategy, head_grad):
 def test_task_specific_parameters_found_from_the_graph():
     tasks, net, x, y = make_problem(k=3, model="mmoe")
     losses = list(tasks.losses(net(x), y).values())
-    _, explicit = GradientEngine().parameter_gramian(losses, net.shared_parameters(), tasks.names, net.task_parameters())
+    _, explicit = GradientEngine().parameter_gramian(
+        losses, net.shared_parameters(), tasks.names, net.task_parameters()
+    )
     losses = list(tasks.losses(net(x), y).values())
     _, found = GradientEngine().parameter_gramian(losses, net.shared_parameters(), tasks.names, None)
     explicit_ids = {id(p) for ps in net.task_parameters().values() for p in ps}
@@ -99,13 +103,17 @@ def test_each_head_is_backpropagated_once_per_step():
     for t in tasks.names:
         net.towers[t].register_full_backward_hook(lambda *a, t=t: calls.__setitem__(t, calls[t] + 1))
     losses = list(tasks.losses(net(x), y).values())
-    GradientEngine("loop").parameter_gramian(losses, net.shared_parameters(), tasks.names, net.task_parameters())
+    GradientEngine("loop").parameter_gramian(
+        losses, net.shared_parameters(), tasks.names, net.task_parameters()
+    )
     assert calls == dict.fromkeys(tasks.names, 1)
 
 
 def test_gramian_is_float64_for_float32_models():
     tasks, net, x, y = make_problem(k=2, dtype=torch.float32)
-    gram, jac = GradientEngine().parameter_gramian(list(tasks.losses(net(x), y).values()), net.shared_parameters())
+    gram, jac = GradientEngine().parameter_gramian(
+        list(tasks.losses(net(x), y).values()), net.shared_parameters()
+    )
     assert gram.dtype == torch.float64 and jac.blocks[0].dtype == torch.float32
     J = jac.flat().double()
     torch.testing.assert_close(gram, J @ J.T, atol=1e-12, rtol=1e-12)

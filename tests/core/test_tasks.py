@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 
 import mtlkit as mk
-from mtlkit.errors import DTypeMismatchError, MissingTaskError, ShapeMismatchError, TaskError, UnknownNameError
+from mtlkit.errors import (
+    DTypeMismatchError,
+    MissingTaskError,
+    ShapeMismatchError,
+    TaskError,
+    UnknownNameError,
+)
 
 
 def test_losses_match_torch_functionals():
@@ -90,11 +96,20 @@ def test_custom_callable_sees_only_labelled_rows():
 def test_shape_and_dtype_errors_name_the_task():
     tasks = mk.TaskSet([mk.Task("income", loss="bce"), mk.Task("kind", loss="ce")])
     with pytest.raises(ShapeMismatchError, match="income"):
-        tasks.losses({"income": torch.randn(4, 2), "kind": torch.randn(4, 3)}, {"income": torch.ones(4), "kind": torch.zeros(4).long()})
+        tasks.losses(
+            {"income": torch.randn(4, 2), "kind": torch.randn(4, 3)},
+            {"income": torch.ones(4), "kind": torch.zeros(4).long()},
+        )
     with pytest.raises(DTypeMismatchError, match="kind.*integer class indices"):
-        tasks.losses({"income": torch.randn(4), "kind": torch.randn(4, 3)}, {"income": torch.ones(4), "kind": torch.zeros(4)})
+        tasks.losses(
+            {"income": torch.randn(4), "kind": torch.randn(4, 3)},
+            {"income": torch.ones(4), "kind": torch.zeros(4)},
+        )
     with pytest.raises(ShapeMismatchError, match="batch dimension"):
-        tasks.losses({"income": torch.randn(3), "kind": torch.randn(4, 3)}, {"income": torch.ones(4), "kind": torch.zeros(4).long()})
+        tasks.losses(
+            {"income": torch.randn(3), "kind": torch.randn(4, 3)},
+            {"income": torch.ones(4), "kind": torch.zeros(4).long()},
+        )
     with pytest.raises(MissingTaskError, match="kind"):
         tasks.losses({"income": torch.randn(4)}, {"income": torch.ones(4)})
 

@@ -65,9 +65,11 @@ def test_mgda_ub_equals_mgda_for_a_single_sample_linear_trunk():
     x = torch.randn(1, 4, dtype=torch.float64)
     y = {t: torch.randn(1, dtype=torch.float64) for t in tasks.names}
     w_param = mk.methods.MGDA().backward(tasks.losses(net(x), y), net.shared_parameters()).weights
-    w_rep = mk.methods.MGDA(level="representation").backward(
-        tasks.losses(net(x), y), features=net.last_features
-    ).weights
+    w_rep = (
+        mk.methods.MGDA(level="representation")
+        .backward(tasks.losses(net(x), y), features=net.last_features)
+        .weights
+    )
     torch.testing.assert_close(w_param, w_rep, atol=1e-9, rtol=0)
 
 
@@ -82,7 +84,9 @@ def test_mgda_normalisations_and_scale():
     Jn = J / n[:, None]
     w_solver = info.weights / 3
     assert kkt_violation(Jn @ Jn.T, w_solver) < 1e-8  # solved on the normalised gradients
-    torch.testing.assert_close(shared_grad(net), J.T @ info.weights, atol=1e-10, rtol=0)  # applied to raw ones
+    torch.testing.assert_close(
+        shared_grad(net), J.T @ info.weights, atol=1e-10, rtol=0
+    )  # applied to raw ones
     net.zero_grad(set_to_none=True)
     info = mk.methods.MGDA(normalization="l2", normalize_final=True).backward(
         tasks.losses(net(x), y), net.shared_parameters()

@@ -197,7 +197,9 @@ class GradientEngine:
         if isinstance(task_specific, Mapping):
             unknown = set(task_specific) - set(names)
             if unknown:
-                raise EngineError(f"task_specific names unknown tasks {sorted(unknown)}; tasks are {list(names)}.")
+                raise EngineError(
+                    f"task_specific names unknown tasks {sorted(unknown)}; tasks are {list(names)}."
+                )
             params: list[Tensor] = []
             index: dict[int, int] = {}
             per_task: list[list[int]] = []

@@ -259,9 +259,7 @@ class TaskSet(Sequence[Task]):
             )
         missing_t = [t.target_key for t in self._tasks if t.target_key not in targets]
         if missing_t:
-            raise MissingTaskError(
-                f"The batch has no target for {missing_t}; it has {sorted(targets)}."
-            )
+            raise MissingTaskError(f"The batch has no target for {missing_t}; it has {sorted(targets)}.")
         result = TaskLosses()
         counts = []
         for t in self._tasks:

@@ -8,8 +8,8 @@ from mtlkit.methods.registry import METHODS, available, create, register
 
 __all__ = [
     "EW",
-    "MGDA",
     "METHODS",
+    "MGDA",
     "GramianWeighting",
     "JacobianAggregator",
     "LossWeighting",

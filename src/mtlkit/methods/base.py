@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.core.engine import GradientEngine, HeadGrad, TaskParams, as_param_list
-from mtlkit.errors import EngineError, NonFiniteLossError, TaskError
+from mtlkit.errors import EngineError, NonFiniteGradientError, NonFiniteLossError, TaskError
 
 Level = Literal["parameter", "representation"]
 
@@ -81,6 +81,11 @@ def gradient_statistics(gram: Tensor) -> tuple[Tensor, Tensor]:
     return norms, cos
 
 
+def unscale_gramian(gram: Tensor, loss_scale: float | None) -> Tensor:
+    """The Gramian of unscaled gradients from one of gradients of losses scaled by ``loss_scale``."""
+    return gram if loss_scale is None else gram / float(loss_scale) ** 2
+
+
 class Method:
     """Base class of every multi-task optimisation method (see the module docstring)."""
 
@@ -95,7 +100,11 @@ class Method:
         self.task_names: list[str] | None = None
 
     # -- input checks ------------------------------------------------------------------------------
-    def _prepare(self, losses: Mapping[str, Tensor] | Sequence[Tensor]) -> tuple[list[str], list[Tensor], Tensor | None]:
+    def _prepare(
+        self, losses: Mapping[str, Tensor] | Sequence[Tensor], loss_scale: float | None = None
+    ) -> tuple[list[str], list[Tensor], Tensor | None, Tensor]:
+        """Check the losses; return names, scalar losses, label counts and the detached unscaled
+        loss vector."""
         if isinstance(losses, Mapping):
             names = list(losses)
             values = list(losses.values())
@@ -121,6 +130,8 @@ class Method:
                 f"{names}. Use one method object per task set (and the same task order)."
             )
         stacked = torch.stack([v.detach() for v in values])
+        if loss_scale is not None:
+            stacked = stacked / loss_scale
         finite = torch.isfinite(stacked)
         if not bool(finite.all()):
             bad = [n for n, ok in zip(names, finite.tolist(), strict=True) if not ok]
@@ -128,7 +139,7 @@ class Method:
                 f"Non-finite loss for task(s) {bad} (values {stacked.tolist()}); nothing was updated. "
                 "Check the inputs and targets of these tasks, or lower the learning rate."
             )
-        return names, values, labelled
+        return names, values, labelled, stacked
 
     @staticmethod
     def _active(values: Sequence[Tensor], labelled: Tensor | None) -> Tensor:
@@ -142,9 +153,26 @@ class Method:
         shared: Iterable[Tensor] | None = None,
         features: Tensor | None = None,
         task_specific: TaskParams = None,
+        loss_scale: float | None = None,
     ) -> StepInfo:
-        """Fill ``.grad`` of every parameter from the task losses; return what was done."""
+        """Fill ``.grad`` of every parameter from the task losses; return what was done.
+
+        Args:
+            losses: ``{task: scalar loss}`` (a :class:`~mtlkit.core.tasks.TaskLosses` also tells
+                which tasks had no labelled sample) or a sequence of scalar losses.
+            shared: the shared parameters (``model.shared_parameters()``).
+            features: the shared representation, for representation-level methods.
+            task_specific: ``{task: [params]}`` (``model.task_parameters()``), a flat list, or
+                ``None`` to find them from the autograd graph.
+            loss_scale: set when the losses were multiplied by a ``GradScaler`` scale: the method
+                works on unscaled losses and gradients (Gramians stay float64), and leaves
+                ``.grad`` scaled for ``scaler.unscale_``.
+        """
         raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> Method:
+        """Move the method's own tensors (learnable weights, buffers) to ``device``."""
+        return self
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """Learnable parameters of the method itself (e.g. UW's log-variances); none by default."""
@@ -177,15 +205,15 @@ class LossWeighting(Method):
         """Weights (K,) for the detached losses; may carry grad for learnable weightings."""
         raise NotImplementedError
 
-    def backward(self, losses, shared=None, features=None, task_specific=None) -> StepInfo:
-        names, values, labelled = self._prepare(losses)
+    def backward(self, losses, shared=None, features=None, task_specific=None, loss_scale=None) -> StepInfo:
+        names, values, labelled, unscaled = self._prepare(losses, loss_scale)
         stacked = torch.stack(values)
         active = self._active(values, labelled)
-        weights = self.loss_weights(stacked.detach(), active)
+        weights = self.loss_weights(unscaled, active)
         total = (weights.to(stacked.dtype) * stacked).sum()
         if total.requires_grad:
             total.backward()
-        return StepInfo(names, weights.detach(), stacked.detach(), level="loss")
+        return StepInfo(names, weights.detach(), unscaled, level="loss")
 
 
 class GramianWeighting(Method):
@@ -221,10 +249,22 @@ class GramianWeighting(Method):
         """float64 weights (K,) from the float64 Gramian; inactive tasks must get weight 0."""
         raise NotImplementedError
 
-    def backward(self, losses, shared=None, features=None, task_specific=None) -> StepInfo:
-        names, values, labelled = self._prepare(losses)
+    def _solve(
+        self, gram: Tensor, stacked: Tensor, active: Tensor, names: list[str], loss_scale: float | None
+    ) -> Tensor:
+        if not bool(torch.isfinite(gram).all()):
+            if loss_scale is not None:  # fp16 overflow: NaN weights make the GradScaler skip the step
+                return torch.full((len(names),), float("nan"), dtype=torch.float64, device=gram.device)
+            bad = [n for n, ok in zip(names, torch.isfinite(gram.diagonal()).tolist(), strict=True) if not ok]
+            raise NonFiniteGradientError(
+                f"Non-finite gradient for task(s) {bad or names} although the losses are finite; "
+                "nothing was updated. Lower the learning rate or clip the inputs."
+            )
+        return self.weights(gram, stacked, active)
+
+    def backward(self, losses, shared=None, features=None, task_specific=None, loss_scale=None) -> StepInfo:
+        names, values, labelled, stacked = self._prepare(losses, loss_scale)
         active = self._active(values, labelled)
-        stacked = torch.stack([v.detach() for v in values])
         if self.level == "representation":
             if features is None:
                 raise EngineError(
@@ -232,13 +272,15 @@ class GramianWeighting(Method):
                     "representation, e.g. model.last_features)."
                 )
             gram, rep = self.engine.representation_gramian(values, features, names, task_specific)
-            w = self.weights(gram, stacked, active)
+            gram = unscale_gramian(gram, loss_scale)
+            w = self._solve(gram, stacked, active, names, loss_scale)
             rep.backward_shared(w)
             rep.write_heads(w if self.head_grad == "weighted" else None)
         else:
             shared = as_param_list(shared)
             gram, jac = self.engine.parameter_gramian(values, shared, names, task_specific)
-            w = self.weights(gram, stacked, active)
+            gram = unscale_gramian(gram, loss_scale)
+            w = self._solve(gram, stacked, active, names, loss_scale)
             jac.write_shared_weighted(w)
             jac.write_heads(w if self.head_grad == "weighted" else None)
         norms, cos = gradient_statistics(gram)
@@ -264,19 +306,22 @@ class JacobianAggregator(Method):
         self.head_grad = head_grad or self.default_head_grad
         self.engine = engine or GradientEngine()
 
-    def aggregate(self, blocks: Sequence[Tensor], gram: Tensor, active: Tensor) -> tuple[list[Tensor], Tensor]:
+    def aggregate(
+        self, blocks: Sequence[Tensor], gram: Tensor, active: Tensor
+    ) -> tuple[list[Tensor], Tensor]:
         """``(directions, weights)``: one direction per shared block and the effective weights
         used for the heads and for logging."""
         raise NotImplementedError
 
-    def backward(self, losses, shared=None, features=None, task_specific=None) -> StepInfo:
-        names, values, labelled = self._prepare(losses)
+    def backward(self, losses, shared=None, features=None, task_specific=None, loss_scale=None) -> StepInfo:
+        names, values, labelled, stacked = self._prepare(losses, loss_scale)
         active = self._active(values, labelled)
-        stacked = torch.stack([v.detach() for v in values])
         jac = self.engine.jacobian(values, as_param_list(shared), names, task_specific)
-        gram = jac.gramian(self.engine.chunk_numel)
+        gram = unscale_gramian(jac.gramian(self.engine.chunk_numel), loss_scale)
         directions, w = self.aggregate(jac.blocks, gram, active)
         jac.write_shared(directions)
         jac.write_heads(w if self.head_grad == "weighted" else None)
         norms, cos = gradient_statistics(gram)
-        return StepInfo(names, w.detach(), stacked, level="parameter", grad_norms=norms, cosines=cos, gramian=gram)
+        return StepInfo(
+            names, w.detach(), stacked, level="parameter", grad_norms=norms, cosines=cos, gramian=gram
+        )

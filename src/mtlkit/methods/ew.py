@@ -49,7 +49,9 @@ class EW(LossWeighting):
         elif isinstance(self.fixed, Mapping):
             unknown = set(self.fixed) - set(self.task_names or [])
             if unknown:
-                raise TaskError(f"EW weights name unknown tasks {sorted(unknown)}; tasks are {self.task_names}.")
+                raise TaskError(
+                    f"EW weights name unknown tasks {sorted(unknown)}; tasks are {self.task_names}."
+                )
             vals = [float(self.fixed.get(n, 1.0)) for n in self.task_names or []]
         else:
             vals = [float(v) for v in self.fixed]

@@ -19,4 +19,13 @@ def available() -> list[str]:
     return MODELS.available()
 
 
-__all__ = ["MMoE", "MODELS", "MultiTaskModel", "MultiTaskModule", "SharedBottom", "available", "create", "mlp"]
+__all__ = [
+    "MODELS",
+    "MMoE",
+    "MultiTaskModel",
+    "MultiTaskModule",
+    "SharedBottom",
+    "available",
+    "create",
+    "mlp",
+]

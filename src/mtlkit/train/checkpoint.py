@@ -1,0 +1,251 @@
+"""Atomic, weights-only checkpoints.
+
+A checkpoint is a directory ``step-XXXXXXXX/`` holding
+
+- ``model.safetensors`` -- the model's tensors (safetensors: no code, no pickle);
+- ``state.pt`` -- optimiser, scheduler, method state, RNG states and counters, read back with
+  ``torch.load(weights_only=True)`` (tensors and plain containers only);
+- ``manifest.json`` -- sizes and SHA-256 of both files.
+
+It is written into a temporary directory, flushed, and renamed into place; the ``latest`` pointer
+is then replaced atomically. Loading verifies the manifest and parses both files completely before
+anything is applied, so a corrupt or truncated checkpoint raises :class:`CheckpointError` and
+leaves the model, optimiser and method untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from mtlkit.errors import CheckpointError
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+MANIFEST_FILE = "manifest.json"
+LATEST = "latest"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as contiguous CPU tensors (tied tensors are stored once per name)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step can draw from, as tensors and plain values."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": _python_state_to_plain(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    npst = state["numpy"]
+    np.random.set_state(
+        (
+            npst["kind"],
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_plain(st: tuple) -> list:
+    version, internal, gauss = st
+    return [version, list(internal), gauss]
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A fully parsed, verified checkpoint, not yet applied to anything."""
+
+    path: Path
+    model: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
+def save_checkpoint(
+    directory: Path, name: str, model: nn.Module, state: dict[str, Any], keep: int | None = None
+) -> Path:
+    """Write checkpoint ``directory/name`` atomically and point ``latest`` at it.
+
+    Args:
+        keep: keep only the newest ``keep`` ``step-*`` checkpoints (others are deleted after the
+            new one is in place); ``None`` keeps all.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model_bytes = save_safetensors(
+        model_tensors(model), metadata={"format": "mtlkit", "version": str(FORMAT_VERSION)}
+    )
+    buf = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **state}, buf)
+    state_bytes = buf.getvalue()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "files": {
+            MODEL_FILE: {"bytes": len(model_bytes), "sha256": _sha256(model_bytes)},
+            STATE_FILE: {"bytes": len(state_bytes), "sha256": _sha256(state_bytes)},
+        },
+    }
+    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".{name}."))
+    try:
+        for fname, data in ((MODEL_FILE, model_bytes), (STATE_FILE, state_bytes)):
+            with open(tmp / fname, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        atomic_write_bytes(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+        final = directory / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(directory)
+    if name.startswith("step-"):
+        atomic_write_bytes(directory / LATEST, name.encode())
+        if keep is not None:
+            _prune(directory, keep, current=name)
+    return final
+
+
+def _prune(directory: Path, keep: int, current: str) -> None:
+    steps = sorted(p.name for p in directory.glob("step-*") if p.is_dir())
+    for old in steps[: max(0, len(steps) - keep)]:
+        if old != current:
+            shutil.rmtree(directory / old, ignore_errors=True)
+    for stale in directory.glob(".step-*"):  # temporary directories of a killed writer
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The checkpoint ``latest`` points to, or ``None`` when there is none."""
+    pointer = Path(directory) / LATEST
+    if not pointer.exists():
+        return None
+    name = pointer.read_text().strip()
+    path = Path(directory) / name
+    if not name.startswith("step-") or not path.is_dir():
+        raise CheckpointError(f"{pointer} points to {name!r}, which is not a checkpoint directory.")
+    return path
+
+
+def load_checkpoint(path: Path) -> LoadedCheckpoint:
+    """Read and verify a checkpoint completely; raise :class:`CheckpointError` on any defect."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"Checkpoint {path} has no readable manifest ({exc}); it is incomplete or corrupt."
+        ) from exc
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"Checkpoint {path} has format {manifest.get('format_version')}, expected {FORMAT_VERSION}."
+        )
+    blobs = {}
+    for fname in (MODEL_FILE, STATE_FILE):
+        try:
+            data = (path / fname).read_bytes()
+        except OSError as exc:
+            raise CheckpointError(f"Checkpoint {path} is missing {fname}.") from exc
+        expected = files.get(fname, {})
+        if len(data) != expected.get("bytes") or _sha256(data) != expected.get("sha256"):
+            raise CheckpointError(
+                f"Checkpoint file {path / fname} is corrupt or truncated ({len(data)} bytes, "
+                f"manifest says {expected.get('bytes')}); nothing was loaded."
+            )
+        blobs[fname] = data
+    try:
+        model = load_safetensors(blobs[MODEL_FILE])
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path / MODEL_FILE} is not a valid safetensors file: {exc}") from exc
+    try:
+        state = torch.load(io.BytesIO(blobs[STATE_FILE]), map_location="cpu", weights_only=True)
+    except Exception as exc:  # the weights-only unpickler raises several types
+        raise CheckpointError(f"{path / STATE_FILE} cannot be read as weights-only data: {exc}") from exc
+    return LoadedCheckpoint(path, model, state)
+
+
+def apply_model_tensors(
+    model: nn.Module, tensors: dict[str, torch.Tensor], source: Path | str = "checkpoint"
+) -> None:
+    """Load tensors into ``model`` after checking names and shapes (all or nothing)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    bad_shapes = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or unexpected or bad_shapes:
+        raise CheckpointError(
+            f"{source} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatch {bad_shapes[:5]}."
+        )
+    model.load_state_dict(tensors, strict=True)
