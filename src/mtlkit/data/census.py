@@ -106,7 +106,7 @@ def find_files() -> dict[str, Path]:
 
 def verify(paths: dict[str, Path], checksum: bool = True) -> None:
     """Check sizes (and SHA-256) of the raw files against the known release."""
-    for split, (name, size, sha, _rows) in FILES.items():
+    for split, (_name, size, sha, _rows) in FILES.items():
         path = paths[split]
         actual = path.stat().st_size
         if actual != size:

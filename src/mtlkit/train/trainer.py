@@ -234,8 +234,8 @@ class Trainer:
         losses = self._losses(batch)
         scale = None
         if self.scaler is not None:
+            scaled = TaskLosses(zip(losses, self.scaler.scale(list(losses.values())), strict=True))
             scale = float(self.scaler.get_scale())
-            scaled = TaskLosses({k: v * scale for k, v in losses.items()})
             scaled.labelled = losses.labelled
             losses = scaled
         info = self.method.backward(

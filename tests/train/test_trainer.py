@@ -1,0 +1,195 @@
+import csv
+import math
+import pickle
+
+import pytest
+import torch
+
+import mtlkit as mk
+from mtlkit.errors import CheckpointError, NonFiniteLossError
+from mtlkit.train import EarlyStopping, EvaluationReport
+from mtlkit.train.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint
+
+
+@pytest.fixture
+def synth():
+    return mk.data.load_mmoe_synthetic(n_train=512, n_val=256, n_test=256, correlation=0.5, dim=12, seed=1)
+
+
+def make_trainer(synth, tmp_path, method="mgda", **kw):
+    torch.manual_seed(0)
+    model = mk.models.MMoE(12, synth.tasks, num_experts=3, expert_dims=[16], tower_dims=[8])
+    kw.setdefault("log_every", 1)
+    return mk.Trainer(model, synth.tasks, method, device="cpu", log_dir=tmp_path, progress=False, **kw)
+
+
+def test_fit_writes_logs_checkpoints_and_reports(synth, tmp_path):
+    trainer = make_trainer(synth, tmp_path)
+    history = trainer.fit(
+        mk.data.loader(synth.train, 64, shuffle=True), mk.data.loader(synth.val, 128), epochs=2
+    )
+    assert len(history) == 2 and "val/y1/mse" in history[-1]
+    rows = list(csv.DictReader(open(tmp_path / "steps.csv")))
+    assert len(rows) == 16
+    assert {"weight/y1", "weight/y2", "cosine/y1~y2", "grad_norm/y1", "loss/y1"} <= set(rows[0])
+    assert all(abs(float(r["weight/y1"]) + float(r["weight/y2"]) - 1) < 1e-6 for r in rows)  # MGDA: simplex
+    assert (tmp_path / "epochs.csv").exists() and (tmp_path / "run.json").exists()
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-00000016-end"
+    report = trainer.evaluate(mk.data.loader(synth.test, 128))
+    assert set(report.metrics) == {"y1", "y2"} and report.delta_m is None
+    # a reference report gives Δm% (Maninis et al.: positive = better)
+    ref = {
+        "y1": {"mse": report.metrics["y1"]["mse"] * 1.1, "r2": report.metrics["y1"]["r2"]},
+        "y2": report.metrics["y2"],
+    }
+    with_ref = trainer.evaluate(mk.data.loader(synth.test, 128), reference=ref)
+    expected = ((0.1 / 1.1) * 100 / 2) / 2  # y1: mse 10/1.1 % better, r2 equal -> mean; y2: 0
+    assert with_ref.delta_m == pytest.approx(expected)
+
+
+def test_training_reduces_the_loss_on_real_signal(synth, tmp_path):
+    trainer = make_trainer(synth, tmp_path, method="ew", tensorboard=False)
+    trainer.optimizer = torch.optim.Adam(trainer.model.parameters(), lr=1e-2)
+    before = trainer.evaluate(mk.data.loader(synth.val, 256))
+    trainer.fit(mk.data.loader(synth.train, 64, shuffle=True), epochs=10)
+    after = trainer.evaluate(mk.data.loader(synth.val, 256))
+    for t in ("y1", "y2"):
+        assert after.metrics[t]["mse"] < 0.7 * before.metrics[t]["mse"]
+
+
+def test_early_stopping_and_restore_best(synth, tmp_path):
+    # mode="max" on an MSE that training lowers: epoch 1 stays best, so the run stops after
+    # 1 + patience epochs and ends with the epoch-1 weights.
+    trainer = make_trainer(
+        synth,
+        tmp_path,
+        method="ew",
+        early_stopping=EarlyStopping("y1/mse", patience=2, mode="max"),
+        tensorboard=False,
+    )
+    trainer.optimizer = torch.optim.Adam(trainer.model.parameters(), lr=1e-2)
+    history = trainer.fit(mk.data.loader(synth.train, 64), mk.data.loader(synth.val, 256), epochs=20)
+    assert len(history) == 3
+    assert history[1]["val/y1/mse"] < history[0]["val/y1/mse"]
+    final = trainer.evaluate(mk.data.loader(synth.val, 256)).metrics["y1"]["mse"]
+    assert final == pytest.approx(history[0]["val/y1/mse"], rel=1e-6)
+    assert trainer.best_epoch == 1 and (tmp_path / "checkpoints" / "best").exists()
+
+
+def test_non_finite_loss_stops_before_any_update(synth, tmp_path):
+    trainer = make_trainer(synth, tmp_path, tensorboard=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    x, y = synth.train.inputs[:8].clone(), {k: v[:8].clone() for k, v in synth.train.targets.items()}
+    y["y2"][0] = math.inf
+    with pytest.raises(NonFiniteLossError, match="y2"):
+        trainer.train_step((x, y))
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_missing_labels_end_to_end(synth, tmp_path):
+    targets = {k: v.clone() for k, v in synth.train.targets.items()}
+    targets["y2"][: len(targets["y2"]) // 2] = math.nan  # first half of the data has no y2 label
+    data = mk.data.MultiTaskTensorDataset(synth.train.inputs, targets)
+    trainer = make_trainer(synth, tmp_path, tensorboard=False)
+    info = trainer.train_step(data.__getitems__(list(range(32))))  # a batch with no y2 label at all
+    assert info.weights[1] == 0 and info.weights[0] == 1
+    trainer.fit(mk.data.loader(data, 64, shuffle=True), epochs=1)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    report = trainer.evaluate(mk.data.loader(data, 256))
+    assert report.labelled == {"y1": 512, "y2": 256}
+
+
+def test_corrupt_checkpoint_is_refused_and_nothing_is_loaded(synth, tmp_path):
+    trainer = make_trainer(synth, tmp_path, tensorboard=False)
+    trainer.fit(mk.data.loader(synth.train, 64), epochs=1)
+    ckpt = latest_checkpoint(tmp_path / "checkpoints")
+    fresh = make_trainer(synth, tmp_path / "other", tensorboard=False)
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    model_file = ckpt / "model.safetensors"
+    data = model_file.read_bytes()
+    model_file.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        fresh.load_checkpoint(ckpt)
+    model_file.write_bytes(data)
+    for k, v in fresh.model.state_dict().items():
+        assert torch.equal(v, before[k])
+    fresh.load_checkpoint(ckpt)  # intact again: loads
+    assert fresh.step == trainer.step
+
+
+class _Evil:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_checkpoint_state_is_never_unpickled_as_code(synth, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainer = make_trainer(synth, tmp_path, tensorboard=False)
+    trainer.fit(mk.data.loader(synth.train, 64), epochs=1)
+    ckpt = latest_checkpoint(tmp_path / "checkpoints")
+    import hashlib
+    import json
+
+    evil = pickle.dumps({"payload": _Evil()}, protocol=2)
+    (ckpt / STATE_FILE).write_bytes(evil)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"][STATE_FILE] = {"bytes": len(evil), "sha256": hashlib.sha256(evil).hexdigest()}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="weights-only"):
+        load_checkpoint(ckpt)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_checkpoint_for_other_tasks_is_refused(synth, tmp_path):
+    trainer = make_trainer(synth, tmp_path, tensorboard=False)
+    trainer.fit(mk.data.loader(synth.train, 64), epochs=1)
+    tasks = mk.TaskSet([mk.Task("a"), mk.Task("b")])
+    other = mk.Trainer(mk.models.SharedBottom(12, tasks), tasks, "ew", device="cpu", progress=False)
+    with pytest.raises(CheckpointError, match="written for tasks"):
+        other.load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))
+
+
+def test_grad_scaler_gradients_are_unscaled_before_the_method(synth):
+    """Losses scaled by 2^10 (exact in binary): same weights and Gramian, .grad scaled by 2^10."""
+    torch.manual_seed(0)
+    model = mk.models.MMoE(12, synth.tasks, num_experts=3, expert_dims=[16], tower_dims=[8]).double()
+    batch = synth.train.__getitems__(list(range(32)))
+    x = batch.inputs.double()
+    y = {k: v.double() for k, v in batch.targets.items()}
+    method = mk.methods.MGDA()
+    ref = method.backward(synth.tasks.losses(model(x), y), model.shared_parameters())
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    scale = 2.0**10
+    losses = synth.tasks.losses(model(x), y)
+    scaled = mk.TaskLosses({k: v * scale for k, v in losses.items()})
+    info = method.backward(scaled, model.shared_parameters(), loss_scale=scale)
+    torch.testing.assert_close(info.gramian, ref.gramian, rtol=1e-12, atol=0)
+    torch.testing.assert_close(info.weights, ref.weights, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(info.losses, ref.losses, rtol=0, atol=0)
+    for p, g in zip(model.parameters(), ref_grads, strict=True):
+        torch.testing.assert_close(p.grad / scale, g, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_mixed_precision_training_runs(synth, tmp_path, amp):
+    trainer = make_trainer(synth, tmp_path, amp=amp, tensorboard=False)
+    trainer.fit(mk.data.loader(synth.train, 64, shuffle=True), epochs=1)
+    assert trainer.last_info.gramian.dtype == torch.float64
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    if amp == "fp16":
+        assert trainer.scaler is not None and trainer.scaler.get_scale() > 0
+
+
+def test_report_round_trip_and_merge(tmp_path):
+    a = EvaluationReport({"a": {"auc": 0.8}}, {"a": {"auc": True}}, {"a": 0.3}, {"a": 10})
+    b = EvaluationReport({"b": {"mse": 2.0}}, {"b": {"mse": False}}, {"b": 1.0}, {"b": 10})
+    merged = EvaluationReport.merge([a, b])
+    merged.save(tmp_path / "ref.json")
+    loaded = EvaluationReport.load(tmp_path / "ref.json")
+    assert loaded.metrics == {"a": {"auc": 0.8}, "b": {"mse": 2.0}}
+    mtl = EvaluationReport({"a": {"auc": 0.88}, "b": {"mse": 2.5}}, loaded.directions).with_reference(loaded)
+    assert mtl.per_task_delta == pytest.approx({"a": 10.0, "b": -25.0})
+    assert mtl.delta_m == pytest.approx(-7.5)
