@@ -29,7 +29,7 @@ def test_fit_writes_logs_checkpoints_and_reports(synth, tmp_path):
         mk.data.loader(synth.train, 64, shuffle=True), mk.data.loader(synth.val, 128), epochs=2
     )
     assert len(history) == 2 and "val/y1/mse" in history[-1]
-    rows = list(csv.DictReader(open(tmp_path / "steps.csv")))
+    rows = list(csv.DictReader((tmp_path / "steps.csv").read_text().splitlines()))
     assert len(rows) == 16
     assert {"weight/y1", "weight/y2", "cosine/y1~y2", "grad_norm/y1", "loss/y1"} <= set(rows[0])
     assert all(abs(float(r["weight/y1"]) + float(r["weight/y2"]) - 1) < 1e-6 for r in rows)  # MGDA: simplex
