@@ -132,3 +132,28 @@ def test_method_rejects_changing_task_sets_and_non_scalars():
         mk.methods.create("mgda").backward({"a": torch.ones(3, requires_grad=True)})
     with pytest.raises(TaskError, match="no task losses"):
         mk.methods.create("mgda").backward({})
+
+
+def test_mgda_warm_start_gives_the_cold_start_solution_and_round_trips():
+    tasks, net, x, y = make_problem(k=5)
+    warm, cold = mk.methods.MGDA(), mk.methods.MGDA(warm_start=False)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    for _ in range(4):
+        opt.zero_grad(set_to_none=True)
+        a = warm.backward(tasks.losses(net(x), y), net.shared_parameters()).weights
+        opt.zero_grad(set_to_none=True)
+        b = cold.backward(tasks.losses(net(x), y), net.shared_parameters()).weights
+        d_warm = J_T(net, tasks, x, y, a)
+        d_cold = J_T(net, tasks, x, y, b)
+        torch.testing.assert_close(d_warm, d_cold, atol=1e-9, rtol=0)  # the direction is unique
+        opt.step()
+    state = warm.state_dict()
+    assert state["previous_weights"] is not None
+    clone = mk.methods.MGDA()
+    clone.load_state_dict(state)
+    torch.testing.assert_close(clone._previous, warm._previous.cpu())
+
+
+def J_T(net, tasks, x, y, w):
+    J, _, _ = brute_force(net, tasks, x, y)
+    return J.T @ w.double()

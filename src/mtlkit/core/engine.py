@@ -7,8 +7,10 @@ stacked loss vector back-propagated one at a time, which makes every backward vi
     gradients w.r.t. the shared parameters. Each task's gradient is written into per-parameter
     blocks ``J_p`` (K x shape_p); ``G`` is accumulated block by block and column chunk by column
     chunk in float64, so neither a concatenated K x d matrix nor a float64 copy of ``J`` exists.
-    (The K gradients themselves must all be alive to form ``G``; they are kept in float32 in the
-    model's dtype and reused for the final combination, which is cheaper than a second backward.)
+    (The K gradients themselves must all be alive to form ``G``; they are kept in the model's
+    dtype and reused for the final combination, which is cheaper than a second backward.) Chunk
+    products are exact float64 (``precision="float64"``) or taken in the gradients' dtype and
+    accumulated in float64 (``"mixed"``); see :func:`accumulate_gramian`.
 (b) :meth:`GradientEngine.representation_gramian` -- the Gramian of the gradients w.r.t. the shared
     representation ``z`` (Sener & Koltun, NeurIPS 2018, "MGDA-UB"): K cheap head backwards to ``z``,
     the elementwise Gramian over all B x r entries, then ONE trunk backward with the cotangent
@@ -39,8 +41,10 @@ Strategy = Literal["auto", "loop", "batched"]
 HeadGrad = Literal["own", "weighted"]
 TaskParams = Mapping[str, Sequence[Tensor]] | Sequence[Tensor] | None
 
-#: Columns per chunk times K: bounds the transient float64 copy used to accumulate a Gramian.
-DEFAULT_CHUNK_NUMEL = 1 << 22
+#: Bytes of one float64 chunk (K x columns) when accumulating a Gramian: about a core's L2 cache,
+#: where the cast and the product run fastest (measured: benchmarks/results/step_cost.md).
+DEFAULT_CHUNK_BYTES = 1 << 20
+GramianPrecision = Literal["float64", "mixed"]
 
 
 def default_strategy(device: torch.device) -> Literal["loop", "batched"]:
@@ -66,19 +70,32 @@ def as_param_list(params: Iterable[Tensor] | None) -> list[Tensor]:
     return out
 
 
-def accumulate_gramian(blocks: Iterable[Tensor], k: int, chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> Tensor:
-    """``sum_b B_b B_b^T`` in float64 over blocks of shape (K, ...), chunked over columns.
+def accumulate_gramian(
+    blocks: Iterable[Tensor],
+    k: int,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    precision: GramianPrecision = "float64",
+) -> Tensor:
+    """``sum_b B_b B_b^T`` over blocks of shape (K, ...), accumulated chunk by chunk in float64.
 
-    Only one chunk is ever held in float64, so the transient memory is at most ``chunk_numel``
-    float64 numbers whatever the number of parameters.
+    ``precision="float64"``: each column chunk is cast to float64 before its product (exact
+    products; the cast dominates the cost for float32 gradients). ``"mixed"``: each chunk's
+    product is taken in the gradients' own dtype and added to the float64 accumulator, so only
+    the sum over at most ``chunk_bytes / (8 K)`` columns is rounded in float32 (relative error
+    about ``sqrt(columns) * 6e-8`` of ``||g_i|| ||g_j||``), at half the cost. Float64 gradients
+    give identical results either way. The transient memory is one chunk.
     """
     gram: Tensor | None = None
-    cols = max(1, chunk_numel // max(k, 1))
+    cols = max(1, chunk_bytes // (8 * max(k, 1)))
     for block in blocks:
         flat = block.reshape(k, -1)
         for start in range(0, flat.shape[1], cols):
-            chunk = flat[:, start : start + cols].to(torch.float64)
-            prod = chunk @ chunk.T
+            chunk = flat[:, start : start + cols]
+            if precision == "float64":
+                chunk = chunk.to(torch.float64)
+                prod = chunk @ chunk.T
+            else:
+                prod = (chunk @ chunk.T).to(torch.float64)
             gram = prod if gram is None else gram.add_(prod)
     if gram is None:
         raise EngineError("Cannot form a Gramian from no gradient blocks.")
@@ -99,28 +116,52 @@ def _add_grad(param: Tensor, grad: Tensor, fresh: bool = True) -> None:
 
 
 @dataclass
-class ParameterJacobian:
-    """Per-task gradients w.r.t. the shared parameters, as one (K, *shape) block per parameter.
+class HeadGradients:
+    """Gradients of the task-specific parameters, kept sparsely: ``grads[i]`` lists the
+    ``(task index, gradient)`` pairs of ``params[i]`` (a head usually serves one task, so a dense
+    K x shape block per head would cost O(K^2) memory and time)."""
 
-    ``head_grads[i]`` is the (K, *shape) block of task-specific parameter ``heads[i]`` (row k =
-    dL_k/dphi; zero for tasks that do not use it).
-    """
+    params: list[Tensor]
+    grads: list[list[tuple[int, Tensor]]]
+
+    def write(self, weights: Tensor | None) -> None:
+        """Add each parameter's own-task gradients (``weights=None``) or their weighted sum."""
+        cast: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        for p, pairs in zip(self.params, self.grads, strict=True):
+            if not pairs:
+                continue
+            if weights is None:
+                total = pairs[0][1] if len(pairs) == 1 else torch.stack([g for _, g in pairs]).sum(0)
+            else:
+                key = (p.device, p.dtype)
+                if key not in cast:
+                    cast[key] = weights.to(device=p.device, dtype=p.dtype)
+                w = cast[key]
+                total = sum((w[k] * g for k, g in pairs[1:]), w[pairs[0][0]] * pairs[0][1])
+            _add_grad(p, total, fresh=len(pairs) > 1 or weights is not None)
+
+
+@dataclass
+class ParameterJacobian:
+    """Per-task gradients w.r.t. the shared parameters, as one (K, *shape) block per parameter,
+    plus the task-specific parameters' gradients."""
 
     shared: list[Tensor]
     blocks: list[Tensor]
-    heads: list[Tensor]
-    head_grads: list[Tensor]
+    heads: HeadGradients
 
     @property
     def num_tasks(self) -> int:
-        return self.blocks[0].shape[0] if self.blocks else self.head_grads[0].shape[0]
+        return self.blocks[0].shape[0]
 
     def flat(self) -> Tensor:
         """The K x d Jacobian as one matrix (allocates; only for methods that need it whole)."""
         return torch.cat([b.reshape(self.num_tasks, -1) for b in self.blocks], dim=1)
 
-    def gramian(self, chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> Tensor:
-        return accumulate_gramian(self.blocks, self.num_tasks, chunk_numel)
+    def gramian(
+        self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, precision: GramianPrecision = "float64"
+    ) -> Tensor:
+        return accumulate_gramian(self.blocks, self.num_tasks, chunk_bytes, precision)
 
     def write_shared(self, directions: Sequence[Tensor]) -> None:
         """Add one direction per shared parameter into ``.grad``."""
@@ -133,9 +174,8 @@ class ParameterJacobian:
             _add_grad(p, combine_blocks(weights, b))
 
     def write_heads(self, weights: Tensor | None) -> None:
-        """Add each task-specific parameter's gradient: own (``weights=None``) or weighted."""
-        for p, g in zip(self.heads, self.head_grads, strict=True):
-            _add_grad(p, g.sum(0) if weights is None else combine_blocks(weights, g))
+        """Task-specific parameters: own gradients (``weights=None``) or the weighted ones."""
+        self.heads.write(weights)
 
 
 @dataclass
@@ -144,16 +184,17 @@ class RepresentationGradients:
 
     features: Tensor
     rep_grads: Tensor  # (K, *z.shape)
-    heads: list[Tensor]
-    head_grads: list[Tensor]
+    heads: HeadGradients
 
     @property
     def num_tasks(self) -> int:
         return self.rep_grads.shape[0]
 
-    def gramian(self, chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> Tensor:
+    def gramian(
+        self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, precision: GramianPrecision = "float64"
+    ) -> Tensor:
         """Elementwise Gramian: inner products over all B x r entries (the official MGDA-UB)."""
-        return accumulate_gramian([self.rep_grads], self.num_tasks, chunk_numel)
+        return accumulate_gramian([self.rep_grads], self.num_tasks, chunk_bytes, precision)
 
     def backward_shared(self, weights: Tensor) -> None:
         """One trunk backward with the cotangent ``sum_k w_k dL_k/dz``; frees the graph."""
@@ -161,8 +202,7 @@ class RepresentationGradients:
         torch.autograd.backward(self.features, grad_tensors=cotangent)
 
     def write_heads(self, weights: Tensor | None) -> None:
-        for p, g in zip(self.heads, self.head_grads, strict=True):
-            _add_grad(p, g.sum(0) if weights is None else combine_blocks(weights, g))
+        self.heads.write(weights)
 
 
 class GradientEngine:
@@ -170,14 +210,49 @@ class GradientEngine:
 
     Args:
         strategy: ``"loop"``, ``"batched"`` or ``"auto"`` (per device, :func:`default_strategy`).
-        chunk_numel: bound on the transient float64 chunk used to accumulate Gramians.
+        precision: how Gramian chunks are multiplied (:func:`accumulate_gramian`): ``"mixed"``
+            (default: products of cache-sized chunks in the gradients' dtype, accumulated in
+            float64; about 2x faster for float32 gradients, as accurate as the float32 gradients
+            themselves) or ``"float64"`` (every chunk cast first: exact products).
+        chunk_bytes: size of one float64 chunk while a Gramian is accumulated.
+        reuse_buffers: keep the (K, *shape) gradient buffers between calls (faster; the blocks of
+            a returned Jacobian are then valid only until the engine's next call; methods that
+            keep gradients across steps must copy them).
     """
 
-    def __init__(self, strategy: Strategy = "auto", chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> None:
+    def __init__(
+        self,
+        strategy: Strategy = "auto",
+        precision: GramianPrecision = "mixed",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        reuse_buffers: bool = True,
+    ) -> None:
         if strategy not in ("auto", "loop", "batched"):
             raise EngineError(f"Unknown engine strategy {strategy!r}; use 'auto', 'loop' or 'batched'.")
+        if precision not in ("float64", "mixed"):
+            raise EngineError(f"Unknown Gramian precision {precision!r}; use 'float64' or 'mixed'.")
         self.strategy = strategy
-        self.chunk_numel = chunk_numel
+        self.precision = precision
+        self.chunk_bytes = chunk_bytes
+        self.reuse_buffers = reuse_buffers
+        self._workspace: dict[tuple, Tensor] = {}
+
+    def _buffer(self, slot: int, like: Tensor, k: int) -> Tensor:
+        """A (K, *shape) buffer for target ``slot``; reused across calls when ``reuse_buffers``.
+
+        Reuse avoids allocating (and page-faulting) K copies of the shared parameters every step;
+        it means the blocks of a returned Jacobian are valid until the engine's next call.
+        """
+        shape = (k, *like.shape)
+        if not self.reuse_buffers:
+            return like.new_empty(shape)
+        key = (slot, shape, like.dtype, like.device)
+        buf = self._workspace.get(key)
+        if buf is None:
+            if len(self._workspace) > 256:  # shapes keep changing (e.g. varying batch sizes)
+                self._workspace.clear()
+            buf = self._workspace[key] = like.new_empty(shape)
+        return buf
 
     def _strategy_for(self, device: torch.device) -> str:
         return default_strategy(device) if self.strategy == "auto" else self.strategy
@@ -191,7 +266,7 @@ class GradientEngine:
 
         ``task_specific`` may map task names to their parameters, list them all, or be ``None``,
         in which case the leaf tensors reachable from the losses that are not in ``exclude``
-        are found by walking the autograd graph.
+        are found by walking the autograd graph (without walking past ``exclude``).
         """
         excluded = {id(p) for p in exclude}
         if isinstance(task_specific, Mapping):
@@ -222,6 +297,33 @@ class GradientEngine:
         all_idx = list(range(len(params)))
         return params, [all_idx for _ in names]
 
+    def _per_task_loop(
+        self,
+        losses: Sequence[Tensor],
+        targets: list[Tensor],
+        heads: list[Tensor],
+        per_task: list[list[int]],
+        keep_graph: bool,
+    ) -> tuple[list[Tensor], HeadGradients]:
+        """One ``autograd.grad`` per task: gradients of the targets as (K, *shape) blocks, and the
+        head gradients. The last call frees the graph unless ``keep_graph``."""
+        k = len(losses)
+        offset = 0 if keep_graph else 1 << 20  # representation and parameter buffers never alias
+        blocks = [self._buffer(offset + i, t, k) for i, t in enumerate(targets)]
+        head_grads: list[list[tuple[int, Tensor]]] = [[] for _ in heads]
+        for task, loss in enumerate(losses):
+            idx = per_task[task]
+            grads = _task_grad(loss, targets + [heads[i] for i in idx], keep_graph or task < k - 1)
+            for b, g in zip(blocks, grads[: len(targets)], strict=True):
+                if g is None:
+                    b[task].zero_()
+                else:
+                    b[task].copy_(g)
+            for i, g in zip(idx, grads[len(targets) :], strict=True):
+                if g is not None:
+                    head_grads[i].append((task, g))
+        return blocks, HeadGradients(heads, head_grads)
+
     # -- path (a) and (c) ------------------------------------------------------------------------
     def jacobian(
         self,
@@ -232,44 +334,30 @@ class GradientEngine:
     ) -> ParameterJacobian:
         """Per-task gradients w.r.t. ``shared`` (and task-specific parameters), kept as blocks.
 
-        The autograd graph is freed at the end; ``.grad`` is not touched.
+        The autograd graph is freed; ``.grad`` is not touched.
         """
         names = list(names) if names is not None else [str(i) for i in range(len(losses))]
         shared = as_param_list(shared)
         if not shared:
             raise EngineError("No trainable shared parameters were given to the gradient engine.")
         heads, per_task = self.task_specific_lists(names, task_specific, losses, shared)
-        k = len(losses)
-        strategy = self._strategy_for(shared[0].device)
-        if strategy == "batched":
-            inputs = shared + heads
+        if self._strategy_for(shared[0].device) == "batched":
+            k = len(losses)
             grads = torch.autograd.grad(
                 torch.stack(list(losses)),
-                inputs,
+                shared + heads,
                 grad_outputs=torch.eye(k, dtype=losses[0].dtype, device=losses[0].device),
                 is_grads_batched=True,
                 allow_unused=True,
                 materialize_grads=True,
             )
-            blocks = list(grads[: len(shared)])
-            head_grads = list(grads[len(shared) :])
-            return ParameterJacobian(shared, blocks, heads, head_grads)
-
-        blocks = [p.new_empty((k, *p.shape)) for p in shared]
-        head_grads = [p.new_zeros((k, *p.shape)) for p in heads]
-        for t, loss in enumerate(losses):
-            head_idx = per_task[t]
-            inputs = shared + [heads[i] for i in head_idx]
-            grads = _task_grad(loss, inputs, retain_graph=t < k - 1)
-            for b, g in zip(blocks, grads[: len(shared)], strict=True):
-                if g is None:
-                    b[t].zero_()
-                else:
-                    b[t].copy_(g)
-            for i, g in zip(head_idx, grads[len(shared) :], strict=True):
-                if g is not None:
-                    head_grads[i][t].copy_(g)
-        return ParameterJacobian(shared, blocks, heads, head_grads)
+            head_grads = [
+                [(t, grads[len(shared) + i][t]) for t in range(k) if i in per_task[t]]
+                for i in range(len(heads))
+            ]
+            return ParameterJacobian(shared, list(grads[: len(shared)]), HeadGradients(heads, head_grads))
+        blocks, head_grads = self._per_task_loop(losses, shared, heads, per_task, keep_graph=False)
+        return ParameterJacobian(shared, blocks, head_grads)
 
     def parameter_gramian(
         self,
@@ -280,7 +368,7 @@ class GradientEngine:
     ) -> tuple[Tensor, ParameterJacobian]:
         """``(G, J)``: the float64 Gramian of the shared-parameter gradients, and the blocks."""
         jac = self.jacobian(losses, shared, names, task_specific)
-        return jac.gramian(self.chunk_numel), jac
+        return jac.gramian(self.chunk_bytes, self.precision), jac
 
     # -- path (b) ---------------------------------------------------------------------------------
     def representation_gradients(
@@ -298,20 +386,8 @@ class GradientEngine:
             )
         names = list(names) if names is not None else [str(i) for i in range(len(losses))]
         heads, per_task = self.task_specific_lists(names, task_specific, losses, [features])
-        k = len(losses)
-        rep_grads = features.new_empty((k, *features.shape))
-        head_grads = [p.new_zeros((k, *p.shape)) for p in heads]
-        for t, loss in enumerate(losses):
-            head_idx = per_task[t]
-            grads = _task_grad(loss, [features] + [heads[i] for i in head_idx], retain_graph=True)
-            if grads[0] is None:
-                rep_grads[t].zero_()
-            else:
-                rep_grads[t].copy_(grads[0])
-            for i, g in zip(head_idx, grads[1:], strict=True):
-                if g is not None:
-                    head_grads[i][t].copy_(g)
-        return RepresentationGradients(features, rep_grads, heads, head_grads)
+        blocks, head_grads = self._per_task_loop(losses, [features], heads, per_task, keep_graph=True)
+        return RepresentationGradients(features, blocks[0], head_grads)
 
     def representation_gramian(
         self,
@@ -321,7 +397,7 @@ class GradientEngine:
         task_specific: TaskParams = None,
     ) -> tuple[Tensor, RepresentationGradients]:
         rep = self.representation_gradients(losses, features, names, task_specific)
-        return rep.gramian(self.chunk_numel), rep
+        return rep.gramian(self.chunk_bytes, self.precision), rep
 
 
 def _task_grad(loss: Tensor, inputs: list[Tensor], retain_graph: bool) -> tuple[Tensor | None, ...]:

@@ -317,7 +317,7 @@ class JacobianAggregator(Method):
         names, values, labelled, stacked = self._prepare(losses, loss_scale)
         active = self._active(values, labelled)
         jac = self.engine.jacobian(values, as_param_list(shared), names, task_specific)
-        gram = unscale_gramian(jac.gramian(self.engine.chunk_numel), loss_scale)
+        gram = unscale_gramian(jac.gramian(self.engine.chunk_bytes, self.engine.precision), loss_scale)
         directions, w = self.aggregate(jac.blocks, gram, active)
         jac.write_shared(directions)
         jac.write_heads(w if self.head_grad == "weighted" else None)

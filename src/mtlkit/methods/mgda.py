@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -36,6 +37,8 @@ class MGDA(GramianWeighting):
             raw gradients. ``True`` (LibMTL): the normalised gradients are combined, i.e. the
             effective weight of task k is ``w*_k / n_k``.
         scale: overall factor (1 in the official code; nash-mtl uses K: pass ``"num_tasks"``).
+        warm_start: start the solver from the previous step's solution (same result, found
+            faster; the previous solution is part of the method's state).
         level, head_grad, engine: see :class:`~mtlkit.methods.base.GramianWeighting`. Heads get
             the weighted gradient by default, as in the official code's final weighted backward.
 
@@ -50,6 +53,7 @@ class MGDA(GramianWeighting):
         normalization: Normalization = "none",
         normalize_final: bool = False,
         scale: float | Literal["num_tasks"] = 1.0,
+        warm_start: bool = True,
         level: Level = "parameter",
         head_grad: HeadGrad | None = None,
         engine: GradientEngine | None = None,
@@ -62,6 +66,8 @@ class MGDA(GramianWeighting):
         self.normalization = normalization
         self.normalize_final = normalize_final
         self.scale = scale
+        self.warm_start = warm_start
+        self._previous: Tensor | None = None
 
     def _norms(self, gram: Tensor, losses: Tensor, active: Tensor) -> Tensor:
         if self.normalization == "none":
@@ -81,11 +87,24 @@ class MGDA(GramianWeighting):
 
     def weights(self, gram: Tensor, losses: Tensor, active: Tensor) -> Tensor:
         n = self._norms(gram, losses, active)
-        w = min_norm_weights(gram / (n[:, None] * n[None, :]), active)
+        w = min_norm_weights(
+            gram / (n[:, None] * n[None, :]), active, init=self._previous if self.warm_start else None
+        )
+        self._previous = w
         if self.normalize_final:
             w = w / n
         scale = float(len(w)) if self.scale == "num_tasks" else float(self.scale)
         return w * scale
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["previous_weights"] = self._previous.detach().cpu() if self._previous is not None else None
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        prev = state.get("previous_weights")
+        self._previous = prev.clone() if prev is not None else None
 
     def __repr__(self) -> str:
         return (

@@ -48,6 +48,7 @@ def min_norm_weights(
     tol: float = 1e-12,
     max_iter: int = 1000,
     check_every: int = 8,
+    init: Tensor | None = None,
 ) -> Tensor:
     """``argmin_{w in simplex} w^T G w`` for a K x K positive semi-definite ``gram``.
 
@@ -58,6 +59,9 @@ def min_norm_weights(
         tol: stop when the pairwise duality gap is below ``tol * max_k G_kk``.
         max_iter: cap on Frank-Wolfe iterations (the polish usually ends the solve much earlier).
         check_every: iterations between convergence checks (each check reads one number back).
+        init: optional starting weights (e.g. the previous step's solution). Its support is tried
+            first by the exact polish, which usually ends the solve at once since MGDA's weights
+            move slowly between steps.
 
     Returns:
         float64 weights on the simplex (all zero only when no task is active).
@@ -71,7 +75,10 @@ def min_norm_weights(
         return w
     idx = mask.nonzero().squeeze(1)
     if n_active < k:
-        w[idx] = min_norm_weights(g[idx][:, idx], tol=tol, max_iter=max_iter, check_every=check_every)
+        sub_init = init.to(g)[idx] if init is not None else None
+        w[idx] = min_norm_weights(
+            g[idx][:, idx], tol=tol, max_iter=max_iter, check_every=check_every, init=sub_init
+        )
         return w
     scale = g.diagonal().max()
     if k == 1:
@@ -83,7 +90,14 @@ def min_norm_weights(
         return torch.stack([gamma, 1 - gamma])
 
     threshold = tol * scale
-    w[torch.argmin(g.diagonal())] = 1.0
+    if init is not None and init.shape == w.shape and bool((init > 0).any()):
+        start = init.to(g).clamp_min(0)
+        polished = _polish(g, start / start.sum())
+        if polished is not None:
+            return polished
+        w = start / start.sum()
+    else:
+        w[torch.argmin(g.diagonal())] = 1.0
     gw = g @ w
     big = torch.tensor(float("inf"), dtype=torch.float64, device=g.device)
     for it in range(max_iter):

@@ -1,0 +1,265 @@
+"""Per-step time and peak memory of mtlkit methods relative to one plain summed-loss step.
+
+Reference model (issue #3): input 256, shared MLP trunk 256-512-512-256 with ReLU, K heads
+256-64-1, MSE per task, batch 256, fixed random data, SGD. One step = forward + the method's
+backward + optimizer.step(). Configurations:
+
+- ``sum``      plain torch: ``sum(losses).backward()`` (the baseline of every ratio);
+- ``floor``    plain torch: a loop of K ``torch.autograd.grad`` calls, one per task (the cost any
+               parameter-level per-task-gradient method must pay);
+- ``mtlkit:*`` mtlkit methods through ``method.backward``;
+- ``torchjd:*`` / ``libmtl:*`` the anchors, when installed (``pip install -e .[bench]``).
+
+Every (configuration, K) runs in its own forked child (so peak RSS is its own), pinned to one
+core with one intra-op thread; each K block is repeated in interleaved rounds so that load from
+other processes hits every configuration alike. Cell = median step time over the timed steps of
+all rounds; ratio = median over rounds of (config median / ``sum`` median in the same round).
+Memory = the child's peak RSS minus its RSS just before the first step (dRSS).
+
+usage: python benchmarks/step_cost.py [--ks 2 10 40] [--rounds 3] [--steps 20] [--out FILE.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+IN, TRUNK, HEAD, BATCH = 256, (512, 512, 256), 64, 256
+
+
+class RefModel(nn.Module):
+    """The reference MLP in mtlkit's multi-task model protocol."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        layers, width = [], IN
+        for d in TRUNK:
+            layers += [nn.Linear(width, d), nn.ReLU()]
+            width = d
+        self.trunk = nn.Sequential(*layers)
+        self.heads = nn.ModuleList(
+            [nn.Sequential(nn.Linear(width, HEAD), nn.ReLU(), nn.Linear(HEAD, 1)) for _ in range(k)]
+        )
+        self.names = [f"t{i}" for i in range(k)]
+        self.last_features = None
+
+    def forward(self, x):
+        z = self.trunk(x)
+        self.last_features = z
+        return {n: h(z).squeeze(-1) for n, h in zip(self.names, self.heads, strict=True)}
+
+    def shared_parameters(self):
+        return list(self.trunk.parameters())
+
+    def task_parameters(self):
+        return {n: list(h.parameters()) for n, h in zip(self.names, self.heads, strict=True)}
+
+
+def make_step(config: str, k: int) -> Callable[[], None]:
+    torch.manual_seed(0)
+    model = RefModel(k)
+    x = torch.randn(BATCH, IN)
+    y = torch.randn(BATCH, k)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    mse = nn.functional.mse_loss
+
+    def losses_list():
+        out = model(x)
+        return [mse(out[n], y[:, i]) for i, n in enumerate(model.names)]
+
+    if config == "sum":
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            sum(losses_list()).backward()
+            opt.step()
+
+        return step
+    if config == "floor":
+        shared = model.shared_parameters()
+        heads = model.task_parameters()
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            losses = losses_list()
+            for i, n in enumerate(model.names):
+                params = shared + heads[n]
+                grads = torch.autograd.grad(losses[i], params, retain_graph=i < k - 1)
+                for p, g in zip(params, grads, strict=True):
+                    if p.grad is None:
+                        p.grad = g
+                    else:
+                        p.grad.add_(g)
+            opt.step()
+
+        return step
+    lib, _, name = config.partition(":")
+    if lib == "mtlkit":
+        import mtlkit as mk
+
+        method = {
+            "ew": lambda: mk.methods.create("ew"),
+            "mgda": lambda: mk.methods.MGDA(level="parameter"),
+            "mgda-rep": lambda: mk.methods.MGDA(level="representation"),
+            "mgda-f64": lambda: mk.methods.MGDA(engine=mk.GradientEngine(precision="float64")),
+        }[name]()
+        shared = model.shared_parameters()
+        heads = model.task_parameters()
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            losses = dict(zip(model.names, losses_list(), strict=True))
+            method.backward(losses, shared=shared, features=model.last_features, task_specific=heads)
+            opt.step()
+
+        return step
+    if lib == "torchjd":
+        from torchjd.aggregation import MGDA, Mean
+        from torchjd.autojac import jac_to_grad, mtl_backward
+
+        agg = {"mgda": MGDA, "mean": Mean}[name]()
+        shared = model.shared_parameters()
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            losses = losses_list()
+            mtl_backward(losses, features=model.last_features)
+            jac_to_grad(shared, agg)
+            opt.step()
+
+        return step
+    raise SystemExit(f"unknown configuration {config!r}")
+
+
+def available_configs() -> list[str]:
+    configs = ["sum", "floor", "mtlkit:ew", "mtlkit:mgda", "mtlkit:mgda-f64", "mtlkit:mgda-rep"]
+    try:
+        import torchjd  # noqa: F401
+
+        configs += ["torchjd:mean", "torchjd:mgda"]
+    except ImportError:
+        pass
+    return configs
+
+
+def _child(config: str, k: int, steps: int, warmup: int, core: int | None, conn) -> None:
+    if core is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    step = make_step(config, k)
+    rss0 = _rss_mb()  # after building the model and data, before the first step
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    conn.send({"times": times, "drss": max(0.0, peak - rss0)})
+    conn.close()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure(config: str, k: int, steps: int, warmup: int, core: int | None) -> dict:
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(config, k, steps, warmup, core, child))
+    proc.start()
+    result = parent.recv()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ks", type=int, nargs="+", default=[2, 10, 40])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--configs", nargs="+", default=None)
+    parser.add_argument("--core", type=int, default=None, help="CPU core to pin to (default: the last one)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    core = args.core if args.core is not None else (cores[-1] if cores else None)
+    configs = args.configs or available_configs()
+    results: dict[int, dict[str, dict]] = {}
+    for k in args.ks:
+        per_round: dict[str, list[dict]] = {c: [] for c in configs}
+        for r in range(args.rounds):
+            for c in configs:
+                per_round[c].append(measure(c, k, args.steps, args.warmup, core))
+                print(
+                    f"K={k} round {r + 1} {c}: {1e3 * statistics.median(per_round[c][-1]['times']):.1f} ms",
+                    file=sys.stderr,
+                )
+        results[k] = {}
+        for c in configs:
+            med = [statistics.median(x["times"]) for x in per_round[c]]
+            base = [statistics.median(x["times"]) for x in per_round["sum"]]
+            floor = (
+                [statistics.median(x["times"]) for x in per_round["floor"]] if "floor" in per_round else base
+            )
+            results[k][c] = {
+                "ms": 1e3 * statistics.median([t for x in per_round[c] for t in x["times"]]),
+                "ratio": statistics.median(m / b for m, b in zip(med, base, strict=True)),
+                "vs_floor": statistics.median(m / f for m, f in zip(med, floor, strict=True)),
+                "drss_mb": max(x["drss"] for x in per_round[c]),
+            }
+    text = report(results, args, configs)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        args.out.with_suffix(".json").write_text(
+            json.dumps({str(k): v for k, v in results.items()}, indent=1)
+        )
+
+
+def report(results: dict[int, dict[str, dict]], args, configs: list[str]) -> str:
+    ks = sorted(results)
+    head = "| configuration | " + " | ".join(f"K={k} ms (x sum) [x floor]" for k in ks) + " |"
+    lines = [head, "|---|" + "---|" * len(ks)]
+    for c in configs:
+        cells = [
+            f"{results[k][c]['ms']:.1f} ({results[k][c]['ratio']:.2f}x) [{results[k][c]['vs_floor']:.2f}x]"
+            for k in ks
+        ]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    mem = [
+        "",
+        "Peak memory above the pre-step RSS (dRSS, MB):",
+        "",
+        "| configuration | " + " | ".join(f"K={k}" for k in ks) + " |",
+        "|---|" + "---|" * len(ks),
+    ]
+    for c in configs:
+        mem.append(f"| {c} | " + " | ".join(f"{results[k][c]['drss_mb']:.0f}" for k in ks) + " |")
+    env = (
+        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, 1 thread pinned to one core, {args.rounds} interleaved rounds x {args.steps} steps "
+        f"(after {args.warmup} warm-up steps), batch {BATCH}, trunk {IN}-{'-'.join(map(str, TRUNK))}, heads {TRUNK[-1]}-{HEAD}-1."
+    )
+    return "\n".join(["# Step cost", "", env, "", *lines, *mem, ""])
+
+
+if __name__ == "__main__":
+    main()
