@@ -67,11 +67,11 @@ class RefModel(nn.Module):
         return {n: list(h.parameters()) for n, h in zip(self.names, self.heads, strict=True)}
 
 
-def make_step(config: str, k: int) -> Callable[[], None]:
+def make_step(config: str, k: int, device: str = "cpu") -> Callable[[], None]:
     torch.manual_seed(0)
-    model = RefModel(k)
-    x = torch.randn(BATCH, IN)
-    y = torch.randn(BATCH, k)
+    model = RefModel(k).to(device)
+    x = torch.randn(BATCH, IN, device=device)
+    y = torch.randn(BATCH, k, device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     mse = nn.functional.mse_loss
 
@@ -114,6 +114,7 @@ def make_step(config: str, k: int) -> Callable[[], None]:
             "mgda": lambda: mk.methods.MGDA(level="parameter"),
             "mgda-rep": lambda: mk.methods.MGDA(level="representation"),
             "mgda-f64": lambda: mk.methods.MGDA(engine=mk.GradientEngine(precision="float64")),
+            "mgda-batched": lambda: mk.methods.MGDA(engine=mk.GradientEngine("batched")),
         }[name]()
         shared = model.shared_parameters()
         heads = model.task_parameters()
