@@ -50,6 +50,9 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def move_to(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor in it (inside a Batch, mappings, lists, tuples) on ``device``."""
+    if isinstance(obj, Batch):
+        return Batch(move_to(obj.inputs, device), move_to(obj.targets, device), move_to(obj.masks, device))
     if isinstance(obj, Tensor):
         return obj.to(device, non_blocking=True)
     if isinstance(obj, Mapping):
