@@ -37,6 +37,7 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 bench: setup
+	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/step_cost.py --out benchmarks/results/step_cost.md
 
 clean:

@@ -3,6 +3,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mtlkit as mk
 from mtlkit.errors import (
@@ -123,3 +125,20 @@ def test_bad_task_sets():
         mk.Task("a", loss="mes")
     with pytest.raises(UnknownNameError, match="Did you mean 'income'"):
         mk.TaskSet([mk.Task("income")])["incme"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    values=st.lists(st.one_of(st.floats(-5, 5), st.just(math.nan)), min_size=1, max_size=12),
+    loss=st.sampled_from(["mse", "l1", "huber"]),
+)
+def test_masked_loss_is_the_mean_over_labelled_entries(values, loss):
+    target = torch.tensor(values, dtype=torch.float64)
+    pred = torch.linspace(-1, 1, len(values), dtype=torch.float64, requires_grad=True)
+    value = mk.TaskSet([mk.Task("t", loss=loss)]).losses({"t": pred}, {"t": target})["t"]
+    keep = ~torch.isnan(target)
+    fn = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss}[loss]
+    expected = fn(pred[keep], target[keep]) if keep.any() else torch.zeros((), dtype=torch.float64)
+    torch.testing.assert_close(value, expected)
+    value.backward()
+    assert torch.isfinite(pred.grad).all() and (pred.grad[~keep] == 0).all()

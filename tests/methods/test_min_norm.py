@@ -23,7 +23,7 @@ def reference_qp(gram: np.ndarray) -> np.ndarray:
     )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(k=st.integers(2, 12), d=st.integers(1, 30), seed=st.integers(0, 10_000), conflict=st.booleans())
 def test_kkt_conditions_and_reference_qp(k, d, seed, conflict):
     gen = torch.Generator().manual_seed(seed)
@@ -83,3 +83,22 @@ def test_one_task_inactive_tasks_and_zero_gradients():
     assert w[2] == 0 and abs(w.sum() - 1) < 1e-12 and kkt_violation(G[:2, :2], w[:2]) < 1e-12
     assert min_norm_weights(torch.zeros(3, 3, dtype=torch.float64)).tolist() == pytest.approx([1 / 3] * 3)
     assert min_norm_weights(G, active=torch.zeros(3, dtype=torch.bool)).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize(("k", "d", "seed"), [(12, 7, 882), (40, 3, 0), (30, 29, 1), (20, 1, 5)])
+def test_rank_deficient_gramians_are_solved_exactly(k, d, seed):
+    """More tasks than dimensions: the support's KKT systems stay non-singular (Wolfe's corrals)."""
+    J = torch.randn(k, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    G = J @ J.T
+    w = min_norm_weights(G)
+    assert kkt_violation(G, w) < 1e-10
+    assert (w > 0).sum() <= d + 1  # Carathéodory: an affinely independent support
+
+
+def test_warm_start_from_any_point_gives_the_same_optimum():
+    J = torch.randn(15, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    G = J @ J.T
+    cold = min_norm_weights(G)
+    for init in (torch.full((15,), 1 / 15, dtype=torch.float64), cold, torch.eye(15, dtype=torch.float64)[3]):
+        warm = min_norm_weights(G, init=init)
+        torch.testing.assert_close(J.T @ warm, J.T @ cold, atol=1e-12, rtol=0)

@@ -193,3 +193,24 @@ def test_report_round_trip_and_merge(tmp_path):
     mtl = EvaluationReport({"a": {"auc": 0.88}, "b": {"mse": 2.5}}, loaded.directions).with_reference(loaded)
     assert mtl.per_task_delta == pytest.approx({"a": 10.0, "b": -25.0})
     assert mtl.delta_m == pytest.approx(-7.5)
+
+
+def test_gradient_clipping_bounds_the_update(synth, tmp_path):
+    trainer = make_trainer(synth, tmp_path, method="ew", grad_clip=1e-3, tensorboard=False)
+    trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=1.0)
+    before = torch.cat([p.detach().reshape(-1).clone() for p in trainer.model.parameters()])
+    trainer.train_step(synth.train.__getitems__(list(range(64))))
+    after = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+    assert (after - before).norm() <= 1e-3 * (1 + 1e-5)  # SGD lr 1: the step is the clipped gradient
+    assert (after - before).norm() > 0.9e-3
+
+
+def test_single_task_training(synth, tmp_path):
+    tasks = mk.TaskSet([synth.tasks["y1"]])
+    model = mk.models.SharedBottom(12, tasks, bottom_dims=[16], tower_dims=[8])
+    for method in ("ew", "mgda"):
+        trainer = mk.Trainer(model, tasks, method, device="cpu", progress=False)
+        trainer.fit(mk.data.loader(synth.train, 64), epochs=1)
+        assert trainer.last_info.weights.tolist() == [1.0]
+    report = trainer.evaluate(mk.data.loader(synth.val, 256))
+    assert list(report.metrics) == ["y1"]

@@ -48,13 +48,13 @@ GramianPrecision = Literal["float64", "mixed"]
 
 
 def default_strategy(device: torch.device) -> Literal["loop", "batched"]:
-    """The per-task gradient strategy for a device.
+    """The per-task gradient strategy for a device, chosen by measurement.
 
-    On CPU a plain loop of ``autograd.grad`` calls measured fastest (anchors spec §5.3: 137-153 ms vs
-    143-171 ms for the vmapped Jacobian at K = 40). GPUs are also served by the loop until a
-    measurement on the device shows the batched VJP to win (see benchmarks/results/step_cost.md).
+    CPU: a plain loop of ``autograd.grad`` calls (anchors spec §5.3: 137-153 ms against 143-171 ms
+    for the vmapped Jacobian at K = 40). CUDA: one batched VJP, which took 0.95x / 0.69x / 0.96x the
+    loop's step time at K = 2 / 10 / 40 on an H200 (benchmarks/results/device_check_h200.json).
     """
-    return "loop"
+    return "batched" if device.type == "cuda" else "loop"
 
 
 def as_param_list(params: Iterable[Tensor] | None) -> list[Tensor]:
