@@ -38,6 +38,7 @@ format: setup
 
 bench: setup
 	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m pip install -q --no-deps libmtl==1.1.5
 	$(BIN)/python benchmarks/step_cost.py --out benchmarks/results/step_cost.md
 
 clean:

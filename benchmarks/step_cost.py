@@ -8,7 +8,8 @@ backward + optimizer.step(). Configurations:
 - ``floor``    plain torch: a loop of K ``torch.autograd.grad`` calls, one per task (the cost any
                parameter-level per-task-gradient method must pay);
 - ``mtlkit:*`` mtlkit methods through ``method.backward``;
-- ``torchjd:*`` / ``libmtl:*`` the anchors, when installed (``pip install -e .[bench]``).
+- ``torchjd:*`` / ``libmtl:*`` the anchors, when installed (``make bench`` installs TorchJD 0.18.0
+               and LibMTL 1.1.5; the LibMTL shims are listed in ``anchors.py``).
 
 Every (configuration, K) runs in its own forked child (so peak RSS is its own), pinned to one
 core with one intra-op thread; each K block is repeated in interleaved rounds so that load from
@@ -35,6 +36,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 IN, TRUNK, HEAD, BATCH = 256, (512, 512, 256), 64, 256
 
@@ -141,6 +144,10 @@ def make_step(config: str, k: int, device: str = "cpu") -> Callable[[], None]:
             opt.step()
 
         return step
+    if lib == "libmtl":
+        from anchors import libmtl_step
+
+        return libmtl_step(name, model, x, y, opt)
     raise SystemExit(f"unknown configuration {config!r}")
 
 
@@ -152,6 +159,10 @@ def available_configs() -> list[str]:
         configs += ["torchjd:mean", "torchjd:mgda"]
     except ImportError:
         pass
+    from anchors import libmtl_available
+
+    if libmtl_available():
+        configs += ["libmtl:EW", "libmtl:MGDA", "libmtl:MGDA-rep"]
     return configs
 
 

@@ -126,6 +126,14 @@ def test_gramian_is_float64_for_float32_models(precision):
     assert ((gram - J @ J.T).abs() / (norms[:, None] * norms[None, :]).clamp_min(1e-30)).max() < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_gradients_are_multiplied_in_float32(dtype):
+    block = torch.full((2, 1000), 100.0, dtype=dtype)  # products sum to 1e7: inf in float16
+    for precision in ("mixed", "float64"):
+        gram = accumulate_gramian([block], 2, precision=precision)
+        torch.testing.assert_close(gram, torch.full((2, 2), 1e7, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
 def test_accumulate_gramian_chunking_is_exact():
     a = torch.randn(3, 11, dtype=torch.float64)
     b = torch.randn(3, 2, 2, dtype=torch.float64)

@@ -142,3 +142,24 @@ def test_masked_loss_is_the_mean_over_labelled_entries(values, loss):
     torch.testing.assert_close(value, expected)
     value.backward()
     assert torch.isfinite(pred.grad).all() and (pred.grad[~keep] == 0).all()
+
+
+def test_custom_loss_never_sees_a_nan_target():
+    seen = {}
+
+    def loss(p, t):
+        seen["nan"] = bool(torch.isnan(t).any())
+        return ((p - t) ** 2).mean()
+
+    target = torch.tensor([[1.0, math.nan], [2.0, 3.0], [math.nan, math.nan]])
+    value = mk.TaskSet([mk.Task("v", loss=loss)]).losses({"v": torch.zeros(3, 2)}, {"v": target})["v"]
+    assert seen["nan"] is False and value.item() == pytest.approx((4 + 9) / 2)
+
+
+def test_low_precision_predictions_do_not_round_targets():
+    target = torch.tensor([1234.5, 300.7])
+    pred = torch.tensor([1234.0, 300.0], dtype=torch.bfloat16)
+    value = mk.TaskSet([mk.Task("r", loss="l1")]).losses({"r": pred}, {"r": target})["r"]
+    assert value.dtype == torch.float32
+    expected = (pred.float() - target).abs().mean()  # bfloat16 stores 1234.0 as 1232.0; the target stays exact
+    assert value.item() == pytest.approx(expected.item(), abs=1e-4)

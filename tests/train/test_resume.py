@@ -55,3 +55,5 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, kill_after):
         assert torch.equal(ref[k], got[k]), k
     steps = (run_dir / "steps.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in steps] == list(range(1, 31))  # no duplicated or missing rows
+    # the epoch log (mean training losses, validation metrics) is the uninterrupted run's, exactly
+    assert (run_dir / "epochs.csv").read_text() == (tmp_path / "reference" / "epochs.csv").read_text()

@@ -74,7 +74,8 @@ def test_early_stopping_and_restore_best(synth, tmp_path):
     assert history[1]["val/y1/mse"] < history[0]["val/y1/mse"]
     final = trainer.evaluate(mk.data.loader(synth.val, 256)).metrics["y1"]["mse"]
     assert final == pytest.approx(history[0]["val/y1/mse"], rel=1e-6)
-    assert trainer.best_epoch == 1 and (tmp_path / "checkpoints" / "best").exists()
+    assert trainer.best_epoch == 1
+    assert latest_checkpoint(tmp_path / "checkpoints", "best").name.startswith("best-")
 
 
 def test_non_finite_loss_stops_before_any_update(synth, tmp_path):
@@ -214,3 +215,81 @@ def test_single_task_training(synth, tmp_path):
         assert trainer.last_info.weights.tolist() == [1.0]
     report = trainer.evaluate(mk.data.loader(synth.val, 256))
     assert list(report.metrics) == ["y1"]
+
+
+@pytest.mark.parametrize("level", ["parameter", "representation"])
+def test_fp16_gramians_stay_finite(synth, tmp_path, level):
+    """Autocast representations are float16: their Gramian must not be formed in float16, where
+    the scaled gradients' products overflow (NaN weights: every such step would be skipped)."""
+    torch.manual_seed(0)
+    model = mk.models.MMoE(12, synth.tasks, num_experts=3, expert_dims=[16], tower_dims=[8])
+    trainer = mk.Trainer(
+        model, synth.tasks, mk.methods.MGDA(level=level), device="cpu", amp="fp16", progress=False
+    )
+    for i in range(6):
+        info = trainer.train_step(synth.train.__getitems__(list(range(64 * i, 64 * (i + 1)))))
+        assert torch.isfinite(info.weights).all() and torch.isfinite(info.gramian).all()
+
+
+def test_checkpoint_of_another_configuration_is_refused_and_nothing_changes(synth, tmp_path):
+    trainer = make_trainer(synth, tmp_path, method="ew", tensorboard=False)
+    trainer.fit(mk.data.loader(synth.train, 64), epochs=1)
+    ckpt = latest_checkpoint(tmp_path / "checkpoints")
+    other = make_trainer(synth, tmp_path / "o1", method="mgda", tensorboard=False)
+    with pytest.raises(CheckpointError, match="method EW"):
+        other.load_checkpoint(ckpt)
+    # Same classes, but the optimiser's parameter groups differ: applying fails half-way and
+    # everything is rolled back.
+    other = make_trainer(synth, tmp_path / "o2", method="ew", tensorboard=False)
+    other.optimizer = torch.optim.Adam(
+        [
+            {"params": other.model.shared_parameters()},
+            {"params": [p for ps in other.model.task_parameters().values() for p in ps]},
+        ]
+    )
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="does not fit this run"):
+        other.load_checkpoint(ckpt)
+    assert other.step == 0
+    for k, v in other.model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_a_finished_early_stop_is_not_trained_on_after_resume(synth, tmp_path):
+    def run(epochs):
+        trainer = make_trainer(
+            synth,
+            tmp_path,
+            method="ew",
+            early_stopping=EarlyStopping("y1/mse", patience=1, mode="max"),
+            tensorboard=False,
+        )
+        trainer.optimizer = torch.optim.Adam(trainer.model.parameters(), lr=1e-2)
+        trainer.fit(mk.data.loader(synth.train, 64), mk.data.loader(synth.val, 256), epochs=epochs)
+        return trainer
+
+    first = run(10)
+    assert first.stopped and first.epoch == 2
+    again = run(10)  # resumes from the final checkpoint: stopped, nothing more to do
+    assert again.step == first.step and len(again.history) == 2
+
+
+def test_early_stopping_rules_are_checked_up_front(synth, tmp_path):
+    with pytest.raises(mk.errors.ConfigError, match="mode"):
+        EarlyStopping("y1/mse", mode="maximize")
+    with pytest.raises(mk.errors.UnknownNameError, match="Did you mean 'y1/mse'"):
+        make_trainer(synth, tmp_path, early_stopping=EarlyStopping("y1/mes"))
+    with pytest.raises(mk.errors.UnknownNameError, match="delta_m"):  # no reference given
+        make_trainer(synth, tmp_path, early_stopping=EarlyStopping("delta_m"))
+    trainer = make_trainer(synth, tmp_path, early_stopping=EarlyStopping("y1/mse"))
+    with pytest.raises(mk.errors.ConfigError, match="val_loader"):
+        trainer.fit(mk.data.loader(synth.train, 64), epochs=1)
+    with pytest.raises(mk.errors.TaskError, match="no result for task 'y2'"):
+        make_trainer(synth, tmp_path, reference={"y1": {"mse": 1.0, "r2": 0.5}})
+
+
+def test_undefined_delta_is_nan_with_a_warning():
+    rep = EvaluationReport({"a": {"auc": math.nan}}, {"a": {"auc": True}})
+    with pytest.warns(RuntimeWarning, match="undefined"):
+        rep.with_reference({"a": {"auc": 0.8}})
+    assert math.isnan(rep.delta_m)

@@ -80,7 +80,8 @@ def accumulate_gramian(
 
     ``precision="float64"``: each column chunk is cast to float64 before its product (exact
     products; the cast dominates the cost for float32 gradients). ``"mixed"``: each chunk's
-    product is taken in the gradients' own dtype and added to the float64 accumulator, so only
+    product is taken in float32 (the gradients' own dtype, or float32 for float16/bfloat16
+    gradients, which would overflow or round) and added to the float64 accumulator, so only
     the sum over at most ``chunk_bytes / (8 K)`` columns is rounded in float32 (relative error
     about ``sqrt(columns) * 6e-8`` of ``||g_i|| ||g_j||``), at half the cost. Float64 gradients
     give identical results either way. The transient memory is one chunk.
@@ -93,9 +94,9 @@ def accumulate_gramian(
             chunk = flat[:, start : start + cols]
             if precision == "float64":
                 chunk = chunk.to(torch.float64)
-                prod = chunk @ chunk.T
-            else:
-                prod = (chunk @ chunk.T).to(torch.float64)
+            elif chunk.dtype in (torch.float16, torch.bfloat16):  # autocast representations
+                chunk = chunk.float()
+            prod = (chunk @ chunk.T).to(torch.float64)
             gram = prod if gram is None else gram.add_(prod)
     if gram is None:
         raise EngineError("Cannot form a Gramian from no gradient blocks.")
@@ -343,10 +344,13 @@ class GradientEngine:
         heads, per_task = self.task_specific_lists(names, task_specific, losses, shared)
         if self._strategy_for(shared[0].device) == "batched":
             k = len(losses)
+            stacked = torch.stack(
+                [loss.to(torch.promote_types(loss.dtype, torch.float32)) for loss in losses]
+            )
             grads = torch.autograd.grad(
-                torch.stack(list(losses)),
+                stacked,
                 shared + heads,
-                grad_outputs=torch.eye(k, dtype=losses[0].dtype, device=losses[0].device),
+                grad_outputs=torch.eye(k, dtype=stacked.dtype, device=stacked.device),
                 is_grads_batched=True,
                 allow_unused=True,
                 materialize_grads=True,

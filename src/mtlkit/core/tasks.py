@@ -54,6 +54,7 @@ class Task:
             labelled samples and may return a scalar or per-sample values (then averaged).
         metrics: metric names (``"accuracy"``, ``"auc"``, ``"f1"``, ``"mse"``, ``"mae"``, ``"r2"``)
             or metric objects from :mod:`mtlkit.metrics`; the first one is the task's main metric.
+            A callable loss receives only the samples whose target row is fully labelled.
         weight: fixed weight used by linear scalarisation (EW); 1.0 by default.
         target: key of this task's target in the batch's target dict (defaults to ``name``).
     """
@@ -132,7 +133,7 @@ class Task:
                     f"Task {self.name!r}: loss 'ce' expects logits of shape (B, C, ...) for targets "
                     f"(B, ...); got prediction {tuple(pred.shape)} and target {tuple(target.shape)}."
                 )
-            return pred, target
+            return pred.to(torch.promote_types(pred.dtype, torch.float32)), target
         if target.is_complex():
             raise DTypeMismatchError(f"Task {self.name!r}: complex targets are not supported.")
         if pred.shape != target.shape:
@@ -145,7 +146,12 @@ class Task:
                     f"Task {self.name!r}: loss {self.loss_name!r} expects a prediction of the "
                     f"target's shape {tuple(target.shape)}, got {tuple(pred.shape)}."
                 )
-        return pred, target.to(pred.dtype)
+        # Losses run in at least float32: autocast's float16/bfloat16 outputs would round the
+        # targets (bfloat16 turns 1234.5 into 1232) or overflow them.
+        dtype = torch.promote_types(pred.dtype, torch.float32)
+        if target.is_floating_point():
+            dtype = torch.promote_types(dtype, target.dtype)
+        return pred.to(dtype), target.to(dtype)
 
     def loss_value(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Masked mean loss and the number of labelled entries (a 0-dim integer tensor).
@@ -168,8 +174,9 @@ class Task:
         return total / count.clamp(min=1).to(values.dtype), count
 
     def _custom_loss(self, pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
-        # A user's callable sees only labelled samples (a sample counts if any entry is labelled).
-        rows = valid.reshape(valid.shape[0], -1).any(dim=1) if valid.dim() > 1 else valid
+        # A user's callable sees only fully labelled samples (every entry of the row labelled),
+        # so it never receives a NaN target.
+        rows = valid.reshape(valid.shape[0], -1).all(dim=1) if valid.dim() > 1 else valid
         if bool(rows.all()):
             value = self.loss(pred, target)
         elif not bool(rows.any()):

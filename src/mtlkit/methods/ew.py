@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -33,8 +34,8 @@ class EW(LossWeighting):
         super().__init__()
         if weights is not None:
             vals = weights.values() if isinstance(weights, Mapping) else weights
-            if any(not isinstance(v, (int, float)) or v < 0 for v in vals):
-                raise TaskError(f"EW weights must be numbers >= 0, got {weights!r}.")
+            if any(not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 for v in vals):
+                raise TaskError(f"EW weights must be finite numbers >= 0, got {weights!r}.")
         self.fixed = weights
         self._resolved: Tensor | None = None
 

@@ -131,9 +131,8 @@ def _wolfe(g: Tensor, tol: float, max_iter: int, init: Tensor | None) -> Tensor:
         # weight would turn negative, until the minimiser lies inside the simplex.
         while True:
             v = _affine_minimiser(g, support)
-            if v is None:  # numerically affinely dependent: drop the newest vertex and stop
-                support.pop()
-                break
+            if v is None:  # numerically affinely dependent: w is optimal to working precision
+                return w
             if bool((v > 0).all()):
                 w.zero_()
                 w[support] = v

@@ -7,8 +7,8 @@ A checkpoint is a directory ``step-XXXXXXXX/`` holding
   ``torch.load(weights_only=True)`` (tensors and plain containers only);
 - ``manifest.json`` -- sizes and SHA-256 of both files.
 
-It is written into a temporary directory, flushed, and renamed into place; the ``latest`` pointer
-is then replaced atomically. Loading verifies the manifest and parses both files completely before
+It is written into a temporary directory, flushed, and renamed into place; a pointer file
+(``latest`` for step checkpoints, ``best`` for the best one) is then replaced atomically. Loading verifies the manifest and parses both files completely before
 anything is applied, so a corrupt or truncated checkpoint raises :class:`CheckpointError` and
 leaves the model, optimiser and method untouched.
 """
@@ -130,13 +130,19 @@ class LoadedCheckpoint:
 
 
 def save_checkpoint(
-    directory: Path, name: str, model: nn.Module, state: dict[str, Any], keep: int | None = None
+    directory: Path,
+    name: str,
+    model: nn.Module,
+    state: dict[str, Any],
+    keep: int | None = None,
+    pointer: str = LATEST,
 ) -> Path:
-    """Write checkpoint ``directory/name`` atomically and point ``latest`` at it.
+    """Write checkpoint ``directory/name`` atomically, then point ``directory/pointer`` at it.
 
     Args:
-        keep: keep only the newest ``keep`` ``step-*`` checkpoints (others are deleted after the
-            new one is in place); ``None`` keeps all.
+        keep: keep only the newest ``keep`` checkpoints sharing ``name``'s prefix (the part before
+            the first ``-``); older ones are deleted after the new one is in place. ``None`` keeps all.
+        pointer: the pointer file to update (``"latest"`` for step checkpoints, ``"best"``...).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -162,38 +168,42 @@ def save_checkpoint(
                 os.fsync(f.fileno())
         atomic_write_bytes(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
         final = directory / name
-        if final.exists():
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # the same name written again (a resumed run): move the old one aside
+            old = directory / f".{name}.old-{os.getpid()}"  # first, so a crash never leaves none
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(directory)
-    if name.startswith("step-"):
-        atomic_write_bytes(directory / LATEST, name.encode())
-        if keep is not None:
-            _prune(directory, keep, current=name)
+    atomic_write_bytes(directory / pointer, name.encode())
+    if keep is not None:
+        _prune(directory, name.split("-")[0], keep, current=name)
     return final
 
 
-def _prune(directory: Path, keep: int, current: str) -> None:
-    steps = sorted(p.name for p in directory.glob("step-*") if p.is_dir())
-    for old in steps[: max(0, len(steps) - keep)]:
+def _prune(directory: Path, prefix: str, keep: int, current: str) -> None:
+    names = sorted(p.name for p in directory.glob(f"{prefix}-*") if p.is_dir())
+    for old in names[: max(0, len(names) - keep)]:
         if old != current:
             shutil.rmtree(directory / old, ignore_errors=True)
-    for stale in directory.glob(".step-*"):  # temporary directories of a killed writer
+    for stale in directory.glob(f".{prefix}-*"):  # temporary directories of a killed writer
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The checkpoint ``latest`` points to, or ``None`` when there is none."""
-    pointer = Path(directory) / LATEST
-    if not pointer.exists():
+def latest_checkpoint(directory: Path, pointer: str = LATEST) -> Path | None:
+    """The checkpoint ``directory/pointer`` points to, or ``None`` when there is none."""
+    pointer_file = Path(directory) / pointer
+    if not pointer_file.exists():
         return None
-    name = pointer.read_text().strip()
+    name = pointer_file.read_text().strip()
     path = Path(directory) / name
-    if not name.startswith("step-") or not path.is_dir():
-        raise CheckpointError(f"{pointer} points to {name!r}, which is not a checkpoint directory.")
+    if not name or "/" in name or name.startswith(".") or not path.is_dir():
+        raise CheckpointError(f"{pointer_file} points to {name!r}, which is not a checkpoint directory.")
     return path
 
 
@@ -203,6 +213,8 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     try:
         manifest = json.loads((path / MANIFEST_FILE).read_text())
         files = manifest["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+            raise TypeError("'files' is not a mapping of file records")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(
             f"Checkpoint {path} has no readable manifest ({exc}); it is incomplete or corrupt."

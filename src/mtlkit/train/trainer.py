@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 
 import mtlkit
 from mtlkit.core.tasks import Batch, TaskLosses, TaskSet
-from mtlkit.errors import CheckpointError, ConfigError, TaskError
+from mtlkit.errors import CheckpointError, ConfigError, TaskError, unknown_name
 from mtlkit.methods import Method, StepInfo
 from mtlkit.methods import create as create_method
+from mtlkit.metrics import check_reference
 from mtlkit.metrics.task_metrics import compute_metrics, directions, predictions_for
 from mtlkit.train.checkpoint import (
     LoadedCheckpoint,
@@ -90,6 +91,14 @@ class EarlyStopping:
     patience: int = 5
     min_delta: float = 0.0
     mode: Literal["auto", "max", "min"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "max", "min"):
+            raise ConfigError(f"early_stopping.mode must be 'auto', 'max' or 'min', got {self.mode!r}.")
+        if not isinstance(self.patience, int) or self.patience < 1:
+            raise ConfigError(f"early_stopping.patience must be an integer >= 1, got {self.patience!r}.")
+        if self.min_delta < 0:
+            raise ConfigError(f"early_stopping.min_delta must be >= 0, got {self.min_delta!r}.")
 
 
 class Trainer:
@@ -165,6 +174,18 @@ class Trainer:
         if isinstance(reference, (str, Path)):
             reference = EvaluationReport.load(reference)
         self.reference = reference
+        self.directions = directions(tasks)
+        if reference is not None:
+            check_reference(
+                reference.metrics if isinstance(reference, EvaluationReport) else reference, self.directions
+            )
+        if early_stopping is not None:
+            known = {f"{t}/{m}" for t, ms in self.directions.items() for m in ms} | {
+                f"{t}/loss" for t in tasks.names
+            }
+            known |= {"loss"} | ({"delta_m"} if reference is not None else set())
+            if early_stopping.monitor not in known:
+                raise unknown_name("early_stopping.monitor", early_stopping.monitor, known)
         self.seed = seed
         self.progress = progress
         self.log_every = max(1, int(log_every))
@@ -177,7 +198,6 @@ class Trainer:
         self.keep_checkpoints = keep_checkpoints
         self.logger = RunLogger(self.log_dir, tensorboard=tensorboard) if self.log_dir is not None else None
         self.config = dict(config) if config else {}
-        self.directions = directions(tasks)
         # Progress counters, saved in every checkpoint.
         self.step = 0
         self.epoch = 0
@@ -186,6 +206,8 @@ class Trainer:
         self.best_value: float | None = None
         self.best_epoch: int | None = None
         self.bad_epochs = 0
+        self.stopped = False  # early stopping fired; a resumed run does not train on
+        self._loss_sum: Tensor | None = None  # running sum of this epoch's training losses
         self._best_weights: dict[str, Tensor] | None = None
         self.last_info: StepInfo | None = None
 
@@ -275,14 +297,15 @@ class Trainer:
 
         Returns the per-epoch history: mean training losses and validation results.
         """
+        if self.early_stopping is not None and val_loader is None:
+            raise ConfigError("early_stopping needs a val_loader to monitor.")
         resume_rng = None
         if resume and self.checkpoint_dir is not None:
             path = latest_checkpoint(self.checkpoint_dir)
             if path is not None:
                 resume_rng = self._restore(load_checkpoint(path))
         self._write_run_json(epochs)
-        stop = False
-        while self.epoch < epochs and not stop:
+        while self.epoch < epochs and not self.stopped:
             epoch = self.epoch
             torch.manual_seed(self._epoch_seed(epoch))  # data order depends only on (seed, epoch)
             generator = getattr(train_loader, "generator", None)
@@ -290,14 +313,18 @@ class Trainer:
                 generator.manual_seed(self._epoch_seed(epoch))
             iterator: Iterator[Any] = iter(train_loader)
             skip = self.batch_in_epoch
-            for _ in range(skip):  # resuming mid-epoch: the same order, minus the batches done
-                next(iterator)
+            for done in range(skip):  # resuming mid-epoch: the same order, minus the batches done
+                try:
+                    next(iterator)
+                except StopIteration:
+                    raise CheckpointError(
+                        f"The checkpoint was written after batch {skip} of epoch {epoch + 1}, but the "
+                        f"training data has only {done} batches: resume with the same data and batch size."
+                    ) from None
             if skip and resume_rng is not None:
                 set_rng_state(resume_rng)
             resume_rng = None
             total = len(train_loader) if hasattr(train_loader, "__len__") else None
-            loss_sum: Tensor | None = None
-            n_batches = 0
             bar = tqdm(
                 iterator,
                 total=total,
@@ -310,15 +337,14 @@ class Trainer:
                 info = self.train_step(batch)
                 self.step += 1
                 self.batch_in_epoch += 1
-                loss_sum = info.losses if loss_sum is None else loss_sum + info.losses
-                n_batches += 1
+                self._loss_sum = info.losses if self._loss_sum is None else self._loss_sum + info.losses
                 if self.step % self.log_every == 0:
                     self._log_step(info, bar)
                 if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                     self.save_checkpoint()
             row: dict[str, float] = {}
-            if loss_sum is not None:
-                means = (loss_sum / n_batches).tolist()
+            if self._loss_sum is not None:
+                means = (self._loss_sum / self.batch_in_epoch).tolist()
                 row.update({f"train/{t}/loss": v for t, v in zip(self.tasks.names, means, strict=True)})
             if "epoch_end" in self.method.hooks:
                 self.method.on_epoch_end()
@@ -327,13 +353,14 @@ class Trainer:
             if val_loader is not None:
                 report = self.evaluate(val_loader)
                 row.update(report.flat("val/"))
-                stop = self._early_stopping_update(report, epoch)
+                self.stopped = self._early_stopping_update(report, epoch)
             row["lr"] = float(self.optimizer.param_groups[0]["lr"])
             self.history.append(row)
             if self.logger is not None:
                 self.logger.log_epoch(epoch + 1, self.step, row)
             self.epoch += 1
             self.batch_in_epoch = 0
+            self._loss_sum = None
             self.save_checkpoint(end_of_epoch=True)
         if self.restore_best and self.early_stopping is not None and self._best_weights is not None:
             apply_model_tensors(self.model, self._best_weights, "best weights")
@@ -351,17 +378,14 @@ class Trainer:
     def _monitor_value(self, report: EvaluationReport) -> tuple[float, bool]:
         rule = self.early_stopping
         assert rule is not None
-        flat = report.flat()
         if rule.monitor == "loss":
             value, higher = sum(report.losses.values()), False
-        elif rule.monitor in flat:
-            value = flat[rule.monitor]
-            task, _, metric = rule.monitor.partition("/")
-            higher = True if rule.monitor == "delta_m" else self.directions.get(task, {}).get(metric, False)
+        elif rule.monitor == "delta_m":
+            value, higher = report.delta_m if report.delta_m is not None else math.nan, True
         else:
-            raise ConfigError(
-                f"early_stopping.monitor {rule.monitor!r} is not one of {sorted([*flat, 'loss'])}."
-            )
+            value = report.flat()[rule.monitor]
+            task, _, metric = rule.monitor.partition("/")
+            higher = self.directions[task].get(metric, False)  # "<task>/loss": lower is better
         if rule.mode != "auto":
             higher = rule.mode == "max"
         return value, higher
@@ -379,7 +403,8 @@ class Trainer:
             self.best_value, self.best_epoch, self.bad_epochs = value, epoch + 1, 0
             self._best_weights = model_tensors(self.model)
             if self.checkpoint_dir is not None:
-                save_checkpoint(self.checkpoint_dir, "best", self.model, self._state())
+                name = f"best-{self.step:08d}"
+                save_checkpoint(self.checkpoint_dir, name, self.model, self._state(), keep=1, pointer="best")
             return False
         self.bad_epochs += 1
         return self.bad_epochs >= self.early_stopping.patience
@@ -444,7 +469,14 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "method": self.method.state_dict(),
             "rng": rng_state(),
-            "counters": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
+            "counters": {
+                "step": self.step,
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "stopped": self.stopped,
+            },
+            "epoch_loss_sum": self._loss_sum.detach().cpu() if self._loss_sum is not None else None,
+            "writer": {"method": type(self.method).__name__, "optimizer": type(self.optimizer).__name__},
             "early_stopping": {
                 "best_value": self.best_value,
                 "best_epoch": self.best_epoch,
@@ -466,24 +498,55 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore model, optimiser, scheduler, method, counters and RNG states from ``path``."""
-        rng = self._restore(load_checkpoint(Path(path)))
-        set_rng_state(rng)
+        self._restore(load_checkpoint(Path(path)))
 
     def _restore(self, ckpt: LoadedCheckpoint) -> dict[str, Any]:
-        """Apply a verified checkpoint; on any mismatch every object is rolled back unchanged."""
+        """Apply a verified checkpoint. Everything is read and checked first; if applying still
+        fails, every object is rolled back, so a bad checkpoint changes nothing."""
         state = ckpt.state
+        try:
+            counters = state["counters"]
+            step, epoch, batch_in_epoch = (
+                int(counters["step"]),
+                int(counters["epoch"]),
+                int(counters["batch_in_epoch"]),
+            )
+            stopped = bool(counters.get("stopped", False))
+            rng = state["rng"]
+            writer = state.get("writer", {})
+            es = state.get("early_stopping", {})
+            history = list(state.get("history", []))
+            loss_sum = state.get("epoch_loss_sum")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(
+                f"{ckpt.path} has an incomplete training state ({exc}); nothing was loaded."
+            ) from exc
         if state.get("tasks") != self.tasks.names:
             raise CheckpointError(
                 f"{ckpt.path} was written for tasks {state.get('tasks')}, not {self.tasks.names}."
             )
+        mine = {"method": type(self.method).__name__, "optimizer": type(self.optimizer).__name__}
+        for key, name in mine.items():
+            if writer.get(key, name) != name:
+                raise CheckpointError(
+                    f"{ckpt.path} was written by a run with {key} {writer[key]}, this run uses {name}; "
+                    "use a fresh output directory or the same configuration."
+                )
+        best = None
+        best_path = (
+            latest_checkpoint(self.checkpoint_dir, "best") if self.checkpoint_dir is not None else None
+        )
+        if self.early_stopping is not None and best_path is not None:
+            best = load_checkpoint(best_path).model
         snapshot = (
             model_tensors(self.model),
             copy.deepcopy(self.optimizer.state_dict()),
             copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None,
+            copy.deepcopy(self.scaler.state_dict()) if self.scaler is not None else None,
             copy.deepcopy(self.method.state_dict()),
+            rng_state(),
         )
         try:
-            counters = state["counters"]
             apply_model_tensors(self.model, ckpt.model, ckpt.path)
             self.optimizer.load_state_dict(state["optimizer"])
             if self.scheduler is not None and state.get("scheduler") is not None:
@@ -491,39 +554,32 @@ class Trainer:
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             self.method.load_state_dict(state["method"])
-            rng = state["rng"]
+            set_rng_state(rng)
         except Exception as exc:
             apply_model_tensors(self.model, snapshot[0])
             self.optimizer.load_state_dict(snapshot[1])
             if snapshot[2] is not None:
                 self.scheduler.load_state_dict(snapshot[2])
-            self.method.load_state_dict(snapshot[3])
+            if snapshot[3] is not None:
+                self.scaler.load_state_dict(snapshot[3])
+            self.method.load_state_dict(snapshot[4])
+            set_rng_state(snapshot[5])
             if isinstance(exc, CheckpointError):
                 raise
             raise CheckpointError(
                 f"{ckpt.path} does not fit this run ({type(exc).__name__}: {exc}); nothing was loaded."
             ) from exc
-        self.step, self.epoch, self.batch_in_epoch = (
-            counters["step"],
-            counters["epoch"],
-            counters["batch_in_epoch"],
-        )
-        es = state.get("early_stopping", {})
+        self.step, self.epoch, self.batch_in_epoch, self.stopped = step, epoch, batch_in_epoch, stopped
         self.best_value, self.best_epoch, self.bad_epochs = (
             es.get("best_value"),
             es.get("best_epoch"),
             es.get("bad_epochs", 0),
         )
-        self.history = list(state.get("history", []))
-        if (
-            self.early_stopping is not None
-            and self.checkpoint_dir is not None
-            and (self.checkpoint_dir / "best").exists()
-        ):
-            self._best_weights = load_checkpoint(self.checkpoint_dir / "best").model
+        self.history = history
+        self._loss_sum = loss_sum.to(self.device) if loss_sum is not None else None
+        self._best_weights = best
         if self.logger is not None:
             self.logger.resume_from(self.step, self.epoch)
-        set_rng_state(rng)
         return rng
 
     def _write_run_json(self, epochs: int) -> None:
