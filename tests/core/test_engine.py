@@ -61,6 +61,18 @@ def test_parameter_level_writes_JTw_and_head_gradients(strategy, head_grad):
             torch.testing.assert_close(p.grad, scale * ref, atol=1e-10, rtol=0)
 
 
+def test_jacobian_path_writes_any_direction():
+    """Path (c): methods that need J itself get the blocks and write one direction per parameter."""
+    tasks, net, x, y = make_problem(k=3)
+    J, _, _ = brute_force(net, tasks, x, y)
+    jac = GradientEngine().jacobian(list(tasks.losses(net(x), y).values()), net.shared_parameters())
+    torch.testing.assert_close(jac.flat(), J, atol=1e-10, rtol=0)
+    # e.g. an elementwise rule no Gramian can express: the per-coordinate median of the task gradients
+    jac.write_shared([b.median(dim=0).values for b in jac.blocks])
+    got = torch.cat([p.grad.reshape(-1) for p in net.shared_parameters()])
+    torch.testing.assert_close(got, J.median(dim=0).values, atol=1e-12, rtol=0)
+
+
 def test_task_specific_parameters_found_from_the_graph():
     tasks, net, x, y = make_problem(k=3, model="mmoe")
     losses = list(tasks.losses(net(x), y).values())

@@ -161,5 +161,7 @@ def test_low_precision_predictions_do_not_round_targets():
     pred = torch.tensor([1234.0, 300.0], dtype=torch.bfloat16)
     value = mk.TaskSet([mk.Task("r", loss="l1")]).losses({"r": pred}, {"r": target})["r"]
     assert value.dtype == torch.float32
-    expected = (pred.float() - target).abs().mean()  # bfloat16 stores 1234.0 as 1232.0; the target stays exact
+    expected = (
+        (pred.float() - target).abs().mean()
+    )  # bfloat16 stores 1234.0 as 1232.0; the target stays exact
     assert value.item() == pytest.approx(expected.item(), abs=1e-4)

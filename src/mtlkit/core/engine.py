@@ -143,13 +143,34 @@ class HeadGradients:
 
 
 @dataclass
+class DeferredHeadGradients:
+    """Task-specific gradients obtained after the solve by one backward of ``sum_k c_k L_k``
+    restricted to the task-specific parameters (it never enters the trunk). Used with the batched
+    strategy, whose vmapped backward would otherwise build a dense K x shape block per head."""
+
+    params: list[Tensor]
+    losses: list[Tensor]
+
+    def write(self, weights: Tensor | None) -> None:
+        if not self.params:
+            return
+        terms = [
+            loss if weights is None else weights[k].to(loss.dtype) * loss
+            for k, loss in enumerate(self.losses)
+            if loss.requires_grad
+        ]
+        if terms:
+            torch.autograd.backward(torch.stack(terms).sum(), inputs=self.params)
+
+
+@dataclass
 class ParameterJacobian:
     """Per-task gradients w.r.t. the shared parameters, as one (K, *shape) block per parameter,
     plus the task-specific parameters' gradients."""
 
     shared: list[Tensor]
     blocks: list[Tensor]
-    heads: HeadGradients
+    heads: HeadGradients | DeferredHeadGradients
 
     @property
     def num_tasks(self) -> int:
@@ -349,17 +370,14 @@ class GradientEngine:
             )
             grads = torch.autograd.grad(
                 stacked,
-                shared + heads,
+                shared,
                 grad_outputs=torch.eye(k, dtype=stacked.dtype, device=stacked.device),
                 is_grads_batched=True,
+                retain_graph=bool(heads),  # the heads' backward comes after the solve
                 allow_unused=True,
                 materialize_grads=True,
             )
-            head_grads = [
-                [(t, grads[len(shared) + i][t]) for t in range(k) if i in per_task[t]]
-                for i in range(len(heads))
-            ]
-            return ParameterJacobian(shared, list(grads[: len(shared)]), HeadGradients(heads, head_grads))
+            return ParameterJacobian(shared, list(grads), DeferredHeadGradients(heads, list(losses)))
         blocks, head_grads = self._per_task_loop(losses, shared, heads, per_task, keep_graph=False)
         return ParameterJacobian(shared, blocks, head_grads)
 

@@ -1,6 +1,6 @@
 """Multi-task optimisation methods: loss weightings and gradient aggregators."""
 
-from mtlkit.methods.base import GramianWeighting, JacobianAggregator, LossWeighting, Method, StepInfo
+from mtlkit.methods.base import GramianWeighting, LossWeighting, Method, StepInfo
 from mtlkit.methods.ew import EW
 from mtlkit.methods.mgda import MGDA
 from mtlkit.methods.min_norm import min_norm_weights
@@ -11,7 +11,6 @@ __all__ = [
     "METHODS",
     "MGDA",
     "GramianWeighting",
-    "JacobianAggregator",
     "LossWeighting",
     "Method",
     "StepInfo",

@@ -8,7 +8,8 @@ Families:
 - :class:`LossWeighting` -- needs only the loss values; one backward of ``sum_k w_k L_k``.
 - :class:`GramianWeighting` -- ``w = f(G)`` from the Gramian of per-task gradients, computed by the
   engine at the parameter or the representation level; then ``J^T w``.
-- :class:`JacobianAggregator` -- needs the per-task gradients themselves.
+- methods that need the per-task gradients themselves use the engine's Jacobian path
+  (:meth:`~mtlkit.core.engine.GradientEngine.jacobian`, then ``ParameterJacobian.write_shared``).
 
 A method declares what it needs in ``requires`` and which lifecycle hooks it uses
 (``"post_step_losses"`` -> :meth:`Method.after_step`, ``"epoch_end"`` -> :meth:`Method.on_epoch_end`).
@@ -290,38 +291,3 @@ class GramianWeighting(Method):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(level={self.level!r}, head_grad={self.head_grad!r})"
-
-
-class JacobianAggregator(Method):
-    """A method that needs the per-task gradients themselves (parameter level only).
-
-    Subclasses implement :meth:`aggregate`, returning one direction per shared parameter.
-    """
-
-    requires = frozenset({"jacobian"})
-    default_head_grad: ClassVar[HeadGrad] = "own"
-
-    def __init__(self, head_grad: HeadGrad | None = None, engine: GradientEngine | None = None) -> None:
-        super().__init__()
-        self.head_grad = head_grad or self.default_head_grad
-        self.engine = engine or GradientEngine()
-
-    def aggregate(
-        self, blocks: Sequence[Tensor], gram: Tensor, active: Tensor
-    ) -> tuple[list[Tensor], Tensor]:
-        """``(directions, weights)``: one direction per shared block and the effective weights
-        used for the heads and for logging."""
-        raise NotImplementedError
-
-    def backward(self, losses, shared=None, features=None, task_specific=None, loss_scale=None) -> StepInfo:
-        names, values, labelled, stacked = self._prepare(losses, loss_scale)
-        active = self._active(values, labelled)
-        jac = self.engine.jacobian(values, as_param_list(shared), names, task_specific)
-        gram = unscale_gramian(jac.gramian(self.engine.chunk_bytes, self.engine.precision), loss_scale)
-        directions, w = self.aggregate(jac.blocks, gram, active)
-        jac.write_shared(directions)
-        jac.write_heads(w if self.head_grad == "weighted" else None)
-        norms, cos = gradient_statistics(gram)
-        return StepInfo(
-            names, w.detach(), stacked, level="parameter", grad_norms=norms, cosines=cos, gramian=gram
-        )
