@@ -104,7 +104,7 @@ def trainer_checks(root: Path) -> dict[str, object]:
 
 
 def step_cost(ks=(2, 10, 40), steps=30, warmup=5) -> dict[str, dict[str, float]]:
-    configs = ["sum", "floor", "mtlkit:ew", "mtlkit:mgda", "mtlkit:mgda-batched", "mtlkit:mgda-rep"]
+    configs = ["sum", "floor", "mtlkit:ew", "mtlkit:mgda-loop", "mtlkit:mgda-batched", "mtlkit:mgda-rep"]
     out: dict[str, dict[str, float]] = {}
     for k in ks:
         row = {}

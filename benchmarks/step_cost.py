@@ -118,6 +118,7 @@ def make_step(config: str, k: int, device: str = "cpu") -> Callable[[], None]:
             "mgda-rep": lambda: mk.methods.MGDA(level="representation"),
             "mgda-f64": lambda: mk.methods.MGDA(engine=mk.GradientEngine(precision="float64")),
             "mgda-batched": lambda: mk.methods.MGDA(engine=mk.GradientEngine("batched")),
+            "mgda-loop": lambda: mk.methods.MGDA(engine=mk.GradientEngine("loop")),
         }[name]()
         shared = model.shared_parameters()
         heads = model.task_parameters()
@@ -265,12 +266,24 @@ def report(results: dict[int, dict[str, dict]], args, configs: list[str]) -> str
     ]
     for c in configs:
         mem.append(f"| {c} | " + " | ".join(f"{results[k][c]['drss_mb']:.0f}" for k in ks) + " |")
+    targets = ["", "Targets of issue #3 (ratio: median over rounds):", ""]
+    checks = [
+        ("mtlkit:ew", "ratio", "EW at 1.0x a summed-loss step (+-5% noise allowed)", 1.05),
+        ("mtlkit:mgda", "vs_floor", "parameter-level MGDA within 1.1x of the K-backward floor", 1.1),
+        ("mtlkit:mgda-rep", "ratio", "representation-level MGDA at most 3x a summed-loss step", 3.0),
+    ]
+    for config, key, text, bound in checks:
+        if config in configs:
+            got = [results[k][config][key] for k in ks]
+            ok = all(g <= bound for g in got)
+            cells = ", ".join(f"K={k}: {g:.2f}x" for k, g in zip(ks, got, strict=True))
+            targets.append(f"- {text}: {cells} -> {'met' if ok else 'NOT met'}")
     env = (
         f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}, "
         f"{os.cpu_count()} CPUs, 1 thread pinned to one core, {args.rounds} interleaved rounds x {args.steps} steps "
         f"(after {args.warmup} warm-up steps), batch {BATCH}, trunk {IN}-{'-'.join(map(str, TRUNK))}, heads {TRUNK[-1]}-{HEAD}-1."
     )
-    return "\n".join(["# Step cost", "", env, "", *lines, *mem, ""])
+    return "\n".join(["# Step cost", "", env, "", *lines, *targets, *mem, ""])
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def default_strategy(device: torch.device) -> Literal["loop", "batched"]:
 
     CPU: a plain loop of ``autograd.grad`` calls (anchors spec §5.3: 137-153 ms against 143-171 ms
     for the vmapped Jacobian at K = 40). CUDA: one batched VJP, which took 0.95x / 0.69x / 0.96x the
-    loop's step time at K = 2 / 10 / 40 on an H200 (benchmarks/results/device_check_h200.json).
+    loop's step time at K = 2 / 10 / 40 on an H200
+    (benchmarks/results/device_check_h200_strategy.json: ``mtlkit:mgda`` = loop, ``-batched``).
     """
     return "batched" if device.type == "cuda" else "loop"
 
