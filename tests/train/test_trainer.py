@@ -58,17 +58,22 @@ def test_training_reduces_the_loss_on_real_signal(synth, tmp_path):
         assert after.metrics[t]["mse"] < 0.7 * before.metrics[t]["mse"]
 
 
-def test_early_stopping_and_restore_best(synth, tmp_path):
-    # mode="max" on an MSE that training lowers: epoch 1 stays best, so the run stops after
-    # 1 + patience epochs and ends with the epoch-1 weights.
+def early_stopping_trainer(synth, tmp_path, patience):
+    """mode="max" on an MSE that training lowers: epoch 1 stays the best, so a run stops after
+    1 + patience epochs and ends with the epoch-1 weights."""
     trainer = make_trainer(
         synth,
         tmp_path,
         method="ew",
-        early_stopping=EarlyStopping("y1/mse", patience=2, mode="max"),
+        early_stopping=EarlyStopping("y1/mse", patience=patience, mode="max"),
         tensorboard=False,
     )
     trainer.optimizer = torch.optim.Adam(trainer.model.parameters(), lr=1e-2)
+    return trainer
+
+
+def test_early_stopping_and_restore_best(synth, tmp_path):
+    trainer = early_stopping_trainer(synth, tmp_path, patience=2)
     history = trainer.fit(mk.data.loader(synth.train, 64), mk.data.loader(synth.val, 256), epochs=20)
     assert len(history) == 3
     assert history[1]["val/y1/mse"] < history[0]["val/y1/mse"]
@@ -257,14 +262,7 @@ def test_checkpoint_of_another_configuration_is_refused_and_nothing_changes(synt
 
 def test_a_finished_early_stop_is_not_trained_on_after_resume(synth, tmp_path):
     def run(epochs):
-        trainer = make_trainer(
-            synth,
-            tmp_path,
-            method="ew",
-            early_stopping=EarlyStopping("y1/mse", patience=1, mode="max"),
-            tensorboard=False,
-        )
-        trainer.optimizer = torch.optim.Adam(trainer.model.parameters(), lr=1e-2)
+        trainer = early_stopping_trainer(synth, tmp_path, patience=1)
         trainer.fit(mk.data.loader(synth.train, 64), mk.data.loader(synth.val, 256), epochs=epochs)
         return trainer
 

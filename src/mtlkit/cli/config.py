@@ -86,6 +86,15 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+#: Scalar config types: which YAML values they accept (bool is not an int here) and how to say so.
+_SCALARS: dict[type, tuple[Any, str]] = {
+    bool: (lambda v: isinstance(v, bool), "true/false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
 def _check(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -104,30 +113,18 @@ def _check(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}.")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}.")
-        return dict(value)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}.")
-        return list(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}.")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}.")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}.")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}.")
-        return value
+    container = {dict: dict, list: list}.get(origin)  # type: ignore[call-overload]
+    if container is not None:
+        if not isinstance(value, container):
+            raise ConfigError(
+                f"{key}: expected a {'mapping' if container is dict else 'list'}, got {type(value).__name__}."
+            )
+        return container(value)
+    if tp in _SCALARS:
+        accepts, expected = _SCALARS[tp]
+        if not accepts(value):
+            raise ConfigError(f"{key}: expected {expected}, got {value!r}.")
+        return float(value) if tp is float else value
     raise ConfigError(f"{key}: unsupported type {tp!r}.")
 
 

@@ -155,6 +155,11 @@ class Trainer:
     ) -> None:
         if not isinstance(tasks, TaskSet):
             raise TaskError(f"tasks must be an mtlkit.TaskSet, got {type(tasks).__name__}.")
+        if not callable(getattr(model, "shared_parameters", None)):
+            raise TaskError(
+                f"{type(model).__name__} has no shared_parameters(): a multi-task model returns "
+                "{task: output} and names its shared parameters (see mtlkit.models.MultiTaskModel)."
+            )
         self.device = resolve_device(device)
         self.model = model.to(self.device)
         self.tasks = tasks
