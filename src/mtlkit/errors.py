@@ -1,8 +1,8 @@
 """Exceptions raised by mtlkit.
 
-Every error says what was wrong and how to fix it. Each class subclasses the
-built-in exception a caller would expect (``ValueError`` for bad input,
-``RuntimeError`` for failures during a run), so generic handlers keep working.
+Every error says what was wrong and how to fix it. Each class subclasses ``ValueError`` (bad
+input) or ``RuntimeError`` (a failure during a run), plus the more specific built-in a caller
+might catch (``KeyError``, ``TypeError``, ``FloatingPointError``), so generic handlers keep working.
 """
 
 from __future__ import annotations
@@ -23,26 +23,26 @@ class ShapeMismatchError(MtlkitError, ValueError):
     """A prediction and its target do not fit together for a task."""
 
 
-class DTypeMismatchError(MtlkitError, TypeError):
+class DTypeMismatchError(MtlkitError, TypeError, ValueError):
     """A target has a dtype the task's loss cannot use."""
 
 
-class MissingTaskError(MtlkitError, KeyError):
+class MissingTaskError(MtlkitError, KeyError, ValueError):
     """A batch or a model output lacks an entry for a task."""
 
     def __str__(self) -> str:  # KeyError would quote the message otherwise
         return str(self.args[0]) if self.args else ""
 
 
-class NonFiniteLossError(MtlkitError, FloatingPointError):
+class NonFiniteLossError(MtlkitError, FloatingPointError, ValueError):
     """A task loss is NaN or infinite; raised before any update is made."""
 
 
-class NonFiniteGradientError(MtlkitError, FloatingPointError):
+class NonFiniteGradientError(MtlkitError, FloatingPointError, RuntimeError):
     """A task gradient is NaN or infinite although the losses are finite."""
 
 
-class UnknownNameError(MtlkitError, KeyError):
+class UnknownNameError(MtlkitError, KeyError, ValueError):
     """A registry lookup failed; the message lists close matches."""
 
     def __str__(self) -> str:

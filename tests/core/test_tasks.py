@@ -165,3 +165,12 @@ def test_low_precision_predictions_do_not_round_targets():
         (pred.float() - target).abs().mean()
     )  # bfloat16 stores 1234.0 as 1232.0; the target stays exact
     assert value.item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_every_error_is_a_value_or_runtime_error():
+    from mtlkit import errors
+
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.MtlkitError)]
+    for cls in classes:
+        if cls is not errors.MtlkitError:
+            assert issubclass(cls, (ValueError, RuntimeError)), cls

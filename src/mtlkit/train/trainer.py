@@ -335,7 +335,7 @@ class Trainer:
                 total=total,
                 initial=skip,
                 desc=f"epoch {epoch + 1}/{epochs}",
-                disable=not self.progress,
+                disable=True if not self.progress else None,  # None: off when not a terminal
                 leave=False,
             )
             for batch in bar:
