@@ -16,13 +16,6 @@ import torch
 from torch import Tensor
 
 
-def pair_min_norm(g11: Tensor, g12: Tensor, g22: Tensor) -> Tensor:
-    """Exact weight ``gamma`` on task 1 minimising ``||gamma g1 + (1-gamma) g2||^2``."""
-    denom = g11 + g22 - 2 * g12
-    gamma = torch.where(denom > 0, (g22 - g12) / denom.clamp_min(torch.finfo(denom.dtype).tiny), 0.5)
-    return gamma.clamp(0.0, 1.0)
-
-
 def kkt_violation(gram: Tensor, w: Tensor, active: Tensor | None = None) -> Tensor:
     """Largest violation of the min-norm KKT conditions, relative to the Gramian's scale.
 
@@ -105,9 +98,11 @@ def _wolfe(g: Tensor, tol: float, max_iter: int, init: Tensor | None) -> Tensor:
         return torch.ones(1, dtype=torch.float64)
     if scale <= 0:  # every gradient is zero: all points are optimal; report the centre
         return torch.full((k,), 1.0 / k, dtype=torch.float64)
-    if k == 2:
-        gamma = pair_min_norm(g[0, 0], g[0, 1], g[1, 1])
-        return torch.stack([gamma, 1 - gamma])
+    if k == 2:  # closed form, in Python floats (a dozen tiny tensor ops cost more than the solve)
+        (g11, g12), (_, g22) = g.tolist()
+        denom = g11 + g22 - 2 * g12
+        gamma = min(1.0, max(0.0, (g22 - g12) / denom)) if denom > 0 else 0.5
+        return torch.tensor([gamma, 1.0 - gamma], dtype=torch.float64)
     eps = tol * scale
     w = torch.zeros(k, dtype=torch.float64)
     support: list[int] = []
