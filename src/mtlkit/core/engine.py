@@ -440,7 +440,7 @@ class GradientEngine:
             )
         names = list(names) if names is not None else [str(i) for i in range(len(losses))]
         heads, per_task = self.task_specific_lists(names, task_specific, losses, [features])
-        matrix, blocks, head_grads = self._per_task_loop(losses, [features], heads, per_task, keep_graph=True)
+        _, blocks, head_grads = self._per_task_loop(losses, [features], heads, per_task, keep_graph=True)
         return RepresentationGradients(features, blocks[0], head_grads)
 
     def representation_gramian(
