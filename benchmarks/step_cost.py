@@ -17,7 +17,7 @@ other processes hits every configuration alike. Cell = median step time over the
 all rounds; ratio = median over rounds of (config median / ``sum`` median in the same round).
 Memory = the child's peak RSS minus its RSS just before the first step (dRSS).
 
-usage: python benchmarks/step_cost.py [--ks 2 10 40] [--rounds 3] [--steps 20] [--out FILE.md]
+usage: python benchmarks/step_cost.py [--ks 2 10 40] [--rounds 5] [--steps 20] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def measure(config: str, k: int, steps: int, warmup: int, core: int | None) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 10, 40])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--configs", nargs="+", default=None)
