@@ -4,13 +4,13 @@ Three paths behind one object, all fed with *separate scalar task losses* (never
 stacked loss vector back-propagated one at a time, which makes every backward visit all K heads):
 
 (a) :meth:`GradientEngine.parameter_gramian` -- the K x K Gramian ``G = J J^T`` of the per-task
-    gradients w.r.t. the shared parameters. Each task's gradient is written into per-parameter
-    blocks ``J_p`` (K x shape_p); ``G`` is accumulated block by block and column chunk by column
-    chunk in float64, so neither a concatenated K x d matrix nor a float64 copy of ``J`` exists.
-    (The K gradients themselves must all be alive to form ``G``; they are kept in the model's
-    dtype and reused for the final combination, which is cheaper than a second backward.) Chunk
-    products are exact float64 (``precision="float64"``) or taken in the gradients' dtype and
-    accumulated in float64 (``"mixed"``); see :func:`accumulate_gramian`.
+    gradients w.r.t. the shared parameters. Each task's gradient is written straight into a
+    reused K x d buffer (per-parameter views ``J_p``, no concatenation), and ``G`` is accumulated
+    column chunk by column chunk into a float64 matrix, never from a float64 copy of ``J``. The K
+    gradients must all be alive to form ``G`` (inherent to a parameter-level Gramian); they stay
+    in the model's dtype and are reused for ``J^T w``, which is cheaper than a second backward.
+    Chunk products are exact float64 (``precision="float64"``) or taken in float32 and
+    accumulated in float64 (``"mixed"``, the default); see :func:`accumulate_gramian`.
 (b) :meth:`GradientEngine.representation_gramian` -- the Gramian of the gradients w.r.t. the shared
     representation ``z`` (Sener & Koltun, NeurIPS 2018, "MGDA-UB"): K cheap head backwards to ``z``,
     the elementwise Gramian over all B x r entries, then ONE trunk backward with the cotangent
