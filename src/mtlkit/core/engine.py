@@ -140,7 +140,7 @@ class HeadGradients:
                     cast[key] = weights.to(device=p.device, dtype=p.dtype)
                 w = cast[key]
                 total = sum((w[k] * g for k, g in pairs[1:]), w[pairs[0][0]] * pairs[0][1])
-            _add_grad(p, total, fresh=len(pairs) > 1 or weights is not None)
+            _add_grad(p, total)  # autograd's own output or a new sum: nothing else holds it
 
 
 @dataclass

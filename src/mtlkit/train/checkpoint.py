@@ -161,12 +161,18 @@ def save_checkpoint(
     }
     tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".{name}."))
     try:
-        for fname, data in ((MODEL_FILE, model_bytes), (STATE_FILE, state_bytes)):
+        # Plain writes suffice inside the private temporary directory: it is renamed as a whole.
+        manifest_bytes = json.dumps(manifest, indent=1).encode()
+        for fname, data in (
+            (MODEL_FILE, model_bytes),
+            (STATE_FILE, state_bytes),
+            (MANIFEST_FILE, manifest_bytes),
+        ):
             with open(tmp / fname, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        atomic_write_bytes(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+        _fsync_dir(tmp)
         final = directory / name
         old = None
         if final.exists():  # the same name written again (a resumed run): move the old one aside
