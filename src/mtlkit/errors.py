@@ -38,6 +38,10 @@ class NonFiniteLossError(MtlkitError, FloatingPointError, ValueError):
     """A task loss is NaN or infinite; raised before any update is made."""
 
 
+class NonPositiveLossError(MtlkitError, FloatingPointError, ValueError):
+    """A method that takes logarithms of the losses (SI, GLS, FAMO, STCH) got a loss <= 0."""
+
+
 class NonFiniteGradientError(MtlkitError, FloatingPointError, RuntimeError):
     """A task gradient is NaN or infinite although the losses are finite."""
 

@@ -68,5 +68,5 @@ def test_errors_exit_with_one_clear_line(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 2
-    assert "error: Unknown method 'mdga'. Did you mean 'mgda'?" in proc.stderr
+    assert "error: Unknown method 'mdga'. Did you mean 'mgda'" in proc.stderr
     assert "Traceback" not in proc.stderr

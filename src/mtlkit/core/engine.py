@@ -424,6 +424,48 @@ class GradientEngine:
         jac = self.jacobian(losses, shared, names, task_specific)
         return jac.gramian(self.chunk_bytes, self.precision), jac
 
+    def task_gradient_norms(self, losses: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+        """``||dL_k/dparams||_2`` for each task as a float64 (K,) tensor; the graph is kept.
+
+        K vector-Jacobian products that stop at ``params`` (GradNorm's chosen shared layer): each
+        traverses only the part of the graph between the loss and those parameters. Nothing is
+        stored but the norms, and ``.grad`` is not touched. A task whose loss does not depend on
+        ``params`` (or has no labelled sample) gets norm 0.
+        """
+        params = as_param_list(params)
+        if not params:
+            raise EngineError("task_gradient_norms() got no parameters.")
+        k = len(losses)
+        norms = torch.zeros(k, dtype=torch.float64, device=params[0].device)
+        live = [i for i, loss in enumerate(losses) if loss.requires_grad]
+        if not live:
+            return norms
+        if self._strategy_for(params[0].device) == "batched" and len(live) > 1:
+            stacked = torch.stack(
+                [losses[i].to(torch.promote_types(losses[i].dtype, torch.float32)) for i in live]
+            )
+            grads = torch.autograd.grad(
+                stacked,
+                params,
+                grad_outputs=torch.eye(len(live), dtype=stacked.dtype, device=stacked.device),
+                is_grads_batched=True,
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            sq = sum(
+                torch.linalg.vector_norm(g.reshape(len(live), -1), dim=1, dtype=torch.float64).square()
+                for g in grads
+            )
+            norms[live] = sq.sqrt()
+            return norms
+        for i in live:
+            grads = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+            sq = [torch.linalg.vector_norm(g, dtype=torch.float64).square() for g in grads if g is not None]
+            if sq:
+                norms[i] = torch.stack(sq).sum().sqrt()
+        return norms
+
     # -- path (b) ---------------------------------------------------------------------------------
     def representation_gradients(
         self,

@@ -14,6 +14,9 @@ Families:
 A method declares what it needs in ``requires`` and which lifecycle hooks it uses
 (``"post_step_losses"`` -> :meth:`Method.after_step`, ``"epoch_end"`` -> :meth:`Method.on_epoch_end`).
 The caller (the Trainer or a user's loop) calls the hooks; no method reads trainer attributes.
+Before training the caller also calls :meth:`Method.setup` once with the task names (and the
+model), so that methods with learnable parameters can create them before the optimiser is built,
+and adds :meth:`Method.param_groups` to the optimiser.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ import torch
 from torch import Tensor
 
 from mtlkit.core.engine import GradientEngine, HeadGrad, TaskParams, as_param_list
-from mtlkit.errors import EngineError, NonFiniteGradientError, NonFiniteLossError, TaskError
+from mtlkit.errors import (
+    EngineError,
+    NonFiniteGradientError,
+    NonFiniteLossError,
+    NonPositiveLossError,
+    TaskError,
+)
 
 Level = Literal["parameter", "representation"]
 
@@ -123,13 +132,7 @@ class Method:
                     f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}."
                 )
         values = [v.reshape(()) for v in values]
-        if self.task_names is None:
-            self.task_names = names
-        elif names != self.task_names:
-            raise TaskError(
-                f"{type(self).__name__} was first used with tasks {self.task_names}; now it got "
-                f"{names}. Use one method object per task set (and the same task order)."
-            )
+        self.setup(names)
         stacked = torch.stack([v.detach() for v in values])
         if loss_scale is not None:
             stacked = stacked / loss_scale
@@ -146,6 +149,50 @@ class Method:
     def _active(values: Sequence[Tensor], labelled: Tensor | None) -> Tensor:
         req = torch.tensor([v.requires_grad for v in values], device=values[0].device)
         return req if labelled is None else req & (labelled.to(values[0].device) > 0)
+
+    def _require_positive(
+        self, names: Sequence[str], losses: Tensor, active: Tensor, allow_zero: bool = False
+    ) -> None:
+        """Raise :class:`NonPositiveLossError` if an active task's loss is ``<= 0`` (``< 0`` with
+        ``allow_zero``): methods that take logarithms or ratios of the losses would produce NaN or
+        infinite weights."""
+        bad_mask = ((losses < 0) if allow_zero else (losses <= 0)) & active.to(losses.device)
+        if bool(bad_mask.any()):
+            bad = [n for n, b in zip(names, bad_mask.tolist(), strict=True) if b]
+            raise NonPositiveLossError(
+                f"{type(self).__name__} needs every task loss to be {'>= 0' if allow_zero else '> 0'}; "
+                f"task(s) {bad} have {losses[bad_mask].tolist()}. Nothing was updated. Use a "
+                "non-negative loss (e.g. MSE, cross-entropy) for these tasks, or another method."
+            )
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def setup(self, task_names: Sequence[str], model: Any | None = None) -> None:
+        """Bind the method to a task set (and optionally the model) before training.
+
+        The Trainer calls this once before the optimiser gets :meth:`param_groups`; in a user's
+        loop, call it before building the optimiser if the method has learnable parameters (UW,
+        IMTL-L, GradNorm). Later calls with the same tasks do nothing but bind a model; a different
+        task list raises.
+        """
+        names = list(task_names)
+        if self.task_names is None:
+            if not names:
+                raise TaskError(f"{type(self).__name__}.setup() got no task names.")
+            self.task_names = names
+            self._build(len(names))
+        elif names != self.task_names:
+            raise TaskError(
+                f"{type(self).__name__} was first used with tasks {self.task_names}; now it got "
+                f"{names}. Use one method object per task set (and the same task order)."
+            )
+        if model is not None:
+            self._attach(model)
+
+    def _build(self, num_tasks: int) -> None:
+        """Create per-task state once the number of tasks is known (override as needed)."""
+
+    def _attach(self, model: Any) -> None:
+        """Take what the method needs from the model (override as needed; e.g. GradNorm's layer)."""
 
     # -- the interface -------------------------------------------------------------------------------
     def backward(
@@ -179,6 +226,20 @@ class Method:
         """Learnable parameters of the method itself (e.g. UW's log-variances); none by default."""
         return []
 
+    #: Learning rate of the method's own parameters (``None``: the optimiser's default).
+    parameter_lr: float | None = None
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups for :meth:`parameters`: no weight decay, and the method's
+        own learning rate when it has one (``optimizer.add_param_group(g)`` for each)."""
+        params = self.parameters()
+        if not params:
+            return []
+        group: dict[str, Any] = {"params": params, "weight_decay": 0.0}
+        if self.parameter_lr is not None:
+            group["lr"] = self.parameter_lr
+        return [group]
+
     def after_step(self, new_losses: Mapping[str, Tensor] | Sequence[Tensor]) -> None:
         """Hook called with the losses after the optimiser step (methods with "post_step_losses")."""
 
@@ -191,30 +252,66 @@ class Method:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         names = state.get("task_names")
-        self.task_names = list(names) if names is not None else None
+        if names is None:
+            return
+        if self.task_names is None:
+            self.setup(list(names))
+        elif list(names) != self.task_names:
+            raise TaskError(
+                f"This {type(self).__name__} state was saved for tasks {list(names)}, not {self.task_names}."
+            )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
 class LossWeighting(Method):
-    """A method that only needs the loss values: one backward of the weighted sum."""
+    """A method that only needs the loss values: one backward of ``sum_k w_k L_k (+ R)``.
+
+    Subclasses give the effective weights ``w`` (:meth:`loss_weights`, computed from the detached,
+    unscaled losses) and, for learnable weightings, a regulariser ``R`` of their own parameters
+    (:meth:`regularizer`). Methods defined through a nonlinear scalarisation (SI's ``sum log L_k``,
+    GLS, FAMO, STCH) are back-propagated in this weighted form: the gradient is the same (the
+    weights are the scalarisation's partial derivatives), no log or exp of a loss enters the
+    graph, and a ``GradScaler`` scale passes through unchanged.
+    """
 
     requires = frozenset({"losses"})
+    #: The method takes logarithms of the losses: an active task's loss must be > 0.
+    positive_losses: ClassVar[bool] = False
 
     def loss_weights(self, losses: Tensor, active: Tensor) -> Tensor:
-        """Weights (K,) for the detached losses; may carry grad for learnable weightings."""
+        """Weights (K,) for the detached losses; may carry grad for learnable weightings.
+        Inactive tasks (no labelled sample in the batch) must get weight 0."""
         raise NotImplementedError
+
+    def regularizer(self, active: Tensor) -> Tensor | None:
+        """A term of the objective that depends only on the method's own parameters (UW's
+        ``sum s_k / 2``); ``None`` when there is none."""
+        return None
 
     def backward(self, losses, shared=None, features=None, task_specific=None, loss_scale=None) -> StepInfo:
         names, values, labelled, unscaled = self._prepare(losses, loss_scale)
         stacked = torch.stack(values)
         active = self._active(values, labelled)
+        if self.positive_losses:
+            self._require_positive(names, unscaled, active)
         weights = self.loss_weights(unscaled, active)
         total = (weights.to(stacked.dtype) * stacked).sum()
+        reg = self.regularizer(active)
+        if reg is not None:  # scaled like the losses, so a GradScaler's unscale_ sees one scale
+            total = total + reg.to(total.dtype) * (1.0 if loss_scale is None else float(loss_scale))
         if total.requires_grad:
             total.backward()
-        return StepInfo(names, weights.detach(), unscaled, level="loss")
+        self._after_backward(shared, loss_scale)
+        return StepInfo(names, weights.detach(), unscaled, level="loss", extras=self.step_extras())
+
+    def _after_backward(self, shared: Iterable[Tensor] | None, loss_scale: float | None) -> None:
+        """Called after the backward (FAMO clips the shared gradient here)."""
+
+    def step_extras(self) -> dict[str, Any]:
+        """Method-specific values for :attr:`StepInfo.extras` (e.g. STCH's phase)."""
+        return {}
 
 
 class GramianWeighting(Method):

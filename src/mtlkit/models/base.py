@@ -71,6 +71,19 @@ def mlp(
     return nn.Sequential(*layers)
 
 
+def last_weight_layer(module: nn.Module) -> nn.Module:
+    """The last submodule of ``module`` (in registration order) whose own ``weight`` is a matrix
+    or a convolution kernel, i.e. the last linear-like layer (normalisation layers are skipped)."""
+    found = None
+    for m in module.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, nn.Parameter) and w.dim() >= 2:
+            found = m
+    if found is None:
+        raise TaskError(f"{type(module).__name__} has no layer with a weight matrix.")
+    return found
+
+
 def task_names(tasks: TaskSet | Sequence[Task] | Sequence[str]) -> list[str]:
     names = [t.name if isinstance(t, Task) else str(t) for t in tasks]
     if not names:
@@ -111,6 +124,16 @@ class MultiTaskModule(nn.Module):
             t: [p for m in self.task_modules(t) for p in m.parameters() if p.requires_grad]
             for t in self.task_names
         }
+
+    def last_shared_layers(self) -> list[nn.Module]:
+        """The last weight-carrying layer of each shared module (override where the shared part
+        has parallel branches, as MMoE does for its experts)."""
+        return [last_weight_layer(m) for m in self.shared_modules()]
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The weight matrices of :meth:`last_shared_layers`: the "last shared layer of weights"
+        at which GradNorm (Chen et al., ICML 2018) measures the task gradient norms."""
+        return [m.weight for m in self.last_shared_layers() if m.weight.requires_grad]
 
     def _selected(self, task: str | None) -> list[str]:
         if task is None:

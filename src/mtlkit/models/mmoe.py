@@ -9,7 +9,14 @@ from torch import Tensor, nn
 
 from mtlkit.core.tasks import Task, TaskSet
 from mtlkit.errors import TaskError
-from mtlkit.models.base import MultiTaskModule, check_input, mlp, register, resolve_out_features
+from mtlkit.models.base import (
+    MultiTaskModule,
+    check_input,
+    last_weight_layer,
+    mlp,
+    register,
+    resolve_out_features,
+)
 
 
 @register("mmoe")
@@ -72,6 +79,9 @@ class MMoE(MultiTaskModule):
 
     def task_modules(self, task: str) -> Iterable[nn.Module]:
         return [self.gates[task], self.towers[task]]
+
+    def last_shared_layers(self) -> list[nn.Module]:
+        return [last_weight_layer(e) for e in self.experts]
 
     def forward(self, x: Tensor, task: str | None = None) -> dict[str, Tensor]:
         check_input(x, self.in_features, type(self).__name__)

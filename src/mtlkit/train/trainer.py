@@ -110,7 +110,8 @@ class Trainer:
         tasks: the task set.
         method: a :class:`~mtlkit.methods.Method` or a registry name (default ``"ew"``).
         optimizer: a torch optimiser over the model's parameters (default Adam, lr 1e-3). The
-            method's own learnable parameters are added as a group without weight decay.
+            method's own learnable parameters are added as a group without weight decay, with the
+            method's learning rate where it has one (:meth:`~mtlkit.methods.Method.param_groups`).
         scheduler: optional LR scheduler, stepped once per epoch.
         device: ``"auto"`` (CUDA, MPS, CPU), or any torch device.
         log_dir: where ``steps.csv``, ``epochs.csv``, TensorBoard events and ``run.json`` go.
@@ -169,6 +170,7 @@ class Trainer:
                 if method.lower() == "ew"
                 else create_method(method)
             )
+        method.setup(tasks.names, model=self.model)  # learnable method parameters exist from here on
         self.method = method.to(self.device)
         self.optimizer = optimizer or torch.optim.Adam(self.model.parameters(), lr=1e-3)
         self._add_method_parameters()
@@ -218,13 +220,13 @@ class Trainer:
 
     # -- set-up helpers -----------------------------------------------------------------------------
     def _add_method_parameters(self) -> None:
-        params = self.method.parameters()
-        if not params:
-            return
+        """Add the method's own parameters (UW's log-variances, ...) to the optimiser: their own
+        learning rate when the method sets one, never weight decay."""
         in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        new = [p for p in params if id(p) not in in_opt]
-        if new:  # method parameters (e.g. UW's log-variances) take no weight decay
-            self.optimizer.add_param_group({"params": new, "weight_decay": 0.0})
+        for group in self.method.param_groups():
+            params = [p for p in group["params"] if id(p) not in in_opt]
+            if params:
+                self.optimizer.add_param_group({**group, "params": params})
 
     def _amp(self, amp: AmpMode) -> tuple[torch.dtype | None, Any]:
         if amp is False or amp is None:
