@@ -121,7 +121,9 @@ class Method:
             labelled = getattr(losses, "labelled", None)
         else:
             values = list(losses)
-            names = [str(i) for i in range(len(values))]
+            # positional losses: the bound task names when the count fits, else "0", "1", ...
+            same = self.task_names is not None and len(self.task_names) == len(values)
+            names = list(self.task_names) if same else [str(i) for i in range(len(values))]
             labelled = None
         if not values:
             raise TaskError("method.backward() got no task losses.")

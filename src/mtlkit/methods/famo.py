@@ -85,7 +85,7 @@ class FAMO(LossWeighting):
         self.min_losses = torch.tensor(self.min_losses_init or [0.0] * num_tasks)
 
     def _require_above_min(self, names: Sequence[str], losses: Tensor, active: Tensor) -> Tensor:
-        gap = losses.float() - self.min_losses.to(losses.device) + _EPS
+        gap = losses - self.min_losses.to(losses) + _EPS
         self._require_positive(names, gap, active)
         return gap
 
@@ -95,7 +95,7 @@ class FAMO(LossWeighting):
             self.to(losses.device)
         # checked here, after the finiteness checks and before any state or gradient is written
         gap = self._require_above_min(self.task_names or [], losses, active)
-        z = torch.softmax(self.logits.detach(), dim=0)
+        z = torch.softmax(self.logits.detach(), dim=0).to(gap.dtype)
         inv = torch.where(active, z / torch.where(active, gap, 1.0), 0.0)
         c = inv.sum()
         self._before = torch.where(active, torch.where(active, gap, 1.0).log(), 0.0)
