@@ -17,6 +17,7 @@ import sys
 import types
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,7 +49,10 @@ def libmtl_available() -> bool:
 def libmtl_step(
     name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer
 ) -> Callable[[], None]:
-    """One training step of LibMTL's ``name`` weighting ("EW", "MGDA", "MGDA-rep")."""
+    """One training step of LibMTL's ``name`` weighting ("EW", "MGDA", "MGDA-rep", "UW", "DWA",
+    "GLS", "GradNorm"). Epoch-dependent methods are set to epoch 2 (DWA's and GradNorm's weighted
+    branch), with the loss buffer the Trainer would have filled; each method gets its config
+    defaults (DWA T=2, GradNorm alpha=1.5)."""
     _stub_torchvision()
     from LibMTL import weighting as lw
 
@@ -74,6 +78,14 @@ def libmtl_step(
                     p.grad.zero_()
 
     weighting = Adapter()
+    weighting.epoch = 2
+    weighting.train_loss_buffer = np.ones((k, 3))
+    if hasattr(weighting, "init_param"):
+        weighting.init_param()
+    own = [p for p in vars(weighting).values() if isinstance(p, nn.Parameter)]
+    if own:  # UW's log-variances, GradNorm's weights: trained by the same optimizer in LibMTL
+        opt.add_param_group({"params": own})
+    options = {"mgda_gn": "none", "T": 2.0, "alpha": 1.5}
 
     def step() -> None:
         opt.zero_grad(set_to_none=False)
@@ -87,7 +99,7 @@ def libmtl_step(
         losses = torch.zeros(k)
         for i, head in enumerate(model.heads):
             losses[i] = mse(head(feats[i]).squeeze(-1), y[:, i])
-        weighting.backward(losses, mgda_gn="none")
+        weighting.backward(losses, **options)
         opt.step()
 
     return step

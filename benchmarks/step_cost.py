@@ -69,6 +69,9 @@ class RefModel(nn.Module):
     def task_parameters(self):
         return {n: list(h.parameters()) for n, h in zip(self.names, self.heads, strict=True)}
 
+    def last_shared_parameters(self):
+        return [self.trunk[-2].weight]  # the last shared Linear: GradNorm's layer W
+
 
 def make_step(config: str, k: int, device: str = "cpu") -> Callable[[], None]:
     torch.manual_seed(0)
@@ -108,7 +111,33 @@ def make_step(config: str, k: int, device: str = "cpu") -> Callable[[], None]:
             opt.step()
 
         return step
+    if config == "sum+fwd":  # FAMO's floor: a summed step plus one no-grad forward
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            sum(losses_list()).backward()
+            opt.step()
+            with torch.no_grad():
+                losses_list()
+
+        return step
+    if config == "sum+layer":  # GradNorm's floor: a summed step plus K VJPs to the last shared layer
+        layer = model.last_shared_parameters()
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            losses = losses_list()
+            for loss in losses:
+                torch.autograd.grad(loss, layer, retain_graph=True)
+            sum(losses).backward()
+            opt.step()
+
+        return step
     lib, _, name = config.partition(":")
+    if lib == "mtlkit" and name in LOSS_WEIGHTINGS:
+        return _mtlkit_weighting_step(name, model, losses_list, opt)
+    if lib == "torchjd" and name in TORCHJD_SCALARIZERS:
+        return _torchjd_scalarizer_step(name, k, model, losses_list, opt)
     if lib == "mtlkit":
         import mtlkit as mk
 
@@ -152,18 +181,93 @@ def make_step(config: str, k: int, device: str = "cpu") -> Callable[[], None]:
     raise SystemExit(f"unknown configuration {config!r}")
 
 
+#: mtlkit loss weightings, with the options the benchmark uses (DWA/STCH reach their weighted phase
+#: because the step ends an "epoch" every EPOCH_STEPS steps).
+LOSS_WEIGHTINGS = {
+    "si": {},
+    "gls": {},
+    "uw": {},
+    "imtl_l": {},
+    "dwa": {},
+    "rlw": {"seed": 0},
+    "stch": {"warmup_epochs": 0},
+    "famo": {},
+    "gradnorm": {},
+}
+TORCHJD_SCALARIZERS = ("uw", "dwa", "famo", "geometric_mean", "imtl_l", "random", "stch")
+EPOCH_STEPS = 5
+
+
+def _mtlkit_weighting_step(name, model, losses_list, opt) -> Callable[[], None]:
+    import mtlkit as mk
+
+    method = mk.methods.create(name, **LOSS_WEIGHTINGS[name])
+    method.setup(model.names, model=model)
+    for group in method.param_groups():
+        opt.add_param_group(group)
+    shared = model.shared_parameters()
+    counter = [0]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        losses = dict(zip(model.names, losses_list(), strict=True))
+        method.backward(losses, shared=shared)
+        opt.step()
+        if "post_step_losses" in method.hooks:
+            with torch.no_grad():
+                method.after_step(losses_list())
+        counter[0] += 1
+        if "epoch_end" in method.hooks and counter[0] % EPOCH_STEPS == 0:
+            method.on_epoch_end()
+
+    return step
+
+
+def _torchjd_scalarizer_step(name, k, model, losses_list, opt) -> Callable[[], None]:
+    from torchjd import scalarization as sc
+
+    scalarizer = {
+        "uw": lambda: sc.UW(k),
+        "dwa": lambda: sc.DWA(2.0),
+        "famo": lambda: sc.FAMO(k),
+        "geometric_mean": sc.GeometricMean,
+        "imtl_l": lambda: sc.IMTLL(k),
+        "random": sc.Random,
+        "stch": lambda: sc.STCH(1.0),
+    }[name]()
+    extra = [p for p in scalarizer.parameters() if p.requires_grad and name in ("uw", "imtl_l")]
+    if extra:
+        opt.add_param_group({"params": extra, "weight_decay": 0.0})
+    counter = [0]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        scalarizer(torch.stack(losses_list())).backward()
+        opt.step()
+        if name == "famo":
+            with torch.no_grad():
+                scalarizer.update(torch.stack(losses_list()))
+        counter[0] += 1
+        if name == "dwa" and counter[0] % EPOCH_STEPS == 0:
+            scalarizer.step()
+
+    return step
+
+
 def available_configs() -> list[str]:
     configs = ["sum", "floor", "mtlkit:ew", "mtlkit:mgda", "mtlkit:mgda-f64", "mtlkit:mgda-rep"]
+    configs += ["sum+fwd", "sum+layer"] + [f"mtlkit:{m}" for m in LOSS_WEIGHTINGS]
     try:
         import torchjd  # noqa: F401
 
-        configs += ["torchjd:mean", "torchjd:mgda"]
+        configs += ["torchjd:mean", "torchjd:mgda"] + [f"torchjd:{m}" for m in TORCHJD_SCALARIZERS]
     except ImportError:
         pass
     from anchors import libmtl_available
 
     if libmtl_available():
         configs += ["libmtl:EW", "libmtl:MGDA", "libmtl:MGDA-rep"]
+        configs += ["libmtl:UW", "libmtl:DWA", "libmtl:GLS", "libmtl:GradNorm"]
     return configs
 
 
@@ -237,6 +341,12 @@ def main() -> None:
                 "vs_floor": statistics.median(m / f for m, f in zip(med, floor, strict=True)),
                 "drss_mb": max(x["drss"] for x in per_round[c]),
             }
+            for extra in ("sum+fwd", "sum+layer"):  # the floors of FAMO and GradNorm
+                if extra in per_round:
+                    ref = [statistics.median(x["times"]) for x in per_round[extra]]
+                    results[k][c][f"vs:{extra}"] = statistics.median(
+                        m / f for m, f in zip(med, ref, strict=True)
+                    )
     text = report(results, args, configs)
     print(text)
     if args.out:
@@ -266,14 +376,21 @@ def report(results: dict[int, dict[str, dict]], args, configs: list[str]) -> str
     ]
     for c in configs:
         mem.append(f"| {c} | " + " | ".join(f"{results[k][c]['drss_mb']:.0f}" for k in ks) + " |")
-    targets = ["", "Targets of issue #3 (ratio: median over rounds):", ""]
+    targets = ["", "Targets of issues #3 and #4 (ratio: median over rounds):", ""]
     checks = [
         ("mtlkit:ew", "ratio", "EW at 1.0x a summed-loss step (+-5% noise allowed)", 1.05),
         ("mtlkit:mgda", "vs_floor", "parameter-level MGDA within 1.1x of the K-backward floor", 1.1),
         ("mtlkit:mgda-rep", "ratio", "representation-level MGDA at most 3x a summed-loss step", 3.0),
     ]
+    for name in LOSS_WEIGHTINGS:
+        base = {"famo": "sum+fwd", "gradnorm": "sum+layer"}.get(name, "sum")
+        what = {"sum": "a summed-loss step", "sum+fwd": "a summed step + one no-grad forward"}.get(
+            base, "a summed step + K VJPs to the last shared layer"
+        )
+        key = "ratio" if base == "sum" else f"vs:{base}"
+        checks.append((f"mtlkit:{name}", key, f"{name} at most 1.1x {what}", 1.1))
     for config, key, text, bound in checks:
-        if config in configs:
+        if config in configs and key in results[ks[0]][config]:
             got = [results[k][config][key] for k in ks]
             ok = all(g <= bound for g in got)
             cells = ", ".join(f"K={k}: {g:.2f}x" for k, g in zip(ks, got, strict=True))

@@ -16,7 +16,11 @@ runner = CliRunner()
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_validate(path):
-    assert isinstance(load_config(path), RunConfig)
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    import mtlkit as mk
+
+    mk.methods.create(cfg.method.name, **cfg.method.options)  # the options are the method's own
 
 
 def write(tmp_path, data):

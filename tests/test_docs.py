@@ -1,0 +1,31 @@
+"""Code in the documentation runs as written."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import mtlkit as mk
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.mark.parametrize("name", ["uw", "famo", "dwa", "gradnorm", "stch"])
+def test_weightings_user_loop_runs(name):
+    code = re.findall(r"```python\n(.*?)```", (DOCS / "weightings.md").read_text(), re.S)[0]
+    data = mk.data.load_mmoe_synthetic(n_train=256, n_val=64, n_test=64, dim=12)
+    model = mk.models.MMoE(12, data.tasks, num_experts=2, expert_dims=[8], tower_dims=[4])
+    before = [p.detach().clone() for p in model.shared_parameters()]
+    namespace = {
+        "mk": mk,
+        "torch": torch,
+        "name": name,
+        "tasks": data.tasks,
+        "model": model,
+        "loader": mk.data.loader(data.train, 64, shuffle=True),
+        "epochs": 3,
+    }
+    exec(compile(code, "docs/weightings.md", "exec"), namespace)
+    assert torch.isfinite(namespace["info"].weights).all()
+    assert all(not torch.equal(a, b) for a, b in zip(model.shared_parameters(), before, strict=True))
