@@ -70,20 +70,25 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--runs", type=Path, default=Path("runs/census_weightings"))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--from-json", type=Path, default=None, help="re-render a saved run's table")
     args = parser.parse_args()
     tasks = ["income", "never_married"]
-    jobs = [("stl", f"stl-{t}", s, args.epochs, str(args.runs)) for s in args.seeds for t in tasks]
-    jobs += [("mtl", m, s, args.epochs, str(args.runs)) for s in args.seeds for m in args.methods]
-    start = time.perf_counter()
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        results = pool.map(_job, jobs, chunksize=1)
-    wall = time.perf_counter() - start
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        results, wall = saved["results"], saved["wall_s"]
+    else:
+        jobs = [("stl", f"stl-{t}", s, args.epochs, str(args.runs)) for s in args.seeds for t in tasks]
+        jobs += [("mtl", m, s, args.epochs, str(args.runs)) for s in args.seeds for m in args.methods]
+        start = time.perf_counter()
+        with mp.get_context("spawn").Pool(args.workers) as pool:
+            results = pool.map(_job, jobs, chunksize=1)
+        wall = time.perf_counter() - start
     text = report(results, args, tasks, wall)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+        args.out.with_suffix(".json").write_text(json.dumps({"results": results, "wall_s": wall}, indent=1))
 
 
 def report(results: list[dict], args, tasks: list[str], wall: float) -> str:
@@ -109,7 +114,7 @@ def report(results: list[dict], args, tasks: list[str], wall: float) -> str:
 
     def ms(values: list[float], fmt: str) -> str:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):{fmt}} ± {sd:{fmt}}"
+        return f"{statistics.mean(values):{fmt}} ± {sd:{fmt.lstrip('+')}}"
 
     head = "| method | " + " | ".join(f"{t} AUC" for t in tasks) + " | Δm% (↑) | train s |"
     lines = [head, "|" + "---|" * (len(tasks) + 3)]

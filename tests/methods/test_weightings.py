@@ -375,7 +375,8 @@ def gradnorm_balance(initial_scale: float, steps: int = 600):
         losses = net.losses(x, y)
         if i == 0 and initial_scale != 1.0:
             method.initial_losses = torch.tensor(
-                [float(losses["a"]), float(losses["b"]) * initial_scale], dtype=torch.float64
+                [float(losses["a"].detach()), float(losses["b"].detach()) * initial_scale],
+                dtype=torch.float64,
             )
         info = method.backward(losses)
         opt.step()

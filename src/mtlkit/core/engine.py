@@ -430,17 +430,20 @@ class GradientEngine:
         K vector-Jacobian products that stop at ``params`` (GradNorm's chosen shared layer): each
         traverses only the part of the graph between the loss and those parameters. Nothing is
         stored but the norms, and ``.grad`` is not touched. A task whose loss does not depend on
-        ``params`` (or has no labelled sample) gets norm 0.
+        ``params`` (or has no labelled sample) gets norm 0. Each block's norm is reduced in the
+        gradient's own precision (float32 reductions are accurate to ~1e-6 relative, plenty for a
+        weighting; an upcast copy of every block cost more than the VJP's weight product) and the
+        blocks are combined in float64.
         """
         params = as_param_list(params)
         if not params:
             raise EngineError("task_gradient_norms() got no parameters.")
         k = len(losses)
-        norms = torch.zeros(k, dtype=torch.float64, device=params[0].device)
+        device = params[0].device
         live = [i for i, loss in enumerate(losses) if loss.requires_grad]
         if not live:
-            return norms
-        if self._strategy_for(params[0].device) == "batched" and len(live) > 1:
+            return torch.zeros(k, dtype=torch.float64, device=device)
+        if self._strategy_for(device) == "batched" and len(live) > 1:
             stacked = torch.stack(
                 [losses[i].to(torch.promote_types(losses[i].dtype, torch.float32)) for i in live]
             )
@@ -454,17 +457,29 @@ class GradientEngine:
                 materialize_grads=True,
             )
             sq = sum(
-                torch.linalg.vector_norm(g.reshape(len(live), -1), dim=1, dtype=torch.float64).square()
-                for g in grads
+                torch.linalg.vector_norm(g.reshape(len(live), -1), dim=1).double().square() for g in grads
             )
-            norms[live] = sq.sqrt()
-            return norms
-        for i in live:
-            grads = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
-            sq = [torch.linalg.vector_norm(g, dtype=torch.float64).square() for g in grads if g is not None]
-            if sq:
-                norms[i] = torch.stack(sq).sum().sqrt()
-        return norms
+            live_norms = sq.sqrt()
+        else:
+            per_task = []
+            for i in live:
+                grads = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+                blocks = [g for g in grads if g is not None]
+                if not blocks:
+                    per_task.append(torch.zeros((), dtype=torch.float64, device=device))
+                    continue
+                norms = (
+                    torch.stack(torch._foreach_norm(blocks))
+                    if len(blocks) > 1
+                    else torch.linalg.vector_norm(blocks[0])[None]
+                )
+                per_task.append(torch.linalg.vector_norm(norms.double()))
+            live_norms = torch.stack(per_task)
+        if len(live) == k:
+            return live_norms
+        out = torch.zeros(k, dtype=torch.float64, device=device)
+        out[live] = live_norms
+        return out
 
     # -- path (b) ---------------------------------------------------------------------------------
     def representation_gradients(

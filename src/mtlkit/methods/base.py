@@ -294,17 +294,27 @@ class LossWeighting(Method):
 
     def backward(self, losses, shared=None, features=None, task_specific=None, loss_scale=None) -> StepInfo:
         names, values, labelled, unscaled = self._prepare(losses, loss_scale)
-        stacked = torch.stack(values)
         active = self._active(values, labelled)
         if self.positive_losses:
             self._require_positive(names, unscaled, active)
         weights = self.loss_weights(unscaled, active)
-        total = (weights.to(stacked.dtype) * stacked).sum()
         reg = self.regularizer(active)
-        if reg is not None:  # scaled like the losses, so a GradScaler's unscale_ sees one scale
-            total = total + reg.to(total.dtype) * (1.0 if loss_scale is None else float(loss_scale))
-        if total.requires_grad:
-            total.backward()
+        if weights.requires_grad or reg is not None:  # learnable weights: the product form
+            total = (weights.to(values[0].dtype) * torch.stack(values)).sum()
+            if reg is not None:  # scaled like the losses, so a GradScaler's unscale_ sees one scale
+                total = total + reg.to(total.dtype) * (1.0 if loss_scale is None else float(loss_scale))
+            if total.requires_grad:
+                total.backward()
+        else:  # seed each loss with its weight: one backward pass, no stack/mul/sum nodes
+            # a private copy: autograd may keep a seed as a leaf's .grad and accumulate into it later
+            seeds = weights.to(values[0].dtype, copy=True).unbind()
+            live = [
+                (v, w if w.dtype == v.dtype else w.to(v.dtype))
+                for v, w in zip(values, seeds, strict=True)
+                if v.requires_grad
+            ]
+            if live:
+                torch.autograd.backward([v for v, _ in live], grad_tensors=[w for _, w in live])
         self._after_backward(shared, loss_scale)
         return StepInfo(names, weights.detach(), unscaled, level="loss", extras=self.step_extras())
 

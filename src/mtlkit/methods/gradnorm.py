@@ -136,6 +136,8 @@ class GradNorm(LossWeighting):
         active = self._active(values, labelled)
         self._require_positive(names, unscaled, active, allow_zero=True)
         assert self.logits is not None and self.initial_losses is not None
+        balancing = self.initial == "first_step" or self.epoch > 0
+        layer = self._layer_params(shared) if balancing else []  # raises before any state changes
         device = unscaled.device
         if self.initial_losses.device != device:
             self.to(device)
@@ -152,10 +154,9 @@ class GradNorm(LossWeighting):
             self._sum += torch.where(active, unscaled.double(), 0.0)
             self._count += active
         known = active & ~torch.isnan(self.initial_losses)
-        balancing = self.initial == "first_step" or self.epoch > 0
         norms = None
         if balancing and bool(known.any()):
-            norms = self.engine.task_gradient_norms(values, self._layer_params(shared))
+            norms = self.engine.task_gradient_norms(values, layer)
             if loss_scale is not None:
                 norms = norms / float(loss_scale)
             if bool(torch.isfinite(norms).all()):  # else fp16 overflow: the scaler skips this step
@@ -180,17 +181,24 @@ class GradNorm(LossWeighting):
     def _balance_step(
         self, weights: Tensor, norms: Tensor, losses: Tensor, known: Tensor, loss_scale: float | None
     ) -> None:
-        """Put ``d L_grad / d v`` into ``v.grad`` (scaled like the model's gradients)."""
+        """Put ``d L_grad / d v`` into ``v.grad`` (scaled like the model's gradients).
+
+        Closed form instead of autograd on the K-vector (same value, a fraction of the time):
+        ``dL_grad/dw_k = sign(G_k - target_k) n_k`` for the tasks in play, and through
+        ``w = K softmax(v)``, ``dL_grad/dv = w * (a - <w, a> / K)`` with ``a = dL_grad/dw``.
+        """
         assert self.logits is not None and self.initial_losses is not None
-        g = weights.double() * norms  # G_k, differentiable in v
+        w = weights.detach().double()
+        g = w * norms  # G_k
         count = known.sum()
         g_bar = torch.where(known, g, 0.0).sum() / count
         rate = torch.where(known, losses.double() / self.initial_losses, 0.0)
         rel = rate / (rate.sum() / count)
-        target = (g_bar * rel.pow(self.alpha)).detach()
-        l_grad = torch.where(known, (g - target).abs(), 0.0).sum()
-        (grad,) = torch.autograd.grad(l_grad, self.logits)
-        grad = grad * (1.0 if loss_scale is None else float(loss_scale))
+        target = g_bar * rel.pow(self.alpha)
+        a = torch.where(known, torch.sign(g - target) * norms, 0.0)
+        grad = w * (a - (w * a).sum() / len(w))
+        if loss_scale is not None:
+            grad = grad * float(loss_scale)
         if self.logits.grad is None:
             self.logits.grad = grad.to(self.logits.dtype)
         else:
