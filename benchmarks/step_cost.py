@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -289,6 +290,23 @@ def _child(config: str, k: int, steps: int, warmup: int, core: int | None, conn)
     conn.close()
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def _time_steps(step: Callable[[], None], n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -313,17 +331,34 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=None)
     parser.add_argument("--core", type=int, default=None, help="CPU core to pin to (default: the last one)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="time every configuration in this one process (warm caches, no per-config fork; "
+        "lower noise for small differences, no peak-memory figures)",
+    )
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     core = args.core if args.core is not None else (cores[-1] if cores else None)
     configs = args.configs or available_configs()
     results: dict[int, dict[str, dict]] = {}
+    if args.in_process:  # one process: all configurations built once, rounds interleaved
+        if core is not None and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {core})
+        torch.set_num_threads(1)
     for k in args.ks:
         per_round: dict[str, list[dict]] = {c: [] for c in configs}
+        steps = {c: make_step(c, k) for c in configs} if args.in_process else {}
+        for step in steps.values():
+            for _ in range(args.warmup):
+                step()
         for r in range(args.rounds):
             for c in configs:
-                per_round[c].append(measure(c, k, args.steps, args.warmup, core))
+                if args.in_process:
+                    per_round[c].append({"times": _time_steps(steps[c], args.steps), "drss": math.nan})
+                else:
+                    per_round[c].append(measure(c, k, args.steps, args.warmup, core))
                 print(
                     f"K={k} round {r + 1} {c}: {1e3 * statistics.median(per_round[c][-1]['times']):.1f} ms",
                     file=sys.stderr,
@@ -339,7 +374,7 @@ def main() -> None:
                 "ms": 1e3 * statistics.median([t for x in per_round[c] for t in x["times"]]),
                 "ratio": statistics.median(m / b for m, b in zip(med, base, strict=True)),
                 "vs_floor": statistics.median(m / f for m, f in zip(med, floor, strict=True)),
-                "drss_mb": max(x["drss"] for x in per_round[c]),
+                "drss_mb": max((x["drss"] for x in per_round[c]), default=math.nan),
             }
             for extra in ("sum+fwd", "sum+layer"):  # the floors of FAMO and GradNorm
                 if extra in per_round:
@@ -376,6 +411,8 @@ def report(results: dict[int, dict[str, dict]], args, configs: list[str]) -> str
     ]
     for c in configs:
         mem.append(f"| {c} | " + " | ".join(f"{results[k][c]['drss_mb']:.0f}" for k in ks) + " |")
+    if args.in_process:
+        mem = ["", "(Peak memory is measured only with one forked process per cell, the default.)"]
     targets = ["", "Targets of issues #3 and #4 (ratio: median over rounds):", ""]
     checks = [
         ("mtlkit:ew", "ratio", "EW at 1.0x a summed-loss step (+-5% noise allowed)", 1.05),
@@ -396,8 +433,9 @@ def report(results: dict[int, dict[str, dict]], args, configs: list[str]) -> str
             cells = ", ".join(f"K={k}: {g:.2f}x" for k, g in zip(ks, got, strict=True))
             targets.append(f"- {text}: {cells} -> {'met' if ok else 'NOT met'}")
     env = (
-        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, 1 thread pinned to one core, {args.rounds} interleaved rounds x {args.steps} steps "
+        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()} ({_cpu_model()}), "
+        f"{os.cpu_count()} CPUs, 1 thread pinned to one core, {'one process, ' if args.in_process else 'one forked process per cell, '}"
+        f"{args.rounds} interleaved rounds x {args.steps} steps "
         f"(after {args.warmup} warm-up steps), batch {BATCH}, trunk {IN}-{'-'.join(map(str, TRUNK))}, heads {TRUNK[-1]}-{HEAD}-1."
     )
     return "\n".join(["# Step cost", "", env, "", *lines, *targets, *mem, ""])
