@@ -410,7 +410,7 @@ def test_gradnorm_weight_gradient_and_model_gradient_match_the_paper():
         method.logits.copy_(torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64))
     values = list(tasks.losses(net(x), y).values())
     l0 = torch.tensor(
-        [float(v) * f for v, f in zip(values, (1.0, 1.5, 0.7), strict=True)], dtype=torch.float64
+        [float(v.detach()) * f for v, f in zip(values, (1.0, 1.5, 0.7), strict=True)], dtype=torch.float64
     )
     method.initial_losses = l0.clone()
     # reference: explicit norms by autograd, the LibMTL/paper L_grad, its gradient w.r.t. v
