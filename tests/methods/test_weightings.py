@@ -122,15 +122,23 @@ def test_uw_gradient_matches_the_official_objective():
     torch.testing.assert_close(s.grad, ref_s)
 
 
-def test_uw_clamps_the_log_variance_from_below():
+def test_uw_clamps_the_log_variance_from_below_and_recovers():
     method = mk.methods.UW()
     method.setup(["a"])
     with torch.no_grad():
-        method.scales.fill_(-30.0)
-    loss = torch.tensor(1e-20, requires_grad=True)
-    info = method.backward([loss])
-    assert info.weights.item() == pytest.approx(0.5 * math.exp(10.0))
-    assert method.scales.grad.item() == 0.0  # clamped: neither term pushes s further down
+        method.scales.fill_(-30.0)  # e.g. carried past the bound by Adam's momentum
+    info = method.backward([torch.tensor(1e-20, requires_grad=True)])
+    assert info.weights.item() == pytest.approx(0.5 * math.exp(10.0))  # the clamped weight
+    assert method.scales.grad.item() == 0.0  # a push further down is blocked
+    method.scales.grad = None
+    method.backward([torch.tensor(5.0, requires_grad=True)])
+    assert method.scales.grad.item() < 0  # a loss that grew again pulls s back up
+    opt = torch.optim.SGD(method.parameters(), lr=1e-4)
+    for _ in range(200):
+        opt.zero_grad()
+        method.backward([torch.tensor(5.0, requires_grad=True)])
+        opt.step()
+    assert method.scales.item() > -10.0  # back above the bound (a plain clamp would stay at -30)
 
 
 def test_imtl_l_optimum_balances_every_scaled_loss_to_one():
@@ -336,6 +344,23 @@ def test_famo_clips_the_shared_gradient_and_never_builds_task_gradients(monkeypa
     assert float(total) == pytest.approx(0.5)
 
 
+def test_famo_state_is_a_copy_not_the_live_optimizer():
+    a = mk.methods.FAMO()
+    a.setup(["x", "y"])
+    for _ in range(2):
+        a.backward([torch.tensor(1.0, requires_grad=True), torch.tensor(2.0, requires_grad=True)])
+        a.after_step([torch.tensor(0.5), torch.tensor(1.9)])
+    saved = a.state_dict()
+    frozen = repr(saved)
+    b = mk.methods.FAMO()
+    b.load_state_dict(saved)
+    b_state = repr(b.state_dict())
+    a.backward([torch.tensor(1.0, requires_grad=True), torch.tensor(2.0, requires_grad=True)])
+    a.after_step([torch.tensor(0.3), torch.tensor(1.9)])
+    assert repr(saved) == frozen  # a later step does not change a saved state
+    assert repr(b.state_dict()) == b_state  # nor a method loaded from it
+
+
 def test_famo_after_step_needs_a_backward():
     method = mk.methods.FAMO()
     with pytest.raises(TaskError, match="preceding backward"):
@@ -448,6 +473,9 @@ def test_gradnorm_needs_a_layer():
     assert by_name._layer == list(net.towers["t0"].parameters())
     with pytest.raises(TaskError, match="no trainable parameter"):
         mk.methods.GradNorm(layer="nope").setup(tasks.names, model=net)
+    net.bottom[-2].weight.requires_grad_(False)  # a frozen last shared layer
+    with pytest.raises(TaskError, match="frozen"):
+        mk.methods.GradNorm().setup(tasks.names, model=net)
 
 
 # -- every method: guards, K = 1, missing labels ---------------------------------------------------

@@ -100,16 +100,21 @@ def test_method_trains_end_to_end_and_logs_its_weights(synth, tmp_path, name):
         assert val.metrics[t]["mse"] < 0.8 * untrained.metrics[t]["mse"], (t, val.metrics, untrained.metrics)
 
 
+@pytest.mark.parametrize(("kill_at", "resumes_from"), [(17, "step-00000016"), (12, "step-00000012-end")])
 @pytest.mark.parametrize("name", list(METHODS))
-def test_interrupted_run_resumes_to_identical_weights(synth, tmp_path, name):
-    epochs = 4  # 6 steps per epoch: DWA (epoch >= 2), STCH (nadir epoch 2) and GradNorm all switch phase
+def test_interrupted_run_resumes_to_identical_weights(synth, tmp_path, name, kill_at, resumes_from):
+    # 6 steps per epoch: DWA (epoch >= 2), STCH (nadir epoch 2) and GradNorm all switch phase.
+    # Step 16 is inside epoch 3 (DWA's weighted phase, STCH's nadir epoch); step 12 ends epoch 2.
+    epochs = 4
     ref = make_trainer(synth, tmp_path / "ref", name)
     ref.fit(mk.data.loader(synth.train, 64, shuffle=True), epochs=epochs)
 
     crashed = make_trainer(synth, tmp_path / "run", name, checkpoint_every=4)
     with pytest.raises(Interrupted):
-        crashed.fit(KillingLoader(mk.data.loader(synth.train, 64, shuffle=True), kill_at=17), epochs=epochs)
-    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-00000016"  # mid-epoch 3
+        crashed.fit(
+            KillingLoader(mk.data.loader(synth.train, 64, shuffle=True), kill_at=kill_at), epochs=epochs
+        )
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == resumes_from
     resumed = make_trainer(synth, tmp_path / "run", name, checkpoint_every=4)
     resumed.fit(mk.data.loader(synth.train, 64, shuffle=True), epochs=epochs)
     for (k, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):

@@ -73,8 +73,8 @@ class DWA(LossWeighting):
 
     def loss_weights(self, losses: Tensor, active: Tensor) -> Tensor:
         k = len(losses)
-        state = self._sum if self._sum is not None else self._buffer
-        if state is not None and state.device != losses.device:  # e.g. after loading a checkpoint
+        held = [t for t in (self._sum, self._buffer, *self._epoch_means) if t is not None]
+        if any(t.device != losses.device for t in held):  # e.g. after loading a checkpoint
             self.to(losses.device)
         observed = torch.where(active, losses.double(), torch.nan)
         if self.window == "epoch":
@@ -106,6 +106,8 @@ class DWA(LossWeighting):
     def on_epoch_end(self) -> None:
         if self.window != "epoch" or self._sum is None:
             return
+        if any(m.device != self._sum.device for m in self._epoch_means):
+            self.to(self._sum.device)
         means = torch.where(self._count > 0, self._sum / self._count.clamp_min(1), torch.nan)
         self._epoch_means = [*self._epoch_means[-1:], means]
         self._sum = self._count = None

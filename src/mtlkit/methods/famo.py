@@ -16,6 +16,17 @@ from mtlkit.methods.registry import register
 _EPS = 1e-8  # added to L_k - m_k before every logarithm, as in the official code
 
 
+def _cpu_copy(obj: Any) -> Any:
+    """A deep copy of a (nested) optimizer state with every tensor cloned to the CPU."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
 @register("famo")
 class FAMO(LossWeighting):
     """FAMO: Liu, Feng, Stone, Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023.
@@ -47,7 +58,9 @@ class FAMO(LossWeighting):
 
     Losses must exceed ``m_k``: a labelled task with ``L_k - m_k + 1e-8 <= 0`` raises
     :class:`~mtlkit.errors.NonPositiveLossError` before anything is updated. Tasks without a
-    labelled sample get weight 0 and their logit gets no update from that step.
+    labelled sample get weight 0 and ``delta_k = 0`` (the step says nothing about them); their
+    logit still moves through the softmax coupling (``-z_k <z, delta>``) and Adam's momentum and
+    weight decay, as every logit does in the official update.
     """
 
     name = "famo"
@@ -166,7 +179,7 @@ class FAMO(LossWeighting):
         state = super().state_dict()
         if self.logits is not None:
             state["logits"] = self.logits.detach().cpu().clone()
-            state["optimizer"] = self._optimizer.state_dict()
+            state["optimizer"] = _cpu_copy(self._optimizer.state_dict())  # not the live tensors
             state["min_losses"] = self.min_losses.detach().cpu().clone()
         return state
 
@@ -178,7 +191,7 @@ class FAMO(LossWeighting):
         device = self.logits.device
         with torch.no_grad():
             self.logits.copy_(state["logits"])
-        self._optimizer.load_state_dict(state["optimizer"])
+        self._optimizer.load_state_dict(_cpu_copy(state["optimizer"]))  # never share the caller's
         self.min_losses = state["min_losses"].clone()
         self.to(device)
         self._before = self._before_active = None

@@ -99,7 +99,12 @@ class GradNorm(LossWeighting):
                     f"GradNorm(layer='last') needs model.last_shared_parameters(); {type(model).__name__} "
                     "has none. Pass layer= (a module, parameters or a parameter-name prefix)."
                 )
-            self._layer = list(model.last_shared_parameters())
+            self._layer = [p for p in model.last_shared_parameters() if p.requires_grad]
+            if not self._layer:
+                raise TaskError(
+                    f"GradNorm(layer='last'): {type(model).__name__}'s last shared layer has no trainable "
+                    "weight (frozen?). Pass layer= with trainable shared parameters."
+                )
         elif isinstance(self.layer_spec, str) and self.layer_spec != "all":
             prefix = self.layer_spec
             self._layer = [

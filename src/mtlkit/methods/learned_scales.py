@@ -71,6 +71,24 @@ class LearnedScales(LossWeighting):
             scales.copy_(saved)
 
 
+class _ClampFromBelow(torch.autograd.Function):
+    """``max(s, floor)`` whose gradient is blocked only where it would push ``s`` further below
+    the floor: a plain clamp has zero gradient below it, so once momentum carries ``s`` past the
+    floor it could never come back when the loss grows again."""
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, floor: float) -> Tensor:
+        ctx.save_for_backward(s)
+        ctx.floor = floor
+        return s.clamp(min=floor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (s,) = ctx.saved_tensors
+        # gradient descent moves s by -grad: below the floor only grad < 0 (upwards) passes
+        return torch.where((s > ctx.floor) | (grad < 0), grad, torch.zeros_like(grad)), None
+
+
 @register("uw")
 class UW(LearnedScales):
     """Uncertainty weighting: Kendall, Gal, Cipolla, "Multi-Task Learning Using Uncertainty to
@@ -88,7 +106,8 @@ class UW(LearnedScales):
         init: initial ``s_k`` (0 as in nash-mtl/FAMO; LibMTL and MTAN use -0.5).
         min_log_var: ``s_k`` is clamped from below at this value (our guard, not in the paper: a
             loss that goes to 0 drives ``s_k -> log L_k -> -inf`` and the weight ``exp(-s_k)`` to
-            infinity). ``None`` disables it.
+            infinity). Below the bound only gradients that raise ``s_k`` pass, so it recovers when
+            the loss grows again. ``None`` disables it.
     """
 
     name = "uw"
@@ -101,14 +120,17 @@ class UW(LearnedScales):
 
     def _log_vars(self) -> Tensor:
         s = self._scales()
-        return s if self.min_log_var is None else s.clamp(min=self.min_log_var)
+        return s if self.min_log_var is None else _ClampFromBelow.apply(s, self.min_log_var)
 
     def loss_weights(self, losses: Tensor, active: Tensor) -> Tensor:
-        s = self._log_vars().to(losses.device)
+        # one clamped tensor for both terms, so the clamp sees (and gates) their total gradient
+        self._step_log_vars = self._log_vars()
+        s = self._step_log_vars.to(losses.device)
         return torch.where(active, 0.5 * torch.exp(-s), 0.0)
 
     def regularizer(self, active: Tensor) -> Tensor:
-        s = self._log_vars()
+        s = self._step_log_vars
+        self._step_log_vars = None
         return 0.5 * torch.where(active.to(s.device), s, 0.0).sum()
 
     def __repr__(self) -> str:

@@ -561,6 +561,7 @@ class Trainer:
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             self.method.load_state_dict(state["method"])
+            self.method.to(self.device)  # checkpointed method state is on the CPU
             set_rng_state(rng)
         except Exception as exc:
             apply_model_tensors(self.model, snapshot[0])
