@@ -496,18 +496,30 @@ def test_non_positive_loss_raises_before_anything_changes(name):
     assert repr(method.state_dict()) == state
 
 
+def run_steps(method, tasks, net, x, y, steps, method_lr=0.0, after_scale=1.0):
+    """``steps`` method steps with the hooks a caller owes (the model itself is not updated; with
+    ``method_lr`` the method's own parameters take SGD steps). Returns the last StepInfo."""
+    for _ in range(steps):
+        net.zero_grad(set_to_none=True)
+        info = method.backward(tasks.losses(net(x), y), shared=net.shared_parameters())
+        for p in method.parameters():
+            if method_lr:
+                p.data -= method_lr * p.grad
+            p.grad = None
+        if "post_step_losses" in method.hooks:
+            with torch.no_grad():
+                new = tasks.losses(net(x), y)
+                method.after_step(new if after_scale == 1.0 else {k: v * after_scale for k, v in new.items()})
+        if "epoch_end" in method.hooks:
+            method.on_epoch_end()
+    return info
+
+
 @pytest.mark.parametrize("name", LOSS_WEIGHTINGS)
 def test_one_task_works(name):
     tasks, net, x, y = make_problem(k=1)
     method = make_method(name, tasks, net)
-    for _ in range(3):
-        net.zero_grad(set_to_none=True)
-        info = method.backward(tasks.losses(net(x), y), shared=net.shared_parameters())
-        if "post_step_losses" in method.hooks:
-            with torch.no_grad():
-                method.after_step(tasks.losses(net(x), y))
-        if "epoch_end" in method.hooks:
-            method.on_epoch_end()
+    info = run_steps(method, tasks, net, x, y, steps=3)
     assert torch.isfinite(info.weights).all() and info.weights.item() > 0
     g = torch.cat([p.grad.reshape(-1) for p in net.shared_parameters()])
     assert torch.isfinite(g).all() and g.abs().sum() > 0
@@ -519,14 +531,7 @@ def test_a_task_without_labels_gets_weight_zero_and_no_nan(name):
     method = make_method(name, tasks, net)
     y = dict(y)
     y["t1"] = torch.full_like(y["t1"], float("nan"))  # no labelled sample for t1 in this batch
-    for _ in range(2):
-        net.zero_grad(set_to_none=True)
-        info = method.backward(tasks.losses(net(x), y), shared=net.shared_parameters())
-        if "post_step_losses" in method.hooks:
-            with torch.no_grad():
-                method.after_step(tasks.losses(net(x), y))
-        if "epoch_end" in method.hooks:
-            method.on_epoch_end()
+    info = run_steps(method, tasks, net, x, y, steps=2)
     assert info.weights[1] == 0 and torch.isfinite(info.weights).all()
     for p in net.parameters():
         assert p.grad is None or torch.isfinite(p.grad).all()
@@ -537,17 +542,7 @@ def test_a_task_without_labels_gets_weight_zero_and_no_nan(name):
 def test_state_round_trips(name):
     tasks, net, x, y = make_problem(k=3)
     a = make_method(name, tasks, net)
-    for _ in range(3):
-        net.zero_grad(set_to_none=True)
-        a.backward(tasks.losses(net(x), y), shared=net.shared_parameters())
-        for p in a.parameters():
-            p.data -= 0.1 * p.grad
-            p.grad = None
-        if "post_step_losses" in a.hooks:
-            with torch.no_grad():
-                a.after_step({k: v * 0.9 for k, v in tasks.losses(net(x), y).items()})
-        if "epoch_end" in a.hooks:
-            a.on_epoch_end()
+    run_steps(a, tasks, net, x, y, steps=3, method_lr=0.1, after_scale=0.9)
     b = make_method(name, tasks, net)
     b.load_state_dict(a.state_dict())
     for method in (a, b):

@@ -83,6 +83,30 @@ class StepInfo:
         return out
 
 
+def state_copy(obj: Any) -> Any:
+    """``obj`` (a tensor, ``None``, or a dict/list/tuple of them and plain values) with every
+    tensor detached and cloned to the CPU: what a method's ``state_dict`` returns, so a saved state
+    never aliases the live one."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: state_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(state_copy(v) for v in obj)
+    return obj
+
+
+def state_to(obj: Any, device: torch.device | str) -> Any:
+    """``obj`` with every tensor in it moved to ``device`` (``None`` and plain values unchanged)."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: state_to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(state_to(v, device) for v in obj)
+    return obj
+
+
 def gradient_statistics(gram: Tensor) -> tuple[Tensor, Tensor]:
     """Per-task gradient norms and pairwise cosines from a Gramian (zero norms give cosine 0)."""
     norms = gram.diagonal().clamp_min(0).sqrt()

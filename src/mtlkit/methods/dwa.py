@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.errors import TaskError
-from mtlkit.methods.base import LossWeighting
+from mtlkit.methods.base import LossWeighting, state_copy, state_to
 from mtlkit.methods.registry import register
 
 
@@ -63,12 +63,9 @@ class DWA(LossWeighting):
         return len(ratio) * torch.softmax(ratio / self.temperature, dim=0)
 
     def to(self, device: torch.device | str) -> DWA:
-        def move(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device)
-
-        self._sum, self._count, self._buffer = move(self._sum), move(self._count), move(self._buffer)
-        self._epoch_means = [m.to(device) for m in self._epoch_means]
-        self._weights = move(self._weights)
+        self._sum, self._count, self._buffer, self._epoch_means, self._weights = state_to(
+            (self._sum, self._count, self._buffer, self._epoch_means, self._weights), device
+        )
         return self
 
     def loss_weights(self, losses: Tensor, active: Tensor) -> Tensor:
@@ -115,16 +112,16 @@ class DWA(LossWeighting):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-
-        def cpu(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.detach().cpu().clone()
-
         state.update(
-            epoch_sum=cpu(self._sum),
-            epoch_count=cpu(self._count),
-            epoch_means=[cpu(m) for m in self._epoch_means],
-            buffer=cpu(self._buffer),
-            seen=self._seen,
+            state_copy(
+                {
+                    "epoch_sum": self._sum,
+                    "epoch_count": self._count,
+                    "epoch_means": self._epoch_means,
+                    "buffer": self._buffer,
+                    "seen": self._seen,
+                }
+            )
         )
         return state
 

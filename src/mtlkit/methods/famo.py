@@ -10,21 +10,10 @@ from torch import Tensor
 
 from mtlkit.core.engine import as_param_list
 from mtlkit.errors import NonFiniteLossError, TaskError
-from mtlkit.methods.base import LossWeighting
+from mtlkit.methods.base import LossWeighting, state_copy
 from mtlkit.methods.registry import register
 
 _EPS = 1e-8  # added to L_k - m_k before every logarithm, as in the official code
-
-
-def _cpu_copy(obj: Any) -> Any:
-    """A deep copy of a (nested) optimizer state with every tensor cloned to the CPU."""
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(v) for v in obj)
-    return obj
 
 
 @register("famo")
@@ -178,9 +167,16 @@ class FAMO(LossWeighting):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self.logits is not None:
-            state["logits"] = self.logits.detach().cpu().clone()
-            state["optimizer"] = _cpu_copy(self._optimizer.state_dict())  # not the live tensors
-            state["min_losses"] = self.min_losses.detach().cpu().clone()
+            # copies, never the live tensors (the inner Adam's state included)
+            state.update(
+                state_copy(
+                    {
+                        "logits": self.logits,
+                        "optimizer": self._optimizer.state_dict(),
+                        "min_losses": self.min_losses,
+                    }
+                )
+            )
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -191,7 +187,7 @@ class FAMO(LossWeighting):
         device = self.logits.device
         with torch.no_grad():
             self.logits.copy_(state["logits"])
-        self._optimizer.load_state_dict(_cpu_copy(state["optimizer"]))  # never share the caller's
+        self._optimizer.load_state_dict(state_copy(state["optimizer"]))  # never share the caller's
         self.min_losses = state["min_losses"].clone()
         self.to(device)
         self._before = self._before_active = None

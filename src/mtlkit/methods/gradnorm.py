@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from mtlkit.core.engine import GradientEngine, as_param_list
 from mtlkit.errors import CheckpointError, EngineError, NonPositiveLossError, TaskError
-from mtlkit.methods.base import LossWeighting, StepInfo
+from mtlkit.methods.base import LossWeighting, StepInfo, state_copy, state_to
 from mtlkit.methods.registry import register
 
 Layer = Literal["last", "all"] | str | nn.Module | Iterable[Tensor] | None
@@ -218,25 +218,25 @@ class GradNorm(LossWeighting):
 
     # -- state --------------------------------------------------------------------------------------
     def to(self, device: torch.device | str) -> GradNorm:
-        if self.logits is not None:
+        if self.logits is not None:  # in place: the optimiser keeps its reference
             self.logits.data = self.logits.data.to(device)
-            self.initial_losses = self.initial_losses.to(device)
-        self._sum = None if self._sum is None else self._sum.to(device)
-        self._count = None if self._count is None else self._count.to(device)
+        self.initial_losses, self._sum, self._count = state_to(
+            (self.initial_losses, self._sum, self._count), device
+        )
         return self
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-
-        def cpu(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.detach().cpu().clone()
-
         state.update(
-            logits=cpu(self.logits),
-            initial_losses=cpu(self.initial_losses),
-            epoch=self.epoch,
-            epoch_sum=cpu(self._sum),
-            epoch_count=cpu(self._count),
+            state_copy(
+                {
+                    "logits": self.logits,
+                    "initial_losses": self.initial_losses,
+                    "epoch": self.epoch,
+                    "epoch_sum": self._sum,
+                    "epoch_count": self._count,
+                }
+            )
         )
         return state
 

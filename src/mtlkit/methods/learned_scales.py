@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlkit.errors import CheckpointError, TaskError
-from mtlkit.methods.base import LossWeighting
+from mtlkit.methods.base import LossWeighting, state_copy
 from mtlkit.methods.registry import register
 
 
@@ -54,7 +54,7 @@ class LearnedScales(LossWeighting):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["scales"] = self.scales.detach().cpu().clone() if self.scales is not None else None
+        state["scales"] = state_copy(self.scales)
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

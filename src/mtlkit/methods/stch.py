@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.errors import TaskError
-from mtlkit.methods.base import LossWeighting
+from mtlkit.methods.base import LossWeighting, state_copy, state_to
 from mtlkit.methods.registry import register
 
 _EPS = 1e-20  # inside the logarithms, as in the official code
@@ -111,12 +111,10 @@ class STCH(LossWeighting):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-
-        def cpu(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.detach().cpu().clone()
-
         state.update(
-            epoch=self.epoch, nadir=cpu(self.nadir), nadir_sum=cpu(self._sum), nadir_count=cpu(self._count)
+            state_copy(
+                {"epoch": self.epoch, "nadir": self.nadir, "nadir_sum": self._sum, "nadir_count": self._count}
+            )
         )
         return state
 
@@ -128,9 +126,7 @@ class STCH(LossWeighting):
         self._count = state.get("nadir_count")
 
     def to(self, device: torch.device | str) -> STCH:
-        self.nadir = None if self.nadir is None else self.nadir.to(device)
-        self._sum = None if self._sum is None else self._sum.to(device)
-        self._count = None if self._count is None else self._count.to(device)
+        self.nadir, self._sum, self._count = state_to((self.nadir, self._sum, self._count), device)
         return self
 
     def __repr__(self) -> str:
