@@ -127,6 +127,7 @@ class DWA(LossWeighting):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
+        state = state_copy(dict(state))  # the accumulators are updated in place: never the caller's
         self._sum = state.get("epoch_sum")
         self._count = state.get("epoch_count")
         self._epoch_means = list(state.get("epoch_means", []))

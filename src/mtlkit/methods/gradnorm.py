@@ -250,9 +250,10 @@ class GradNorm(LossWeighting):
                 f"GradNorm state has {tuple(state['logits'].shape)} weights, expected {tuple(self.logits.shape)}."
             )
         device = self.logits.device
+        state = state_copy(dict(state))  # the accumulators are updated in place: never the caller's
         with torch.no_grad():
             self.logits.copy_(state["logits"])
-        self.initial_losses = state["initial_losses"].clone()
+        self.initial_losses = state["initial_losses"]
         self.epoch = int(state.get("epoch", 0))
         self._sum = state.get("epoch_sum")
         self._count = state.get("epoch_count")

@@ -120,6 +120,7 @@ class STCH(LossWeighting):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
+        state = state_copy(dict(state))  # the accumulators are updated in place: never the caller's
         self.epoch = int(state.get("epoch", 0))
         self.nadir = state.get("nadir")
         self._sum = state.get("nadir_sum")
