@@ -37,7 +37,7 @@ def synth():
     return mk.data.load_mmoe_synthetic(n_train=384, n_val=128, n_test=128, correlation=0.5, dim=12, seed=1)
 
 
-def make_trainer(synth, tmp_path, name, **kw):
+def make_trainer(synth, tmp_path, name, device="cpu", **kw):
     torch.manual_seed(0)
     model = mk.models.MMoE(12, synth.tasks, num_experts=3, expert_dims=[16], tower_dims=[8])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -46,7 +46,7 @@ def make_trainer(synth, tmp_path, name, **kw):
         synth.tasks,
         build(name),
         opt,
-        device="cpu",
+        device=device,
         log_dir=tmp_path,
         progress=False,
         tensorboard=False,
@@ -100,22 +100,27 @@ def test_method_trains_end_to_end_and_logs_its_weights(synth, tmp_path, name):
         assert val.metrics[t]["mse"] < 0.8 * untrained.metrics[t]["mse"], (t, val.metrics, untrained.metrics)
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize(("kill_at", "resumes_from"), [(17, "step-00000016"), (12, "step-00000012-end")])
 @pytest.mark.parametrize("name", list(METHODS))
-def test_interrupted_run_resumes_to_identical_weights(synth, tmp_path, name, kill_at, resumes_from):
+def test_interrupted_run_resumes_to_identical_weights(synth, tmp_path, name, kill_at, resumes_from, device):
     # 6 steps per epoch: DWA (epoch >= 2), STCH (nadir epoch 2) and GradNorm all switch phase.
     # Step 16 is inside epoch 3 (DWA's weighted phase, STCH's nadir epoch); step 12 ends epoch 2.
+    # On CUDA this is where method state restored onto the CPU would meet CUDA losses.
     epochs = 4
-    ref = make_trainer(synth, tmp_path / "ref", name)
+    ref = make_trainer(synth, tmp_path / "ref", name, device)
     ref.fit(mk.data.loader(synth.train, 64, shuffle=True), epochs=epochs)
 
-    crashed = make_trainer(synth, tmp_path / "run", name, checkpoint_every=4)
+    crashed = make_trainer(synth, tmp_path / "run", name, device, checkpoint_every=4)
     with pytest.raises(Interrupted):
         crashed.fit(
             KillingLoader(mk.data.loader(synth.train, 64, shuffle=True), kill_at=kill_at), epochs=epochs
         )
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == resumes_from
-    resumed = make_trainer(synth, tmp_path / "run", name, checkpoint_every=4)
+    resumed = make_trainer(synth, tmp_path / "run", name, device, checkpoint_every=4)
     resumed.fit(mk.data.loader(synth.train, 64, shuffle=True), epochs=epochs)
     for (k, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), (name, k)
