@@ -165,3 +165,24 @@ def test_engine_errors():
         GradientEngine("fast")
     with pytest.raises(EngineError, match="precision"):
         GradientEngine(precision="half")
+
+
+@pytest.mark.parametrize("strategy", ["loop", "batched"])
+def test_task_gradient_norms_match_brute_force(strategy):
+    tasks, net, x, y = make_problem(k=4, model="mmoe")
+    layer = net.last_shared_parameters()
+    y = dict(y)
+    y["t2"] = torch.full_like(y["t2"], float("nan"))  # no label: no gradient, norm 0
+    values = list(tasks.losses(net(x), y).values())
+    ref = torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(v, layer, retain_graph=True)]).norm()
+            if v.requires_grad
+            else torch.zeros((), dtype=torch.float64)
+            for v in values
+        ]
+    )
+    norms = GradientEngine(strategy).task_gradient_norms(values, layer)
+    assert norms.dtype == torch.float64 and norms[2] == 0
+    torch.testing.assert_close(norms, ref, atol=1e-12, rtol=1e-12)
+    values[0].backward()  # the graph was kept

@@ -396,19 +396,9 @@ class GradientEngine:
             raise EngineError("No trainable shared parameters were given to the gradient engine.")
         heads, per_task = self.task_specific_lists(names, task_specific, losses, shared)
         if self._strategy_for(shared[0].device) == "batched":
-            k = len(losses)
-            stacked = torch.stack(
-                [loss.to(torch.promote_types(loss.dtype, torch.float32)) for loss in losses]
-            )
-            grads = torch.autograd.grad(
-                stacked,
-                shared,
-                grad_outputs=torch.eye(k, dtype=stacked.dtype, device=stacked.device),
-                is_grads_batched=True,
-                retain_graph=bool(heads),  # the heads' backward comes after the solve
-                allow_unused=True,
-                materialize_grads=True,
-            )
+            grads = _batched_task_grads(
+                losses, shared, retain_graph=bool(heads)
+            )  # heads come after the solve
             return ParameterJacobian(shared, list(grads), DeferredHeadGradients(heads, list(losses)))
         matrix, blocks, head_grads = self._per_task_loop(losses, shared, heads, per_task, keep_graph=False)
         return ParameterJacobian(shared, blocks, head_grads, matrix)
@@ -444,18 +434,7 @@ class GradientEngine:
         if not live:
             return torch.zeros(k, dtype=torch.float64, device=device)
         if self._strategy_for(device) == "batched" and len(live) > 1:
-            stacked = torch.stack(
-                [losses[i].to(torch.promote_types(losses[i].dtype, torch.float32)) for i in live]
-            )
-            grads = torch.autograd.grad(
-                stacked,
-                params,
-                grad_outputs=torch.eye(len(live), dtype=stacked.dtype, device=stacked.device),
-                is_grads_batched=True,
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
+            grads = _batched_task_grads([losses[i] for i in live], params, retain_graph=True)
             sq = sum(
                 torch.linalg.vector_norm(g.reshape(len(live), -1), dim=1).double().square() for g in grads
             )
@@ -509,6 +488,23 @@ class GradientEngine:
     ) -> tuple[Tensor, RepresentationGradients]:
         rep = self.representation_gradients(losses, features, names, task_specific)
         return rep.gramian(self.chunk_bytes, self.precision), rep
+
+
+def _batched_task_grads(
+    losses: Sequence[Tensor], inputs: list[Tensor], retain_graph: bool
+) -> tuple[Tensor, ...]:
+    """Every task's gradient w.r.t. ``inputs`` in one vmapped backward: block i has shape
+    ``(K, *inputs[i].shape)`` (zeros where a loss does not reach an input)."""
+    stacked = torch.stack([loss.to(torch.promote_types(loss.dtype, torch.float32)) for loss in losses])
+    return torch.autograd.grad(
+        stacked,
+        inputs,
+        grad_outputs=torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device),
+        is_grads_batched=True,
+        retain_graph=retain_graph,
+        allow_unused=True,
+        materialize_grads=True,
+    )
 
 
 def _task_grad(loss: Tensor, inputs: list[Tensor], retain_graph: bool) -> tuple[Tensor | None, ...]:
