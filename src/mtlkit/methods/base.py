@@ -125,7 +125,8 @@ class Method:
 
     #: Registry name.
     name: ClassVar[str] = "method"
-    #: What the method consumes: "losses", "gramian", "rep_gramian", "jacobian".
+    #: What the method consumes: "losses", "gramian", "rep_gramian", "jacobian",
+    #: "layer_gradient_norms" (GradNorm).
     requires: ClassVar[frozenset[str]] = frozenset({"losses"})
     #: Lifecycle hooks the caller must invoke: "post_step_losses", "epoch_end", "extra_batches".
     hooks: ClassVar[frozenset[str]] = frozenset()
