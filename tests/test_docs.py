@@ -11,7 +11,7 @@ import mtlkit as mk
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-@pytest.mark.parametrize("name", ["uw", "famo", "dwa", "gradnorm", "stch"])
+@pytest.mark.parametrize("name", mk.methods.available())
 def test_weightings_user_loop_runs(name):
     code = re.findall(r"```python\n(.*?)```", (DOCS / "weightings.md").read_text(), re.S)[0]
     data = mk.data.load_mmoe_synthetic(n_train=256, n_val=64, n_test=64, dim=12)

@@ -1,21 +1,26 @@
-"""The README's Python quick start runs as written (one epoch, no progress bars)."""
+"""The README's Python examples run as written: the quick start (one epoch, no progress bars) and
+the own-loop example for every registered method."""
 
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
+import mtlkit as mk
 from mtlkit.errors import DatasetNotAvailableError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
 @pytest.mark.data
 def test_readme_quick_start_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[0]
-    code = code.replace("epochs=2", "epochs=1").replace(
-        'log_dir="runs/quick"', 'log_dir="runs/quick", progress=False'
+    code = (
+        BLOCKS[0]
+        .replace("epochs=2", "epochs=1")
+        .replace('log_dir="runs/quick"', 'log_dir="runs/quick", progress=False')
     )
     namespace: dict = {}
     try:
@@ -24,3 +29,18 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch):
         pytest.skip(str(exc))
     assert namespace["info"].weights.shape == (2,)
     assert (tmp_path / "runs" / "quick" / "steps.csv").exists()
+
+
+@pytest.mark.parametrize("name", mk.methods.available())
+def test_readme_own_loop_runs_for_every_method(name):
+    code = BLOCKS[1]
+    assert 'mk.methods.create("famo")' in code
+    code = code.replace('mk.methods.create("famo")', f"mk.methods.create({name!r})")
+    code = code.replace("n_train=2048", "n_train=256").replace("range(3)", "range(2)")
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    model, method = namespace["model"], namespace["method"]
+    assert torch.isfinite(namespace["info"].losses).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if mk.methods.Hook.EPOCH_END in method.hooks:
+        assert not method._epoch_open  # every epoch was closed

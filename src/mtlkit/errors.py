@@ -61,12 +61,26 @@ class CheckpointError(MtlkitError, RuntimeError):
     """A checkpoint is missing, corrupt, truncated or does not match the run."""
 
 
+class EmptyDataError(MtlkitError, ValueError):
+    """A loader yielded no batch (training or evaluation on no data)."""
+
+
 class DatasetNotAvailableError(MtlkitError, RuntimeError):
     """A dataset's donor package is not installed or its files are not the expected ones."""
 
 
 class EngineError(MtlkitError, RuntimeError):
     """The gradient engine cannot serve a request (e.g. no shared representation)."""
+
+
+class LifecycleError(MtlkitError, RuntimeError):
+    """A method was driven without one of its lifecycle calls (``setup``, ``after_step``, epoch
+    boundaries) or its parameters are in no optimiser; raised on the step after the omission,
+    before anything is updated, instead of silently running a different algorithm."""
+
+
+class ModelContractError(MtlkitError, TypeError, ValueError):
+    """A model does not fulfil the multi-task model contract (see ``docs/design.md``)."""
 
 
 def unknown_name(kind: str, name: str, known: Iterable[str]) -> UnknownNameError:

@@ -14,8 +14,8 @@ def brute_force(net, tasks, x, y):
     rows, heads, reps = [], [], []
     for t in tasks.names:
         net.zero_grad(set_to_none=True)
-        out = net(x)
-        z = net.last_features
+        full = net(x, full_output=True)
+        out, z = full.predictions, full.representation
         z.retain_grad()
         tasks.losses(out, y)[t].backward()
         rows.append(torch.cat([p.grad.reshape(-1) for p in shared]))
@@ -35,7 +35,7 @@ def test_parameter_gramian_and_jacobian_match_brute_force(model, strategy, chunk
     engine = GradientEngine(strategy, precision=precision, chunk_bytes=chunk)
     losses = tasks.losses(net(x), y)
     gram, jac = engine.parameter_gramian(
-        list(losses.values()), net.shared_parameters(), tasks.names, net.task_parameters()
+        list(losses.values()), net.shared_parameters(), net.task_parameters()
     )
     assert gram.dtype == torch.float64
     torch.testing.assert_close(jac.flat(), J, atol=1e-10, rtol=0)
@@ -49,7 +49,7 @@ def test_parameter_level_writes_JTw_and_head_gradients(strategy, head_grad):
     J, heads, _ = brute_force(net, tasks, x, y)
     w = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
     _, jac = GradientEngine(strategy).parameter_gramian(
-        list(tasks.losses(net(x), y).values()), net.shared_parameters(), tasks.names, net.task_parameters()
+        list(tasks.losses(net(x), y).values()), net.shared_parameters(), net.task_parameters()
     )
     jac.write_shared_weighted(w)
     jac.write_heads(w if head_grad == "weighted" else None)
@@ -76,11 +76,9 @@ def test_jacobian_path_writes_any_direction():
 def test_task_specific_parameters_found_from_the_graph():
     tasks, net, x, y = make_problem(k=3, model="mmoe")
     losses = list(tasks.losses(net(x), y).values())
-    _, explicit = GradientEngine().parameter_gramian(
-        losses, net.shared_parameters(), tasks.names, net.task_parameters()
-    )
+    _, explicit = GradientEngine().parameter_gramian(losses, net.shared_parameters(), net.task_parameters())
     losses = list(tasks.losses(net(x), y).values())
-    _, found = GradientEngine().parameter_gramian(losses, net.shared_parameters(), tasks.names, None)
+    _, found = GradientEngine().parameter_gramian(losses, net.shared_parameters(), None)
     explicit_ids = {id(p) for ps in net.task_parameters().values() for p in ps}
     assert {id(p) for p in found.heads.params} == explicit_ids
     found.write_heads(None)
@@ -96,10 +94,11 @@ def test_task_specific_parameters_found_from_the_graph():
 def test_representation_gramian_and_trunk_backward_match_brute_force(model, discover):
     tasks, net, x, y = make_problem(k=4, model=model)
     J, heads, H = brute_force(net, tasks, x, y)
-    losses = list(tasks.losses(net(x), y).values())
+    out = net(x, full_output=True)
+    losses = list(tasks.losses(out.predictions, y).values())
     engine = GradientEngine(chunk_bytes=5 * 8 * 4)
     gram, rep = engine.representation_gramian(
-        losses, net.last_features, tasks.names, None if discover else net.task_parameters()
+        losses, out.representation, tasks.names, None if discover else net.task_parameters()
     )
     torch.testing.assert_close(gram, H @ H.T, atol=1e-10, rtol=0)
     w = torch.tensor([0.1, 0.4, 0.3, 0.2], dtype=torch.float64)
@@ -119,9 +118,7 @@ def test_each_head_is_backpropagated_once_per_step():
     for t in tasks.names:
         net.towers[t].register_full_backward_hook(lambda *a, t=t: calls.__setitem__(t, calls[t] + 1))
     losses = list(tasks.losses(net(x), y).values())
-    GradientEngine("loop").parameter_gramian(
-        losses, net.shared_parameters(), tasks.names, net.task_parameters()
-    )
+    GradientEngine("loop").parameter_gramian(losses, net.shared_parameters(), net.task_parameters())
     assert calls == dict.fromkeys(tasks.names, 1)
 
 
@@ -186,3 +183,80 @@ def test_task_gradient_norms_match_brute_force(strategy):
     assert norms.dtype == torch.float64 and norms[2] == 0
     torch.testing.assert_close(norms, ref, atol=1e-12, rtol=1e-12)
     values[0].backward()  # the graph was kept
+
+
+# -- splits that are not a tree, per-task representations, owned buffers ------------------------------
+def _toy(model_cls, dtype=torch.float64):
+    import mtlkit as mk
+
+    torch.manual_seed(0)
+    net = model_cls().to(dtype)
+    tasks = mk.TaskSet([mk.Task(t, loss="mse") for t in net.task_names])
+    x = torch.randn(6, 5, dtype=dtype)
+    y = {t: torch.randn(6, dtype=dtype) for t in net.task_names}
+    return tasks, net, x, y
+
+
+@pytest.mark.parametrize("strategy", ["loop", "batched"])
+@pytest.mark.parametrize("head_grad", ["own", "weighted"])
+def test_a_parameter_feeding_several_tasks_gets_all_their_gradients(strategy, head_grad):
+    from tests.models.toy_models import CrossTaskHead
+
+    tasks, net, x, y = _toy(CrossTaskHead)
+    w = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    losses = tasks.losses(net(x), y)
+    scale = w if head_grad == "weighted" else torch.ones(3, dtype=torch.float64)
+    ref = torch.autograd.grad(
+        sum(s * v for s, v in zip(scale, losses.values(), strict=True)), net.pair.weight
+    )[0]
+    losses = list(tasks.losses(net(x), y).values())
+    _, jac = GradientEngine(strategy).parameter_gramian(
+        losses, net.shared_parameters(), net.task_parameters()
+    )
+    jac.write_heads(w if head_grad == "weighted" else None)
+    # "pair" is listed under task a only, but task b reads it too: both gradients arrive
+    torch.testing.assert_close(net.pair.weight.grad, ref, atol=1e-12, rtol=0)
+
+
+def test_per_task_representations_give_the_aligned_gramian_and_an_exact_trunk_backward():
+    from tests.models.toy_models import PerTaskRepresentation
+
+    tasks, net, x, y = _toy(PerTaskRepresentation)
+    w = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    out = net(x, full_output=True)
+    losses = tasks.losses(out.predictions, y)
+    g = [torch.autograd.grad(losses[t], out.representation[t], retain_graph=True)[0] for t in tasks.names]
+    H = torch.stack([v.reshape(-1) for v in g])
+    objective = sum(wk * v for wk, v in zip(w, losses.values(), strict=True))
+    ref = torch.autograd.grad(objective, net.shared_parameters(), retain_graph=True)
+    gram, rep = GradientEngine().representation_gramian(
+        list(losses.values()), out.representation, tasks.names
+    )
+    torch.testing.assert_close(gram, H @ H.T, atol=1e-12, rtol=0)
+    rep.backward_shared(w)
+    for p, r in zip(net.shared_parameters(), ref, strict=True):
+        torch.testing.assert_close(p.grad, r, atol=1e-12, rtol=0)
+
+
+def test_a_task_reading_another_tasks_representation_is_refused():
+    from tests.models.toy_models import PerTaskRepresentation
+
+    tasks, net, x, y = _toy(PerTaskRepresentation)
+    net.leak = True
+    out = net(x, full_output=True)
+    losses = list(tasks.losses(out.predictions, y).values())
+    with pytest.raises(EngineError, match="reads representation\\['a'\\]"):
+        GradientEngine().representation_gramian(losses, out.representation, tasks.names)
+    with pytest.raises(EngineError, match="one entry per task"):
+        GradientEngine().representation_gramian(losses, {"a": out.representation["a"]}, tasks.names)
+
+
+def test_owned_jacobians_are_not_overwritten_by_the_next_call():
+    tasks, net, x, y = make_problem(k=3)
+    engine = GradientEngine("loop")
+    first = engine.jacobian(list(tasks.losses(net(x), y).values()), net.shared_parameters(), owned=True)
+    kept = first.rows().clone()
+    reused = engine.jacobian(list(tasks.losses(net(x * 2), y).values()), net.shared_parameters())
+    engine.jacobian(list(tasks.losses(net(x * 3), y).values()), net.shared_parameters())
+    torch.testing.assert_close(first.rows(), kept, atol=0, rtol=0)
+    assert not torch.equal(reused.rows()[:, :5], kept[:, :5])  # the engine's own buffer was reused

@@ -79,7 +79,7 @@ def test_early_stopping_and_restore_best(synth, tmp_path):
     assert history[1]["val/y1/mse"] < history[0]["val/y1/mse"]
     final = trainer.evaluate(mk.data.loader(synth.val, 256)).metrics["y1"]["mse"]
     assert final == pytest.approx(history[0]["val/y1/mse"], rel=1e-6)
-    assert trainer.best_epoch == 1
+    assert trainer.early_stopping.best_epoch == 1
     assert latest_checkpoint(tmp_path / "checkpoints", "best").name.startswith("best-")
 
 
@@ -165,13 +165,13 @@ def test_grad_scaler_gradients_are_unscaled_before_the_method(synth):
     x = batch.inputs.double()
     y = {k: v.double() for k, v in batch.targets.items()}
     method = mk.methods.MGDA()
-    ref = method.backward(synth.tasks.losses(model(x), y), model.shared_parameters())
+    ref = method.backward(synth.tasks.losses(model(x), y), model)
     ref_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     scale = 2.0**10
     losses = synth.tasks.losses(model(x), y)
-    scaled = mk.TaskLosses({k: v * scale for k, v in losses.items()})
-    info = method.backward(scaled, model.shared_parameters(), loss_scale=scale)
+    scaled = losses.map(lambda v: v * scale)
+    info = method.backward(scaled, model, loss_scale=scale)
     torch.testing.assert_close(info.gramian, ref.gramian, rtol=1e-12, atol=0)
     torch.testing.assert_close(info.weights, ref.weights, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(info.losses, ref.losses, rtol=0, atol=0)
@@ -186,7 +186,7 @@ def test_mixed_precision_training_runs(synth, tmp_path, amp):
     assert trainer.last_info.gramian.dtype == torch.float64
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     if amp == "fp16":
-        assert trainer.scaler is not None and trainer.scaler.get_scale() > 0
+        assert trainer.precision.scaler is not None and trainer.precision.scaler.get_scale() > 0
 
 
 def test_report_round_trip_and_merge(tmp_path):
@@ -241,7 +241,7 @@ def test_checkpoint_of_another_configuration_is_refused_and_nothing_changes(synt
     trainer.fit(mk.data.loader(synth.train, 64), epochs=1)
     ckpt = latest_checkpoint(tmp_path / "checkpoints")
     other = make_trainer(synth, tmp_path / "o1", method="mgda", tensorboard=False)
-    with pytest.raises(CheckpointError, match="method EW"):
+    with pytest.raises(CheckpointError, match="saved by EW"):
         other.load_checkpoint(ckpt)
     # Same classes, but the optimiser's parameter groups differ: applying fails half-way and
     # everything is rolled back.

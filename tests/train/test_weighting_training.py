@@ -1,5 +1,7 @@
-"""Every loss weighting inside the Trainer: end-to-end on the MMoE synthetic data, hooks, and exact
-resumption of the method's state (learnable weights, loss history, RNG, inner optimiser)."""
+"""Every loss weighting inside the Trainer: end-to-end on the MMoE synthetic data and exact
+resumption of the method's state from two crash points, on the CPU and (where there is one) a GPU.
+These are the slow end-to-end runs (``make test-slow``); the cheap per-method resume check for every
+registered method is in ``tests/methods/test_contract.py``."""
 
 from __future__ import annotations
 
@@ -78,6 +80,7 @@ class KillingLoader:
             yield batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(METHODS))
 def test_method_trains_end_to_end_and_logs_its_weights(synth, tmp_path, name):
     trainer = make_trainer(synth, tmp_path, name)
@@ -103,6 +106,7 @@ def test_method_trains_end_to_end_and_logs_its_weights(synth, tmp_path, name):
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize(("kill_at", "resumes_from"), [(17, "step-00000016"), (12, "step-00000012-end")])
 @pytest.mark.parametrize("name", list(METHODS))

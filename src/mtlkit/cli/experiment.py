@@ -59,13 +59,7 @@ def run(cfg: RunConfig, dataset: Any | None = None, task_names: Sequence[str] | 
         )
     except TypeError as exc:
         raise ConfigError(f"model.options: {exc}") from exc
-    try:
-        options = dict(cfg.method.options)
-        if cfg.method.name.lower() == "ew" and "weights" not in options:
-            options["weights"] = tasks.weights
-        method = mk_methods.create(cfg.method.name, **options)
-    except TypeError as exc:
-        raise ConfigError(f"method.options: {exc}") from exc
+    method = mk_methods.create(cfg.method.name, **cfg.method.options)
     t = cfg.trainer
     es = t.early_stopping
     output = Path(cfg.output)

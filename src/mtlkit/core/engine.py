@@ -198,6 +198,20 @@ class ParameterJacobian:
         for p, d in zip(self.shared, directions, strict=True):
             _add_grad(p, d, fresh=False)
 
+    def rows(self) -> Tensor:
+        """The K x d Jacobian: the engine's matrix itself (no copy) with the loop strategy, else
+        a concatenation of the blocks."""
+        return self.matrix if self.matrix is not None else self.flat()
+
+    def write_shared_flat(self, direction: Tensor) -> None:
+        """Add a flat d-vector direction into the shared parameters' ``.grad`` (copied, so the
+        caller may keep ``direction``)."""
+        offset = 0
+        for p in self.shared:
+            n = p.numel()
+            _add_grad(p, direction[offset : offset + n].view(p.shape).to(p.dtype), fresh=False)
+            offset += n
+
     def write_shared_weighted(self, weights: Tensor) -> None:
         """Add ``J^T w`` into the shared parameters' ``.grad``."""
         if self.matrix is None:
@@ -217,9 +231,13 @@ class ParameterJacobian:
 
 @dataclass
 class RepresentationGradients:
-    """Per-task gradients w.r.t. the shared representation ``z`` and the task-specific parameters."""
+    """Per-task gradients w.r.t. the shared representation and the task-specific parameters.
 
-    features: Tensor
+    ``features`` holds one tensor (every task reads it) or one per task (task k's gradient in
+    ``rep_grads[k]`` is w.r.t. ``features[k]``).
+    """
+
+    features: list[Tensor]
     rep_grads: Tensor  # (K, *z.shape)
     heads: HeadGradients
 
@@ -234,9 +252,14 @@ class RepresentationGradients:
         return accumulate_gramian([self.rep_grads], self.num_tasks, chunk_bytes, precision)
 
     def backward_shared(self, weights: Tensor) -> None:
-        """One trunk backward with the cotangent ``sum_k w_k dL_k/dz``; frees the graph."""
-        cotangent = combine_blocks(weights, self.rep_grads)
-        torch.autograd.backward(self.features, grad_tensors=cotangent)
+        """One trunk backward with the cotangent ``sum_k w_k dL_k/dz`` (per-task representations:
+        ``w_k dL_k/dz_k`` into each ``z_k``, in the same single backward); frees the graph."""
+        if len(self.features) == 1:
+            cotangent = combine_blocks(weights, self.rep_grads)
+            torch.autograd.backward(self.features[0], grad_tensors=cotangent)
+            return
+        w = weights.to(self.rep_grads.dtype)
+        torch.autograd.backward(self.features, grad_tensors=[w[k] * g for k, g in enumerate(self.rep_grads)])
 
     def write_heads(self, weights: Tensor | None) -> None:
         self.heads.write(weights)
@@ -274,7 +297,9 @@ class GradientEngine:
         self.reuse_buffers = reuse_buffers
         self._workspace: dict[tuple, Tensor] = {}
 
-    def _matrix(self, slot: int, targets: list[Tensor], k: int) -> tuple[Tensor, list[Tensor]]:
+    def _matrix(
+        self, slot: int, targets: list[Tensor], k: int, reuse: bool = True
+    ) -> tuple[Tensor, list[Tensor]]:
         """A K x d matrix for the gradients of ``targets`` and its (K, *shape) views per target.
 
         Rows are padded so that consecutive rows start 64 bytes apart modulo 4 KiB: with a
@@ -290,10 +315,11 @@ class GradientEngine:
         pad = ((64 - d * item) % 4096) // item
         shape = (k, d + pad)
         key = (slot, shape, like.dtype, like.device)
-        buf = self._workspace.get(key) if self.reuse_buffers else None
+        reuse = reuse and self.reuse_buffers
+        buf = self._workspace.get(key) if reuse else None
         if buf is None:
             buf = like.new_empty(shape)
-            if self.reuse_buffers:
+            if reuse:
                 if len(self._workspace) > 64:  # shapes keep changing (e.g. varying batch sizes)
                     self._workspace.clear()
                 self._workspace[key] = buf
@@ -309,71 +335,58 @@ class GradientEngine:
 
     # -- inputs -------------------------------------------------------------------------------
     @staticmethod
-    def task_specific_lists(
-        names: Sequence[str], task_specific: TaskParams, losses: Sequence[Tensor], exclude: Sequence[Tensor]
-    ) -> tuple[list[Tensor], list[list[int]]]:
-        """All task-specific parameters and, per task, the indices of those it may reach.
+    def task_specific_params(
+        task_specific: TaskParams, losses: Sequence[Tensor], exclude: Sequence[Tensor]
+    ) -> list[Tensor]:
+        """The task-specific parameters: every parameter of ``task_specific`` (a ``{task: params}``
+        map or a flat list) that is not in ``exclude``, or, for ``None``, the leaf tensors reachable
+        from the losses without walking past ``exclude`` (the shared parameters or representation).
 
-        ``task_specific`` may map task names to their parameters, list them all, or be ``None``,
-        in which case the leaf tensors reachable from the losses that are not in ``exclude``
-        are found by walking the autograd graph (without walking past ``exclude``).
+        The per-task grouping of a map is deliberately not used to restrict which task's gradient a
+        parameter receives: every task's gradient is requested for every task-specific parameter
+        (autograd returns nothing where a loss does not reach it), so a parameter that feeds several
+        tasks -- an expert under a task's name, a gate shared by two towers -- gets all of their
+        gradients instead of silently one task's.
         """
         excluded = {id(p) for p in exclude}
-        if isinstance(task_specific, Mapping):
-            unknown = set(task_specific) - set(names)
-            if unknown:
-                raise EngineError(
-                    f"task_specific names unknown tasks {sorted(unknown)}; tasks are {list(names)}."
-                )
-            params: list[Tensor] = []
-            index: dict[int, int] = {}
-            per_task: list[list[int]] = []
-            for name in names:
-                idx = []
-                for p in as_param_list(task_specific.get(name, ())):
-                    if id(p) in excluded:
-                        continue
-                    if id(p) not in index:
-                        index[id(p)] = len(params)
-                        params.append(p)
-                    idx.append(index[id(p)])
-                per_task.append(idx)
-            return params, per_task
         if task_specific is None:
             stops = {id(t.grad_fn) for t in exclude if t.grad_fn is not None}
-            params = [p for p in _reachable_leaves(losses, stops) if id(p) not in excluded]
-        else:
-            params = [p for p in as_param_list(task_specific) if id(p) not in excluded]
-        all_idx = list(range(len(params)))
-        return params, [all_idx for _ in names]
+            return [p for p in _reachable_leaves(losses, stops) if id(p) not in excluded]
+        flat = (
+            [p for params in task_specific.values() for p in params]
+            if isinstance(task_specific, Mapping)
+            else list(task_specific)
+        )
+        return [p for p in as_param_list(flat) if id(p) not in excluded]
 
     def _per_task_loop(
         self,
         losses: Sequence[Tensor],
         targets: list[Tensor],
         heads: list[Tensor],
-        per_task: list[list[int]],
         keep_graph: bool,
+        owned: bool = False,
     ) -> tuple[Tensor | None, list[Tensor], HeadGradients]:
         """One ``autograd.grad`` per task: the targets' gradients (a K x d matrix when the targets
         share dtype and device, and its (K, *shape) views), and the head gradients. The last call
-        frees the graph unless ``keep_graph``."""
+        frees the graph unless ``keep_graph``. ``owned``: a fresh matrix that the engine never
+        reuses (for callers that keep the gradients beyond the engine's next call)."""
         k = len(losses)
         same_kind = all(t.dtype == targets[0].dtype and t.device == targets[0].device for t in targets)
         if same_kind:  # representation and parameter buffers never alias (slots 0 and 1)
-            matrix, blocks = self._matrix(0 if keep_graph else 1, targets, k)
+            matrix, blocks = self._matrix(0 if keep_graph else 1, targets, k, reuse=not owned)
         else:
             matrix, blocks = None, [t.new_empty((k, *t.shape)) for t in targets]
         head_grads: list[list[tuple[int, Tensor]]] = [[] for _ in heads]
+        n = len(targets)
         for task, loss in enumerate(losses):
-            idx = per_task[task]
-            grads = _task_grad(loss, targets + [heads[i] for i in idx], keep_graph or task < k - 1)
-            for b, g in zip(blocks, grads[: len(targets)], strict=True):
+            grads = _task_grad(loss, targets + heads, keep_graph or task < k - 1)
+            for b, g in zip(blocks, grads[:n], strict=True):
                 if g is None:
                     b[task].zero_()
                 else:
                     b[task].copy_(g)
-            for i, g in zip(idx, grads[len(targets) :], strict=True):
+            for i, g in enumerate(grads[n:]):
                 if g is not None:
                     head_grads[i].append((task, g))
         return matrix, blocks, HeadGradients(heads, head_grads)
@@ -383,35 +396,31 @@ class GradientEngine:
         self,
         losses: Sequence[Tensor],
         shared: Sequence[Tensor],
-        names: Sequence[str] | None = None,
         task_specific: TaskParams = None,
+        owned: bool = False,
     ) -> ParameterJacobian:
         """Per-task gradients w.r.t. ``shared`` (and task-specific parameters), kept as blocks.
 
-        The autograd graph is freed; ``.grad`` is not touched.
+        The autograd graph is freed; ``.grad`` is not touched. With ``owned`` the blocks are in
+        memory that the engine never reuses, so the caller may keep them across steps.
         """
-        names = list(names) if names is not None else [str(i) for i in range(len(losses))]
         shared = as_param_list(shared)
         if not shared:
             raise EngineError("No trainable shared parameters were given to the gradient engine.")
-        heads, per_task = self.task_specific_lists(names, task_specific, losses, shared)
+        heads = self.task_specific_params(task_specific, losses, shared)
         if self._strategy_for(shared[0].device) == "batched":
             grads = _batched_task_grads(
                 losses, shared, retain_graph=bool(heads)
             )  # heads come after the solve
             return ParameterJacobian(shared, list(grads), DeferredHeadGradients(heads, list(losses)))
-        matrix, blocks, head_grads = self._per_task_loop(losses, shared, heads, per_task, keep_graph=False)
+        matrix, blocks, head_grads = self._per_task_loop(losses, shared, heads, keep_graph=False, owned=owned)
         return ParameterJacobian(shared, blocks, head_grads, matrix)
 
     def parameter_gramian(
-        self,
-        losses: Sequence[Tensor],
-        shared: Sequence[Tensor],
-        names: Sequence[str] | None = None,
-        task_specific: TaskParams = None,
+        self, losses: Sequence[Tensor], shared: Sequence[Tensor], task_specific: TaskParams = None
     ) -> tuple[Tensor, ParameterJacobian]:
         """``(G, J)``: the float64 Gramian of the shared-parameter gradients, and the blocks."""
-        jac = self.jacobian(losses, shared, names, task_specific)
+        jac = self.jacobian(losses, shared, task_specific)
         return jac.gramian(self.chunk_bytes, self.precision), jac
 
     def task_gradient_norms(self, losses: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
@@ -464,30 +473,83 @@ class GradientEngine:
     def representation_gradients(
         self,
         losses: Sequence[Tensor],
-        features: Tensor,
+        representation: Tensor | Mapping[str, Tensor],
         names: Sequence[str] | None = None,
         task_specific: TaskParams = None,
     ) -> RepresentationGradients:
-        """K head backwards to the shared representation ``features``; the trunk graph is kept."""
-        if not isinstance(features, Tensor) or not features.requires_grad or features.grad_fn is None:
-            raise EngineError(
-                "The representation level needs the shared representation as a non-leaf tensor that "
-                "requires grad (e.g. model.last_features after a forward in training mode)."
-            )
+        """K head backwards to the shared representation; the trunk graph is kept.
+
+        ``representation`` is one tensor that every task reads, or ``{task: tensor}`` (per-task
+        representations of one shape; task k's gradient is taken w.r.t. its own entry, and task
+        k's loss must not read another task's entry).
+        """
         names = list(names) if names is not None else [str(i) for i in range(len(losses))]
-        heads, per_task = self.task_specific_lists(names, task_specific, losses, [features])
-        _, blocks, head_grads = self._per_task_loop(losses, [features], heads, per_task, keep_graph=True)
-        return RepresentationGradients(features, blocks[0], head_grads)
+        if isinstance(representation, Mapping):
+            return self._per_task_representation_gradients(losses, representation, names, task_specific)
+        _check_representation(representation, "the shared representation")
+        heads = self.task_specific_params(task_specific, losses, [representation])
+        _, blocks, head_grads = self._per_task_loop(losses, [representation], heads, keep_graph=True)
+        return RepresentationGradients([representation], blocks[0], head_grads)
+
+    def _per_task_representation_gradients(
+        self,
+        losses: Sequence[Tensor],
+        representation: Mapping[str, Tensor],
+        names: list[str],
+        task_specific: TaskParams,
+    ) -> RepresentationGradients:
+        missing = [n for n in names if n not in representation]
+        if missing or len(representation) != len(names):
+            raise EngineError(
+                f"A per-task representation needs one entry per task: tasks {names}, entries "
+                f"{sorted(representation)}."
+            )
+        zs = [representation[n] for n in names]
+        for n, z in zip(names, zs, strict=True):
+            _check_representation(z, f"representation[{n!r}]")
+        if any(z.shape != zs[0].shape for z in zs):
+            raise EngineError(
+                "Per-task representations must share one shape (their gradients are compared "
+                f"position by position); got {[tuple(z.shape) for z in zs]}."
+            )
+        heads = self.task_specific_params(task_specific, losses, zs)
+        k = len(losses)
+        rep_grads = zs[0].new_zeros((k, *zs[0].shape))
+        head_grads: list[list[tuple[int, Tensor]]] = [[] for _ in heads]
+        for task, loss in enumerate(losses):
+            grads = _task_grad(loss, zs + heads, True)
+            for j, g in enumerate(grads[:k]):
+                if g is None:
+                    continue
+                if j != task:
+                    raise EngineError(
+                        f"The loss of task {names[task]!r} reads representation[{names[j]!r}]: with "
+                        "per-task representations each task must read only its own entry. Return "
+                        "one shared tensor instead."
+                    )
+                rep_grads[task].copy_(g)
+            for i, g in enumerate(grads[k:]):
+                if g is not None:
+                    head_grads[i].append((task, g))
+        return RepresentationGradients(zs, rep_grads, HeadGradients(heads, head_grads))
 
     def representation_gramian(
         self,
         losses: Sequence[Tensor],
-        features: Tensor,
+        representation: Tensor | Mapping[str, Tensor],
         names: Sequence[str] | None = None,
         task_specific: TaskParams = None,
     ) -> tuple[Tensor, RepresentationGradients]:
-        rep = self.representation_gradients(losses, features, names, task_specific)
+        rep = self.representation_gradients(losses, representation, names, task_specific)
         return rep.gramian(self.chunk_bytes, self.precision), rep
+
+
+def _check_representation(z: Tensor, what: str) -> None:
+    if not isinstance(z, Tensor) or not z.requires_grad or z.grad_fn is None:
+        raise EngineError(
+            f"The representation level needs {what} as a non-leaf tensor that requires grad (from "
+            "model(x, full_output=True).representation after a forward in training mode)."
+        )
 
 
 def _batched_task_grads(

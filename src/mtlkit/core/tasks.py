@@ -153,6 +153,25 @@ class Task:
             dtype = torch.promote_types(dtype, target.dtype)
         return pred.to(dtype), target.to(dtype)
 
+    def check_target_values(self, target: Tensor, valid: Tensor, pred_shape: Sequence[int]) -> None:
+        """Raise :class:`TaskError` naming the task when a labelled target is out of the loss's
+        range: a ``ce`` class index >= the number of classes, a ``bce`` label outside [0, 1]."""
+        if self.loss in CLASS_INDEX_LOSSES:
+            classes = int(pred_shape[1])
+            bad = valid & (target >= classes)
+            if bool(bad.any()):
+                raise TaskError(
+                    f"Task {self.name!r}: class index {int(target[bad].max())} is out of range for "
+                    f"{classes} classes (logits {tuple(pred_shape)}); negative indices mark missing labels."
+                )
+        elif self.loss == "bce":
+            bad = valid & ((target < 0) | (target > 1))
+            if bool(bad.any()):
+                raise TaskError(
+                    f"Task {self.name!r}: loss 'bce' needs labels in [0, 1] (NaN marks a missing "
+                    f"label); got {target[bad][:5].tolist()}."
+                )
+
     def loss_value(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Masked mean loss and the number of labelled entries (a 0-dim integer tensor).
 
@@ -161,6 +180,8 @@ class Task:
         """
         pred, target = self.align(pred, target)
         valid = self.labelled_mask(target, mask)
+        if target.device.type == "cpu":  # free on the host; the Trainer checks device batches on the host
+            self.check_target_values(target, valid, pred.shape)
         count = valid.sum()
         if self.loss in CLASS_INDEX_LOSSES:
             safe_target = torch.where(valid, target, torch.zeros_like(target))
@@ -188,14 +209,41 @@ class Task:
         return value.mean() if value.dim() > 0 else value
 
 
-class TaskLosses(dict):
-    """``{task: scalar loss}`` plus the number of labelled entries per task.
+class TaskLosses(Mapping[str, Tensor]):
+    """``{task: scalar loss}`` (read-only) and the number of labelled entries per task.
 
     ``labelled`` is a 1-D tensor in task order; a zero means the task had no label in the batch,
-    so gradient methods leave it out of the solve and give it weight zero.
+    so gradient methods leave it out of the solve and give it weight zero. :meth:`map` derives new
+    losses (scaled, cast) that keep the counts.
     """
 
-    labelled: Tensor | None = None
+    def __init__(self, losses: Mapping[str, Tensor], labelled: Tensor | None = None) -> None:
+        self._losses = dict(losses)
+        if labelled is not None and labelled.shape != (len(self._losses),):
+            raise TaskError(
+                f"labelled must have one count per task ({len(self._losses)}), got {tuple(labelled.shape)}."
+            )
+        self._labelled = labelled
+
+    @property
+    def labelled(self) -> Tensor | None:
+        return self._labelled
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._losses[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._losses)
+
+    def __len__(self) -> int:
+        return len(self._losses)
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> TaskLosses:
+        """``{task: fn(loss)}`` with the same label counts."""
+        return TaskLosses({k: fn(v) for k, v in self._losses.items()}, self._labelled)
+
+    def __repr__(self) -> str:
+        return f"TaskLosses({self._losses!r}, labelled={self._labelled!r})"
 
 
 class TaskSet(Sequence[Task]):
@@ -267,14 +315,29 @@ class TaskSet(Sequence[Task]):
         missing_t = [t.target_key for t in self._tasks if t.target_key not in targets]
         if missing_t:
             raise MissingTaskError(f"The batch has no target for {missing_t}; it has {sorted(targets)}.")
-        result = TaskLosses()
+        values: dict[str, Tensor] = {}
         counts = []
         for t in self._tasks:
             mask = masks.get(t.name) if masks else None
-            result[t.name], count = t.loss_value(outputs[t.name], targets[t.target_key], mask)
+            values[t.name], count = t.loss_value(outputs[t.name], targets[t.target_key], mask)
             counts.append(count)
-        result.labelled = torch.stack(counts)
-        return result
+        return TaskLosses(values, torch.stack(counts))
+
+    def check_targets(
+        self,
+        targets: Mapping[str, Tensor],
+        outputs: Mapping[str, Tensor],
+        masks: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        """Check the host copies of a batch's targets against the loss ranges (the Trainer calls
+        this for batches it moves to an accelerator, where a check would cost a synchronisation)."""
+        for t in self._tasks:
+            target = targets.get(t.target_key)
+            pred = outputs.get(t.name)
+            if target is None or pred is None or target.device.type != "cpu":
+                continue
+            mask = masks.get(t.name) if masks else None
+            t.check_target_values(target, t.labelled_mask(target, mask), tuple(pred.shape))
 
     def labelled_masks(
         self, targets: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None

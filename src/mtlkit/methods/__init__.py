@@ -1,17 +1,30 @@
 """Multi-task optimisation methods: loss weightings and gradient aggregators."""
 
-from mtlkit.methods.base import GramianWeighting, LossWeighting, Method, StepInfo
+from mtlkit.methods.base import (
+    GradientMethod,
+    GramianWeighting,
+    Hook,
+    JacobianAggregator,
+    LossWeighting,
+    Method,
+    StepInfo,
+    StepInputs,
+)
+from mtlkit.methods.driver import Driver, add_param_groups
 from mtlkit.methods.dwa import DWA
 from mtlkit.methods.ew import EW
 from mtlkit.methods.famo import FAMO
+from mtlkit.methods.gls import GLS
 from mtlkit.methods.gradnorm import GradNorm
-from mtlkit.methods.learned_scales import IMTLL, UW
+from mtlkit.methods.imtl_l import IMTLL
 from mtlkit.methods.mgda import MGDA
 from mtlkit.methods.min_norm import min_norm_weights
-from mtlkit.methods.registry import METHODS, available, create, register
+from mtlkit.methods.registry import METHODS, available, create, method_class, register, register_variant
 from mtlkit.methods.rlw import RLW
-from mtlkit.methods.scalarization import GLS, SI
+from mtlkit.methods.si import SI
 from mtlkit.methods.stch import STCH
+from mtlkit.methods.upgrad import UPGrad
+from mtlkit.methods.uw import UW
 
 __all__ = [
     "DWA",
@@ -25,13 +38,22 @@ __all__ = [
     "SI",
     "STCH",
     "UW",
+    "Driver",
     "GradNorm",
+    "GradientMethod",
     "GramianWeighting",
+    "Hook",
+    "JacobianAggregator",
     "LossWeighting",
     "Method",
     "StepInfo",
+    "StepInputs",
+    "UPGrad",
+    "add_param_groups",
     "available",
     "create",
+    "method_class",
     "min_norm_weights",
     "register",
+    "register_variant",
 ]

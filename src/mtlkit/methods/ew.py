@@ -1,15 +1,16 @@
-"""Equal weighting / linear scalarisation."""
+"""EW: equal weighting / linear scalarisation."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from mtlkit.errors import TaskError
+from mtlkit.core.tasks import TaskSet
+from mtlkit.errors import ConfigError
 from mtlkit.methods.base import LossWeighting
+from mtlkit.methods.hparams import hparam, none, number, numbers
 from mtlkit.methods.registry import register
 
 
@@ -22,43 +23,40 @@ class EW(LossWeighting):
     the official Nash-MTL, FAMO and LibMTL code the losses are SUMMED (``c_k = 1``), not averaged;
     with SGD this sets the effective learning rate, with Adam it hardly matters.
 
-    Args:
-        weights: optional fixed weights ``c_k`` (a sequence in task order, or ``{task: weight}``;
-            tasks left out of a mapping keep weight 1). ``Task(weight=...)`` values are passed here
-            by the Trainer.
+    The weights ``c_k`` come from ``weights=`` or, when it is not given, from the tasks'
+    ``Task(weight=...)`` (read in :meth:`setup`); giving both with different values is an error.
     """
 
-    name = "ew"
+    uses_task_weights = True
+    weights: Sequence[float] | Mapping[str, float] | None = hparam(
+        None,
+        numbers(number(ge=0), keyed=True) | none(),
+        "fixed weights c_k in task order, or {task: weight} (others keep 1); default: Task.weight",
+    )
 
-    def __init__(self, weights: Sequence[float] | Mapping[str, float] | None = None) -> None:
-        super().__init__()
-        if weights is not None:
-            vals = weights.values() if isinstance(weights, Mapping) else weights
-            if any(not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 for v in vals):
-                raise TaskError(f"EW weights must be finite numbers >= 0, got {weights!r}.")
-        self.fixed = weights
-        self._resolved: Tensor | None = None
+    def _build(self, tasks: TaskSet) -> None:
+        fixed = self.weights
+        from_tasks = tasks.weights
+        if fixed is None:
+            values = list(from_tasks)
+        elif isinstance(fixed, Mapping):
+            unknown = set(fixed) - set(tasks.names)
+            if unknown:
+                raise ConfigError(
+                    f"EW weights name unknown tasks {sorted(unknown)}; tasks are {tasks.names}."
+                )
+            values = [float(fixed.get(n, 1.0)) for n in tasks.names]
+        else:
+            values = [float(v) for v in fixed]
+            if len(values) != len(tasks):
+                raise ConfigError(f"EW got {len(values)} fixed weights for {len(tasks)} tasks.")
+        if fixed is not None and any(w != 1.0 for w in from_tasks) and values != list(from_tasks):
+            raise ConfigError(
+                f"EW got weights={fixed!r} and different Task(weight=...) values {from_tasks}; set them "
+                "in one place."
+            )
+        self.register_buffer("task_weights", torch.tensor(values), persistent=False)
 
     def loss_weights(self, losses: Tensor, active: Tensor) -> Tensor:
-        if self._resolved is None or self._resolved.device != losses.device:
-            self._resolved = self._resolve(len(losses), losses.device)
-        return torch.where(active, self._resolved, torch.zeros_like(self._resolved))
-
-    def _resolve(self, k: int, device: torch.device) -> Tensor:
-        if self.fixed is None:
-            vals = [1.0] * k
-        elif isinstance(self.fixed, Mapping):
-            unknown = set(self.fixed) - set(self.task_names or [])
-            if unknown:
-                raise TaskError(
-                    f"EW weights name unknown tasks {sorted(unknown)}; tasks are {self.task_names}."
-                )
-            vals = [float(self.fixed.get(n, 1.0)) for n in self.task_names or []]
-        else:
-            vals = [float(v) for v in self.fixed]
-            if len(vals) != k:
-                raise TaskError(f"EW got {len(vals)} fixed weights for {k} tasks.")
-        return torch.tensor(vals, device=device)
-
-    def __repr__(self) -> str:
-        return "EW()" if self.fixed is None else f"EW(weights={self.fixed!r})"
+        w = self.task_weights
+        return w if w.device == losses.device else w.to(losses.device)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from mtlkit.core.engine import GradientEngine, HeadGrad
-from mtlkit.errors import EngineError, TaskError
-from mtlkit.methods.base import GramianWeighting, Level
+from mtlkit.core.tasks import TaskSet
+from mtlkit.errors import NonPositiveLossError
+from mtlkit.methods.base import GramianWeighting
+from mtlkit.methods.hparams import boolean, hparam, number, one_of
 from mtlkit.methods.min_norm import min_norm_weights
-from mtlkit.methods.registry import register
+from mtlkit.methods.registry import register, register_variant
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
 _EPS = 1e-12
@@ -25,89 +25,62 @@ class MGDA(GramianWeighting):
 
     The shared direction is ``d = scale * J^T w*`` with ``w* = argmin_{w in simplex} ||J^T w||``,
     solved exactly from the Gramian (:func:`~mtlkit.methods.min_norm.min_norm_weights`). With
-    ``level="representation"`` the Gramian is taken w.r.t. the shared representation: the paper's
-    MGDA-UB upper-bound approximation (elementwise inner products over the whole batch, as in the
-    official code).
-
-    Args:
-        normalization: gradient normalisation seen by the solver (official options): ``"none"``
-            (default, as in the nash-mtl and LibMTL defaults), ``"l2"`` (unit gradients),
-            ``"loss"`` (divide by L_k), ``"loss+"`` (by L_k * ||g_k||; the official CelebA setting).
-        normalize_final: ``False`` (official isl-org behaviour): the solver's weights multiply the
-            raw gradients. ``True`` (LibMTL): the normalised gradients are combined, i.e. the
-            effective weight of task k is ``w*_k / n_k``.
-        scale: overall factor (1 in the official code; nash-mtl uses K: pass ``"num_tasks"``).
-        warm_start: start the solver from the previous step's solution (same result, found
-            faster; the previous solution is part of the method's state).
-        level, head_grad, engine: see :class:`~mtlkit.methods.base.GramianWeighting`. Heads get
-            the weighted gradient by default, as in the official code's final weighted backward.
-
-    Tasks without a labelled sample in the batch are left out of the solve (weight 0); a zero
-    gradient otherwise makes the min-norm point zero, which is MGDA's correct answer.
+    ``level="representation"`` (the registry name ``mgda_ub``) the Gramian is taken w.r.t. the
+    shared representation: the paper's MGDA-UB upper-bound approximation (elementwise inner
+    products over the whole batch, as in the official code). Heads get the weighted gradient by
+    default, as in the official code's final weighted backward. A zero gradient makes the min-norm
+    point zero, which is MGDA's correct answer. ``warm_start`` starts the solver from the previous
+    step's solution (same result, found faster; the solution is part of the state).
     """
 
-    name = "mgda"
+    normalization: Normalization = hparam(
+        "none",
+        one_of("none", "l2", "loss", "loss+"),
+        "gradient normalisation seen by the solver: none (nash-mtl and LibMTL default), l2 (unit "
+        "gradients), loss (divide by L_k), loss+ (by L_k ||g_k||; the official CelebA setting)",
+    )
+    normalize_final: bool = hparam(
+        False,
+        boolean(),
+        "False (official isl-org): the weights multiply the raw gradients; True (LibMTL): the "
+        "normalised gradients are combined (effective weight w_k / n_k)",
+    )
+    scale: float | Literal["num_tasks"] = hparam(
+        1.0, number(gt=0) | one_of("num_tasks"), "overall factor (1 official; nash-mtl uses K: 'num_tasks')"
+    )
+    warm_start: bool = hparam(True, boolean(), "start the solver from the previous solution")
 
-    def __init__(
-        self,
-        normalization: Normalization = "none",
-        normalize_final: bool = False,
-        scale: float | Literal["num_tasks"] = 1.0,
-        warm_start: bool = True,
-        level: Level = "parameter",
-        head_grad: HeadGrad | None = None,
-        engine: GradientEngine | None = None,
-    ) -> None:
-        super().__init__(level=level, head_grad=head_grad, engine=engine)
-        if normalization not in ("none", "l2", "loss", "loss+"):
-            raise EngineError(f"MGDA normalization must be none, l2, loss or loss+, got {normalization!r}.")
-        if scale != "num_tasks" and not (isinstance(scale, (int, float)) and scale > 0):
-            raise EngineError(f"MGDA scale must be a positive number or 'num_tasks', got {scale!r}.")
-        self.normalization = normalization
-        self.normalize_final = normalize_final
-        self.scale = scale
-        self.warm_start = warm_start
-        self._previous: Tensor | None = None
+    def _build(self, tasks: TaskSet) -> None:
+        self.register_buffer("previous", torch.zeros(len(tasks), dtype=torch.float64))
 
-    def _norms(self, gram: Tensor, losses: Tensor, active: Tensor) -> Tensor:
+    def _norms(self, gram: Tensor, losses: Tensor) -> Tensor:
         if self.normalization == "none":
             return torch.ones_like(gram.diagonal())
-        active = active.to(gram.device)
-        if self.normalization in ("loss", "loss+") and bool(((losses <= 0) & active.to(losses.device)).any()):
-            raise TaskError(
+        if self.normalization in ("loss", "loss+") and bool((losses <= 0).any()):
+            raise NonPositiveLossError(
                 f"MGDA normalization {self.normalization!r} needs positive losses, got "
                 f"{losses.tolist()}; use 'none' or 'l2' for losses that can be <= 0."
             )
         grad_norm = gram.diagonal().clamp_min(0).sqrt()
         if self.normalization == "l2":
-            return torch.where(active, grad_norm + _EPS, torch.ones_like(grad_norm))
-        lk = losses.to(device=gram.device, dtype=gram.dtype)
-        n = lk if self.normalization == "loss" else lk * grad_norm + _EPS
-        return torch.where(active, n, torch.ones_like(n))  # inactive tasks are not solved for
+            return grad_norm + _EPS
+        return losses if self.normalization == "loss" else losses * grad_norm + _EPS
 
-    def weights(self, gram: Tensor, losses: Tensor, active: Tensor) -> Tensor:
-        n = self._norms(gram, losses, active)
-        w = min_norm_weights(
-            gram / (n[:, None] * n[None, :]), active, init=self._previous if self.warm_start else None
+    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        n = self._norms(gramian, losses)
+        index = self.active_index
+        init = (
+            self.previous[index.to(self.previous.device)] if self.warm_start and index is not None else None
         )
-        self._previous = w
+        w = min_norm_weights(gramian / (n[:, None] * n[None, :]), init=init)
+        if index is not None:
+            previous = torch.zeros_like(self.previous)
+            previous[index.to(previous.device)] = w.to(previous)
+            self.previous = previous
         if self.normalize_final:
             w = w / n
-        scale = float(len(w)) if self.scale == "num_tasks" else float(self.scale)
+        scale = float(len(self.previous)) if self.scale == "num_tasks" else float(self.scale)
         return w * scale
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["previous_weights"] = self._previous.detach().cpu() if self._previous is not None else None
-        return state
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        prev = state.get("previous_weights")
-        self._previous = prev.clone() if prev is not None else None
-
-    def __repr__(self) -> str:
-        return (
-            f"MGDA(normalization={self.normalization!r}, normalize_final={self.normalize_final}, "
-            f"scale={self.scale!r}, level={self.level!r}, head_grad={self.head_grad!r})"
-        )
+register_variant("mgda_ub", MGDA, level="representation")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from mtlkit.errors import TaskError
 from mtlkit.methods.base import LossWeighting
+from mtlkit.methods.hparams import hparam, none, number, one_of
 from mtlkit.methods.registry import register
 
 Distribution = Literal["normal", "uniform", "dirichlet"]
@@ -20,35 +19,29 @@ class RLW(LossWeighting):
     """Random loss weighting: Lin, Ye, Xu, Shi, Zhang, Kwok, "Reasonable Effectiveness of Random
     Weighting: A Litmus Test for Multi-Task Learning", TMLR 2022.
 
-    Every step draws fresh weights on the simplex and minimises ``sum_k w_k L_k``.
-
-    Args:
-        distribution: ``"normal"`` (default, the paper's and LibMTL's choice: ``softmax`` of
-            ``N(0, I)`` draws), ``"uniform"`` (``softmax`` of ``U(0, 1)`` draws) or ``"dirichlet"``
-            (``Dir(1, ..., 1)`` directly), three of the paper's variants.
-        seed: seed of the method's own generator. ``None`` (default) takes one from torch's global
-            generator at the first step, so ``torch.manual_seed`` makes runs reproducible. The
-            generator state is part of :meth:`state_dict`, so a resumed run draws the same weights.
-
-    Tasks without a labelled sample in the batch get weight 0; the others share the unit mass
-    (the draw itself does not depend on which tasks are labelled).
+    Every step draws fresh weights on the simplex and minimises ``sum_k w_k L_k``:
+    ``"normal"`` (the paper's and LibMTL's choice) is ``softmax`` of ``N(0, I)`` draws,
+    ``"uniform"`` ``softmax`` of ``U(0, 1)`` draws, ``"dirichlet"`` ``Dir(1, ..., 1)`` directly
+    (three of the paper's variants). The method's own generator's state is part of the
+    checkpoint, so a resumed run draws the same weights. Tasks without a labelled sample get
+    weight 0; the others share the unit mass (the draw does not depend on which are labelled).
     """
 
-    name = "rlw"
-
-    def __init__(self, distribution: Distribution = "normal", seed: int | None = None) -> None:
-        super().__init__()
-        if distribution not in ("normal", "uniform", "dirichlet"):
-            raise TaskError(f"RLW distribution must be normal, uniform or dirichlet, got {distribution!r}.")
-        self.distribution = distribution
-        self.seed = seed
-        self._generator: torch.Generator | None = None
+    distribution: Distribution = hparam(
+        "normal", one_of("normal", "uniform", "dirichlet"), "the weight distribution"
+    )
+    seed: int | None = hparam(
+        None,
+        number(ge=0, integer=True) | none(),
+        "seed of the method's generator; None takes one from torch's global generator at the first step",
+    )
 
     def _gen(self) -> torch.Generator:
-        if self._generator is None:
+        gen = getattr(self, "_generator", None)
+        if gen is None:
             seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-            self._generator = torch.Generator().manual_seed(seed)
-        return self._generator
+            gen = self._generator = torch.Generator().manual_seed(seed)
+        return gen
 
     def loss_weights(self, losses: Tensor, active: Tensor) -> Tensor:
         k = len(losses)
@@ -63,17 +56,13 @@ class RLW(LossWeighting):
         # all tasks unlabelled: softmax of all -inf is NaN -> weight 0 (no host sync needed)
         return torch.softmax(logits, dim=0).nan_to_num(0.0).to(losses.dtype)
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["generator"] = self._generator.get_state() if self._generator is not None else None
-        return state
+    def _extra_state(self) -> dict[str, Any]:
+        gen = getattr(self, "_generator", None)
+        return {"generator": gen.get_state() if gen is not None else None}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
         saved = state.get("generator")
+        self._generator = None
         if saved is not None:
             self._generator = torch.Generator()
             self._generator.set_state(saved)
-
-    def __repr__(self) -> str:
-        return f"RLW(distribution={self.distribution!r}, seed={self.seed!r})"

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn import metrics as skm
 from torch import Tensor
 
 from mtlkit.core.registry import Registry
@@ -34,6 +33,12 @@ class Metric:
         return float(self.fn(y_true, y_score))
 
 
+def _skm():  # scikit-learn costs ~2 s to import; only metric computations need it
+    from sklearn import metrics
+
+    return metrics
+
+
 def _is_multiclass(y_score: np.ndarray) -> bool:
     return y_score.ndim == 2 and y_score.shape[1] > 1
 
@@ -43,20 +48,20 @@ def _labels(y_score: np.ndarray) -> np.ndarray:
 
 
 def _accuracy(y, s):
-    return skm.accuracy_score(y.astype(np.int64), _labels(s))
+    return _skm().accuracy_score(y.astype(np.int64), _labels(s))
 
 
 def _auc(y, s):
     if _is_multiclass(s):
-        return skm.roc_auc_score(y.astype(np.int64), s, multi_class="ovr", labels=np.arange(s.shape[1]))
+        return _skm().roc_auc_score(y.astype(np.int64), s, multi_class="ovr", labels=np.arange(s.shape[1]))
     if len(np.unique(y)) < 2:
         return float("nan")  # AUC is undefined with one class present
-    return skm.roc_auc_score(y, s)
+    return _skm().roc_auc_score(y, s)
 
 
 def _f1(y, s):
     average = "macro" if _is_multiclass(s) else "binary"
-    return skm.f1_score(y.astype(np.int64), _labels(s), average=average, zero_division=0.0)
+    return _skm().f1_score(y.astype(np.int64), _labels(s), average=average, zero_division=0.0)
 
 
 METRICS: Registry[Metric] = Registry("metric")
@@ -64,9 +69,9 @@ _BUILTIN = [
     Metric("accuracy", _accuracy, True),
     Metric("auc", _auc, True),
     Metric("f1", _f1, True),
-    Metric("mse", lambda y, s: skm.mean_squared_error(y, s), False),
-    Metric("mae", lambda y, s: skm.mean_absolute_error(y, s), False),
-    Metric("r2", lambda y, s: skm.r2_score(y, s), True),
+    Metric("mse", lambda y, s: _skm().mean_squared_error(y, s), False),
+    Metric("mae", lambda y, s: _skm().mean_absolute_error(y, s), False),
+    Metric("r2", lambda y, s: _skm().r2_score(y, s), True),
 ]
 for _m in _BUILTIN:
     METRICS.register(_m.name)(lambda _m=_m: _m)

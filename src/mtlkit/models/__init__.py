@@ -4,7 +4,7 @@ from typing import Any
 
 from torch import nn
 
-from mtlkit.models.base import MODELS, MultiTaskModel, MultiTaskModule, mlp
+from mtlkit.models.base import MODELS, MultiTaskModel, MultiTaskModule, MultiTaskOutput, mlp
 from mtlkit.models.mmoe import MMoE
 from mtlkit.models.shared_bottom import SharedBottom
 
@@ -24,6 +24,7 @@ __all__ = [
     "MMoE",
     "MultiTaskModel",
     "MultiTaskModule",
+    "MultiTaskOutput",
     "SharedBottom",
     "available",
     "create",

@@ -1,37 +1,23 @@
-"""The multi-task model protocol and building blocks.
-
-A multi-task model is an ``nn.Module`` whose ``forward(x, task=None)`` returns ``{task: output}``
-(only ``{task: output}`` for one task when ``task`` is given), and which names its parts:
-``shared_parameters()``, ``task_parameters()`` (``{task: [params]}``) and, where it has one,
-``last_features``: the shared representation of the last forward, for representation-level methods.
+"""Building blocks of mtlkit's architectures and the base class that implements the model
+contract (:mod:`mtlkit.core.contract`): ``model(x)`` returns ``{task: output}``,
+``model(x, full_output=True)`` a :class:`~mtlkit.core.contract.MultiTaskOutput` with the shared
+representation, and the model names its shared and task-specific parameters.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from torch import Tensor, nn
 
+from mtlkit.core.contract import MultiTaskModel, MultiTaskOutput
 from mtlkit.core.registry import Registry
 from mtlkit.core.tasks import Task, TaskSet
 from mtlkit.errors import ShapeMismatchError, TaskError, unknown_name
 
 MODELS: Registry[nn.Module] = Registry("model")
 register = MODELS.register
-
-
-@runtime_checkable
-class MultiTaskModel(Protocol):
-    """What the Trainer and the methods need from a model."""
-
-    last_features: Tensor | None
-
-    def __call__(self, x: Any, task: str | None = None) -> dict[str, Tensor]: ...
-
-    def shared_parameters(self) -> list[nn.Parameter]: ...
-
-    def task_parameters(self) -> dict[str, list[nn.Parameter]]: ...
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -103,12 +89,28 @@ def resolve_out_features(names: Sequence[str], out_features: int | Mapping[str, 
 
 
 class MultiTaskModule(nn.Module):
-    """Base class for mtlkit architectures: task bookkeeping and the parameter split."""
+    """Base class for mtlkit architectures: the contract's ``forward``, task bookkeeping and the
+    parameter split.
+
+    A subclass implements :meth:`forward_tasks` (predictions for the selected tasks plus the
+    shared representation) and names its modules (:meth:`shared_modules`, :meth:`task_modules`).
+    """
 
     def __init__(self, tasks: TaskSet | Sequence[Task] | Sequence[str]) -> None:
         super().__init__()
         self.task_names = task_names(tasks)
-        self.last_features: Tensor | None = None
+
+    def forward(
+        self, x: Any, task: str | None = None, *, full_output: bool = False
+    ) -> dict[str, Tensor] | MultiTaskOutput:
+        """``{task: output}`` for every task (or only ``task``); with ``full_output`` a
+        :class:`~mtlkit.core.contract.MultiTaskOutput` that also carries the representation."""
+        out = self.forward_tasks(x, self._selected(task))
+        return out if full_output else out.predictions
+
+    def forward_tasks(self, x: Any, tasks: list[str]) -> MultiTaskOutput:
+        """Predictions for ``tasks``, the shared representation and any auxiliary losses."""
+        raise NotImplementedError
 
     def shared_modules(self) -> Iterable[nn.Module]:
         raise NotImplementedError
@@ -155,6 +157,7 @@ __all__ = [
     "MODELS",
     "MultiTaskModel",
     "MultiTaskModule",
+    "MultiTaskOutput",
     "check_input",
     "mlp",
     "register",

@@ -11,6 +11,7 @@ from mtlkit.core.tasks import Task, TaskSet
 from mtlkit.errors import TaskError
 from mtlkit.models.base import (
     MultiTaskModule,
+    MultiTaskOutput,
     check_input,
     last_weight_layer,
     mlp,
@@ -37,7 +38,7 @@ class MMoE(MultiTaskModule):
         tower_dims: hidden widths of each tower; a ``Linear`` to ``out_features`` follows.
         out_features, activation, dropout, batch_norm: as in SharedBottom.
 
-    ``last_features`` is the stack of expert outputs (B, E, h): everything after it (gates,
+    The representation is the stack of expert outputs (B, E, h): everything after it (gates,
     towers) is task-specific, so representation-level methods are exact about what is shared.
     ``last_gates`` holds each task's gate weights (B, E) from the last forward.
     """
@@ -83,14 +84,13 @@ class MMoE(MultiTaskModule):
     def last_shared_layers(self) -> list[nn.Module]:
         return [last_weight_layer(e) for e in self.experts]
 
-    def forward(self, x: Tensor, task: str | None = None) -> dict[str, Tensor]:
+    def forward_tasks(self, x: Tensor, tasks: list[str]) -> MultiTaskOutput:
         check_input(x, self.in_features, type(self).__name__)
         experts = torch.stack([e(x) for e in self.experts], dim=1)  # (B, E, h)
-        self.last_features = experts
         out = {}
-        for t in self._selected(task):
+        for t in tasks:
             gate = torch.softmax(self.gates[t](x), dim=-1)  # (B, E)
             self.last_gates[t] = gate.detach()
             mixed = torch.einsum("be,beh->bh", gate, experts)
             out[t] = self.towers[t](mixed)
-        return out
+        return MultiTaskOutput(out, experts)

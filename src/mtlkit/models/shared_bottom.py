@@ -7,7 +7,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from torch import Tensor, nn
 
 from mtlkit.core.tasks import Task, TaskSet
-from mtlkit.models.base import MultiTaskModule, check_input, mlp, register, resolve_out_features
+from mtlkit.models.base import (
+    MultiTaskModule,
+    MultiTaskOutput,
+    check_input,
+    mlp,
+    register,
+    resolve_out_features,
+)
 
 
 @register("shared_bottom")
@@ -23,7 +30,8 @@ class SharedBottom(MultiTaskModule):
         out_features: outputs per task (1 for regression / binary logits, C for ``ce``), or a map.
         activation, dropout, batch_norm: layer options of every MLP.
 
-    ``last_features`` is the bottom's output (B, bottom_dims[-1]).
+    The representation (``model(x, full_output=True).representation``) is the bottom's output
+    (B, bottom_dims[-1]).
     """
 
     def __init__(
@@ -55,8 +63,7 @@ class SharedBottom(MultiTaskModule):
     def task_modules(self, task: str) -> Iterable[nn.Module]:
         return [self.towers[task]]
 
-    def forward(self, x: Tensor, task: str | None = None) -> dict[str, Tensor]:
+    def forward_tasks(self, x: Tensor, tasks: list[str]) -> MultiTaskOutput:
         check_input(x, self.in_features, type(self).__name__)
         z = self.bottom(x)
-        self.last_features = z
-        return {t: self.towers[t](z) for t in self._selected(task)}
+        return MultiTaskOutput({t: self.towers[t](z) for t in tasks}, z)

@@ -1,14 +1,24 @@
-"""Training: the Trainer, evaluation reports and Δm%, checkpoints and logs."""
+"""Training: the Trainer, its callbacks, evaluation reports and Δm%, checkpoints and logs."""
 
-from mtlkit.train.checkpoint import load_checkpoint, save_checkpoint
-from mtlkit.train.evaluate import EvaluationReport
-from mtlkit.train.trainer import EarlyStopping, Trainer, resolve_device
+from mtlkit.train.callbacks import Callback
+from mtlkit.train.checkpoint import load_checkpoint, resumable_checkpoint, save_checkpoint
+from mtlkit.train.device import Precision, resolve_device
+from mtlkit.train.early_stopping import EarlyStopping
+from mtlkit.train.evaluate import EvaluationReport, evaluate, predict
+from mtlkit.train.logging import LoggingCallback
+from mtlkit.train.trainer import Trainer
 
 __all__ = [
+    "Callback",
     "EarlyStopping",
     "EvaluationReport",
+    "LoggingCallback",
+    "Precision",
     "Trainer",
+    "evaluate",
     "load_checkpoint",
+    "predict",
     "resolve_device",
+    "resumable_checkpoint",
     "save_checkpoint",
 ]

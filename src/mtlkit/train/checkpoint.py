@@ -73,6 +73,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """A byte-reproducible safetensors file: the tensors in sorted order and one metadata entry
+    (the Rust writer orders a multi-key metadata map differently in every process, so two
+    identical runs would write files with different SHA-256)."""
+    meta = json.dumps({"format": "mtlkit", "version": FORMAT_VERSION}, sort_keys=True)
+    return save_safetensors(dict(sorted(tensors.items())), metadata={"mtlkit": meta})
+
+
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict as contiguous CPU tensors (tied tensors are stored once per name)."""
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
@@ -146,9 +154,7 @@ def save_checkpoint(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model_bytes = save_safetensors(
-        model_tensors(model), metadata={"format": "mtlkit", "version": str(FORMAT_VERSION)}
-    )
+    model_bytes = safetensors_bytes(model_tensors(model))
     buf = io.BytesIO()
     torch.save({"format_version": FORMAT_VERSION, **state}, buf)
     state_bytes = buf.getvalue()
@@ -211,6 +217,46 @@ def latest_checkpoint(directory: Path, pointer: str = LATEST) -> Path | None:
     if not name or "/" in name or name.startswith(".") or not path.is_dir():
         raise CheckpointError(f"{pointer_file} points to {name!r}, which is not a checkpoint directory.")
     return path
+
+
+def resumable_checkpoint(
+    directory: Path, pointer: str = LATEST
+) -> tuple[LoadedCheckpoint | None, str | None]:
+    """The checkpoint to resume from: the one ``pointer`` names when it is intact, else the newest
+    intact one of the same kind, with a warning that names both; ``(None, None)`` when there is
+    none. Raises :class:`CheckpointError` when checkpoints exist but none is intact."""
+    directory = Path(directory)
+    prefix = "best" if pointer == "best" else "step"
+    candidates = sorted((p for p in directory.glob(f"{prefix}-*") if p.is_dir()), reverse=True)
+    named: Path | None = None
+    problem = None
+    try:
+        named = latest_checkpoint(directory, pointer)
+    except CheckpointError as exc:
+        problem = str(exc)
+    if named is not None:
+        try:
+            return load_checkpoint(named), None
+        except CheckpointError as exc:
+            problem = str(exc)
+    if named is None and problem is None and not candidates:
+        return None, None
+    for path in candidates:
+        if named is not None and path == named:
+            continue
+        try:
+            loaded = load_checkpoint(path)
+        except CheckpointError:
+            continue
+        if problem is None:
+            return loaded, None  # no pointer yet: a run killed between the rename and the pointer
+        return loaded, f"{problem} Resuming from the older intact checkpoint {path} instead."
+    if problem is None:
+        return None, None
+    raise CheckpointError(
+        f"{problem} No other intact checkpoint is in {directory}: delete it (or use another output "
+        "directory) to start afresh."
+    )
 
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:

@@ -9,8 +9,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtlkit.errors import TaskError
+import numpy as np
+import torch
+from torch import nn
+
+from mtlkit.core.contract import forward_full
+from mtlkit.core.tasks import TaskSet
+from mtlkit.errors import EmptyDataError, TaskError
 from mtlkit.metrics import delta_m, per_task_delta
+from mtlkit.metrics.task_metrics import compute_metrics, directions, predictions_for
+from mtlkit.train.batches import move_to, unpack_batch
+from mtlkit.train.device import Precision
 
 
 @dataclass
@@ -110,3 +119,83 @@ class EvaluationReport:
         if self.delta_m is not None:
             lines.append(f"Δm% = {self.delta_m:+.3f} (positive = better than single-task)")
         return "\n".join(lines)
+
+
+@dataclass
+class Predictions:
+    """Scores, targets and label masks per task over a loader, with mean losses and label counts."""
+
+    scores: dict[str, np.ndarray]
+    targets: dict[str, np.ndarray]
+    masks: dict[str, np.ndarray]
+    losses: dict[str, float]
+    labelled: dict[str, int]
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    tasks: TaskSet,
+    loader: Iterable[Any],
+    device: torch.device,
+    precision: Precision | None = None,
+) -> Predictions:
+    """Run ``model`` in eval mode over ``loader``; an empty loader raises
+    :class:`~mtlkit.errors.EmptyDataError` (metrics of no sample would be NaN)."""
+    model.eval()
+    names = tasks.names
+    scores: dict[str, list[np.ndarray]] = {t: [] for t in names}
+    targets: dict[str, list[np.ndarray]] = {t: [] for t in names}
+    masks: dict[str, list[np.ndarray]] = {t: [] for t in names}
+    loss_sum = dict.fromkeys(names, 0.0)
+    count = dict.fromkeys(names, 0)
+    batches = 0
+    for raw in loader:
+        batches += 1
+        cpu = unpack_batch(raw)
+        batch = move_to(cpu, device)
+        with precision.autocast() if precision is not None else torch.autocast("cpu", enabled=False):
+            outputs = forward_full(model, batch.inputs).predictions
+            if device.type != "cpu":
+                tasks.check_targets(cpu.targets, outputs, cpu.masks)
+            losses = tasks.losses(outputs, batch.targets, batch.masks)
+        labelled = tasks.labelled_masks(batch.targets, batch.masks)
+        counts = losses.labelled.tolist() if losses.labelled is not None else [0] * len(names)
+        for i, task in enumerate(tasks):
+            name = task.name
+            scores[name].append(predictions_for(task, outputs[name]).cpu().numpy())
+            targets[name].append(batch.targets[task.target_key].float().cpu().numpy())
+            masks[name].append(labelled[name].cpu().numpy())
+            loss_sum[name] += float(losses[name]) * counts[i]
+            count[name] += counts[i]
+    if batches == 0:
+        raise EmptyDataError("The evaluation loader yielded no batch; metrics of no sample are undefined.")
+    return Predictions(
+        {t: np.concatenate(v) for t, v in scores.items()},
+        {t: np.concatenate(v) for t, v in targets.items()},
+        {t: np.concatenate(v) for t, v in masks.items()},
+        {t: (loss_sum[t] / count[t]) if count[t] else math.nan for t in names},
+        count,
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    tasks: TaskSet,
+    loader: Iterable[Any],
+    device: torch.device,
+    precision: Precision | None = None,
+    reference: EvaluationReport | Mapping[str, Mapping[str, float]] | str | Path | None = None,
+) -> EvaluationReport:
+    """Per-task metrics and mean losses of ``model`` over ``loader``; Δm% against ``reference``."""
+    pred = predict(model, tasks, loader, device, precision)
+    metrics = {
+        t.name: compute_metrics(t, pred.scores[t.name], pred.targets[t.name], pred.masks[t.name])
+        for t in tasks
+    }
+    report = EvaluationReport(metrics, directions(tasks), pred.losses, pred.labelled)
+    if isinstance(reference, (str, Path)):
+        reference = EvaluationReport.load(reference)
+    if reference is not None:
+        report.with_reference(reference)
+    return report

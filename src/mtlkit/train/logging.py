@@ -6,7 +6,14 @@ import csv
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from mtlkit.train.callbacks import Callback
+
+if TYPE_CHECKING:
+    from mtlkit.methods import StepInfo
+    from mtlkit.train.evaluate import EvaluationReport
+    from mtlkit.train.trainer import Trainer
 
 
 class CSVLog:
@@ -96,3 +103,40 @@ class RunLogger:
             self._tb.flush()
             self._tb.close()
             self._tb = None
+
+
+class LoggingCallback(Callback):
+    """Writes ``run.json`` at the start of :meth:`~mtlkit.train.Trainer.fit`, a ``steps.csv`` row
+    every ``log_every`` steps (losses, weights, gradient norms and cosines, lr), an ``epochs.csv``
+    row per epoch, and the same to TensorBoard. After a resume, rows written after the restored
+    checkpoint (or every row, when the run restarts from scratch) are dropped first, so a killed
+    and restarted run never logs a step twice."""
+
+    def __init__(self, log_dir: Path, log_every: int = 10, tensorboard: bool = True) -> None:
+        self.log_dir = Path(log_dir)
+        self.log_every = max(1, int(log_every))
+        self.tensorboard = tensorboard
+        self.logger: RunLogger | None = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.logger = RunLogger(self.log_dir, tensorboard=self.tensorboard)
+        self.logger.resume_from(trainer.step, trainer.epoch)
+        self.logger.write_json("run.json", trainer.run_record())
+
+    def on_step_end(self, trainer: Trainer, info: StepInfo) -> None:
+        if self.logger is None or trainer.step % self.log_every:
+            return
+        scalars = info.scalars()
+        scalars["lr"] = trainer.learning_rate()
+        self.logger.log_step(trainer.step, trainer.epoch + 1, scalars)
+
+    def on_epoch_end(
+        self, trainer: Trainer, epoch: int, row: dict[str, float], report: EvaluationReport | None
+    ) -> None:
+        if self.logger is not None:
+            self.logger.log_epoch(epoch + 1, trainer.step, row)
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None

@@ -1,0 +1,40 @@
+"""IMTL-L: the loss-balancing half of impartial multi-task learning (Liu et al., ICLR 2021)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mtlkit.core.tasks import TaskSet
+from mtlkit.methods.base import LossWeighting
+from mtlkit.methods.hparams import hparam, none, number
+from mtlkit.methods.registry import register
+
+
+@register("imtl_l")
+class IMTLL(LossWeighting):
+    """IMTL-L, the loss-balancing half of Liu et al., "Towards Impartial Multi-task Learning",
+    ICLR 2021.
+
+    Each loss is replaced by ``exp(s_k) L_k - s_k`` with a learnable ``s_k`` (init 0), minimised
+    jointly with the model; at the optimum in ``s``, ``exp(s_k) L_k = 1``: every scaled loss is 1.
+    The reported weight of task k is ``exp(s_k)``. No official code was released; defaults follow
+    LibMTL (init 0, the optimiser's learning rate). ``scales`` is created by :meth:`setup`.
+    """
+
+    needs_setup = True
+    lr: float | None = hparam(
+        None, number(gt=0) | none(), "learning rate of s (None: the optimiser's, as LibMTL)"
+    )
+
+    def _build(self, tasks: TaskSet) -> None:
+        self.scales = nn.Parameter(torch.zeros(len(tasks)))
+
+    def parameter_lr(self) -> float | None:
+        return self.lr
+
+    def loss_weights(self, losses: Tensor, active: Tensor) -> Tensor:
+        return torch.exp(self.scales.to(losses.device))
+
+    def regularizer(self, active: Tensor) -> Tensor:
+        return -torch.where(active.to(self.scales.device), self.scales, 0.0).sum()

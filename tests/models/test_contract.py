@@ -1,0 +1,127 @@
+"""The model contract, checked for every registered model and for models whose shared/task split
+is not a tree (a new model is enrolled by registering it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mtlkit as mk
+from mtlkit.core.contract import MultiTaskOutput, check_parameter_split, forward_full
+from mtlkit.errors import ModelContractError
+from tests.models.toy_models import CrossTaskHead, PerTaskRepresentation
+
+TASKS = mk.TaskSet([mk.Task("a"), mk.Task("b", loss="ce")])
+
+
+def registered(name):
+    return mk.models.create(name, in_features=6, tasks=TASKS, out_features={"b": 3})
+
+
+MODELS = [pytest.param(lambda n=n: registered(n), id=n) for n in mk.models.available()]
+MODELS += [
+    pytest.param(CrossTaskHead, id="cross_task_head"),
+    pytest.param(PerTaskRepresentation, id="per_task_rep"),
+]
+
+
+def inputs(model):
+    return torch.randn(4, 6 if model.task_names == TASKS.names else 5)
+
+
+@pytest.mark.parametrize("factory", MODELS)
+def test_outputs_full_output_and_single_task_forward(factory):
+    model = factory()
+    x = inputs(model)
+    out = model(x)
+    assert isinstance(out, dict) and list(out) == model.task_names
+    full = model(x, full_output=True)
+    assert isinstance(full, MultiTaskOutput)
+    for t in model.task_names:
+        torch.testing.assert_close(full.predictions[t], out[t])
+    rep = full.representation
+    reps = rep.values() if isinstance(rep, dict) else [rep]
+    assert all(r.requires_grad and r.grad_fn is not None for r in reps)
+    if isinstance(rep, dict):
+        assert list(rep) == model.task_names
+    only = model(x, task=model.task_names[-1])
+    assert list(only) == [model.task_names[-1]]
+
+
+@pytest.mark.parametrize("factory", MODELS)
+def test_every_trainable_parameter_is_shared_or_task_specific(factory):
+    model = factory()
+    check_parameter_split(model)
+    shared = {id(p) for p in model.shared_parameters()}
+    specific = {id(p) for ps in model.task_parameters().values() for p in ps}
+    assert shared.isdisjoint(specific)
+    assert shared | specific == {id(p) for p in model.parameters()}
+
+
+@pytest.mark.parametrize("factory", MODELS)
+def test_the_representation_separates_the_shared_part(factory):
+    # the losses reach the shared parameters only through the representation: one backward of the
+    # representation's cotangent reproduces the summed loss's gradient on them exactly
+    model = factory().double()
+    x = inputs(model).double()
+    full = model(x, full_output=True)
+    total = sum(v.double().pow(2).sum() for v in full.predictions.values())
+    rep = full.representation
+    reps = list(rep.values()) if isinstance(rep, dict) else [rep]
+    shared = model.shared_parameters()
+    ref = torch.autograd.grad(total, shared, retain_graph=True)
+    cot = torch.autograd.grad(total, reps, retain_graph=True)
+    via = torch.autograd.grad(reps, shared, grad_outputs=cot)
+    for a, b in zip(ref, via, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["mgda", "mgda_ub", "upgrad", "ew", "famo"])
+@pytest.mark.parametrize("model_cls", [CrossTaskHead, PerTaskRepresentation])
+def test_models_that_are_not_trees_train_with_methods_at_both_levels(model_cls, name):
+    torch.manual_seed(0)
+    model = model_cls()
+    tasks = mk.TaskSet([mk.Task(t) for t in model.task_names])
+    x = torch.randn(32, 5)
+    y = {t: torch.randn(32) for t in model.task_names}
+    trainer = mk.Trainer(model, tasks, name, device="cpu", progress=False)
+    before = trainer.evaluate([(x, y)]).losses
+    for _ in range(30):
+        trainer.train_step((x, y))
+    after = trainer.evaluate([(x, y)]).losses
+    assert sum(after.values()) < sum(before.values())
+
+
+def test_a_parameter_in_neither_list_is_refused():
+    model = CrossTaskHead()
+    model.extra = torch.nn.Linear(2, 2)  # trained by nobody: a silently frozen layer
+    with pytest.raises(ModelContractError, match="extra.weight"):
+        check_parameter_split(model)
+    with pytest.raises(ModelContractError, match="neither"):
+        mk.Trainer(model, mk.TaskSet([mk.Task(t) for t in model.task_names]), device="cpu")
+
+
+def test_a_ddp_like_wrapper_is_looked_through():
+    model = CrossTaskHead()
+    wrapped = torch.nn.DataParallel(model)
+    out = forward_full(wrapped, torch.randn(3, 5))
+    assert isinstance(out, MultiTaskOutput) and out.representation is not None
+    assert mk.core.contract.shared_parameters(wrapped) == model.shared_parameters()
+
+
+def test_plain_models_returning_a_dict_are_supported_without_a_representation():
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = torch.nn.Linear(3, 4)
+            self.heads = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 1), "b": torch.nn.Linear(4, 1)})
+
+        def forward(self, x):
+            z = self.trunk(x)
+            return {k: h(z).squeeze(-1) for k, h in self.heads.items()}
+
+        def shared_parameters(self):
+            return list(self.trunk.parameters())
+
+    out = forward_full(Plain(), torch.randn(2, 3))
+    assert out.representation is None and set(out.predictions) == {"a", "b"}
