@@ -1,3 +1,4 @@
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,71 @@ def test_errors_exit_with_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert "error: Unknown method 'mdga'. Did you mean 'mgda'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"data": {"batch_size": 0}}, r"data.batch_size must be >= 1"),
+        ({"optimizer": {"lr": -0.1}}, r"optimizer.lr must be > 0"),
+        ({"optimizer": {"name": "adamm"}}, r"Did you mean 'adam'"),
+        ({"trainer": {"device": "cuad"}}, r"trainer.device: 'cuad' is not a device"),
+        ({"trainer": {"epochs": -3}}, r"trainer.epochs must be >= 0"),
+        ({"trainer": {"checkpoint_every": 0}}, r"trainer.checkpoint_every must be >= 1"),
+        ({"trainer": {"amp": "fp8"}}, r"trainer.amp must be"),
+        ({"trainer": {"early_stopping": {"patience": 0}}}, r"patience must be >= 1"),
+    ],
+)
+def test_out_of_range_values_are_refused(tmp_path, data, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, data))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"data": {"name": "mmoe_synthetic", "options": {"n_trian": 10}}},
+            r"data.options.n_trian. Did you mean 'n_train'",
+        ),
+        (
+            {"model": {"name": "mmoe", "options": {"num_expert": 2}}},
+            r"model.options.num_expert. Did you mean 'num_experts'",
+        ),
+        ({"model": {"name": "mmoe", "options": {"tasks": []}}}, r"set by the run itself"),
+        ({"method": {"name": "famo", "options": {"gama": 0.1}}}, r"method.options.*Did you mean 'gamma'"),
+        ({"method": {"name": "famo", "options": {"gamma": -1}}}, r"gamma must be a number >= 0"),
+        ({"method": {"name": "mdga"}}, r"Did you mean 'mgda'"),
+    ],
+)
+def test_component_options_are_checked_before_any_data_is_loaded(tmp_path, monkeypatch, data, message):
+    import mtlkit as mk
+
+    original = mk.data.DATASETS.get("mmoe_synthetic")
+
+    @functools.wraps(original)
+    def forbidden(**kwargs):
+        raise AssertionError("the dataset was loaded before the configuration was checked")
+
+    monkeypatch.setitem(mk.data.DATASETS._entries, "mmoe_synthetic", forbidden)
+    data = {"data": {"name": "mmoe_synthetic"}, **data}
+    result = runner.invoke(app, ["train", str(write(tmp_path, data))])
+    assert isinstance(result.exception, mk.errors.MtlkitError), result.exception
+    assert __import__("re").search(message, str(result.exception)), str(result.exception)
+
+
+def test_cli_overrides_are_validated_and_checkpoint_every_is_settable(tmp_path):
+    path = write(tmp_path, {"trainer": {"epochs": 2}})
+    with pytest.raises(ConfigError, match="trainer.epochs must be >= 0"):
+        load_config(path, {"trainer.epochs": -3})
+    assert load_config(path, {"trainer.checkpoint_every": 7}).trainer.checkpoint_every == 7
+    cfg = load_config(ROOT / "configs" / "synthetic_mmoe_mgda_ub.yaml").to_dict()
+    cfg["data"]["options"].update(n_train=256, n_val=64, n_test=64)
+    cfg["trainer"].update(progress=False, tensorboard=False)
+    cfg["output"] = str(tmp_path / "run")
+    result = runner.invoke(
+        app, ["train", str(write(tmp_path, cfg)), "--epochs", "1", "--checkpoint-every", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert steps == ["step-00000002", "step-00000002-end"]  # one every step, the last two kept

@@ -1,6 +1,7 @@
 import csv
 import math
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -291,3 +292,85 @@ def test_undefined_delta_is_nan_with_a_warning():
     with pytest.warns(RuntimeWarning, match="undefined"):
         rep.with_reference({"a": {"auc": 0.8}})
     assert math.isnan(rep.delta_m)
+
+
+def test_empty_loaders_are_errors_and_nothing_is_written(synth, tmp_path):
+    trainer = make_trainer(synth, tmp_path, tensorboard=False)
+    empty = synth.train.subset(torch.arange(0))
+    with pytest.raises(mk.errors.EmptyDataError, match="training loader has no batch"):
+        trainer.fit(mk.data.loader(empty, 64), epochs=1)
+    assert not (tmp_path / "checkpoints").exists()
+    with pytest.raises(mk.errors.EmptyDataError, match="training loader yielded no batch"):
+        trainer.fit(iter(()), epochs=1)  # a generator has no len(): found when the epoch is empty
+    assert not (tmp_path / "checkpoints").exists()
+    with pytest.raises(mk.errors.EmptyDataError, match="evaluation loader"):
+        trainer.evaluate(mk.data.loader(empty, 64))
+
+
+def test_out_of_range_targets_name_the_task(synth):
+    tasks = mk.TaskSet([mk.Task("kind", loss="ce"), mk.Task("flag", loss="bce")])
+    model = mk.models.SharedBottom(12, tasks, bottom_dims=[8], tower_dims=[4], out_features={"kind": 3})
+    trainer = mk.Trainer(model, tasks, device="cpu", progress=False)
+    x = synth.train.inputs[:4]
+    with pytest.raises(mk.errors.TaskError, match="Task 'kind': class index 3 is out of range for 3 classes"):
+        trainer.train_step((x, {"kind": torch.tensor([0, 1, 2, 3]), "flag": torch.zeros(4)}))
+    with pytest.raises(mk.errors.TaskError, match=r"Task 'flag': loss 'bce' needs labels in \[0, 1\]"):
+        trainer.train_step((x, {"kind": torch.tensor([0, 1, 2, -100]), "flag": torch.tensor([0.0, 1, 2, 1])}))
+    # missing labels (a negative class index, NaN) are not out of range
+    trainer.train_step(
+        (x, {"kind": torch.tensor([0, 1, 2, -100]), "flag": torch.tensor([0.0, 1, math.nan, 1])})
+    )
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_no_step_twice(synth, tmp_path):
+    class Crash(RuntimeError):
+        pass
+
+    def crashing():
+        for i, batch in enumerate(mk.data.loader(synth.train, 64)):
+            if i == 5:
+                raise Crash
+            yield batch
+
+    trainer = make_trainer(synth, tmp_path, tensorboard=False)
+    with pytest.raises(Crash):
+        trainer.fit(crashing(), epochs=1)
+    assert not (tmp_path / "checkpoints").exists()
+    make_trainer(synth, tmp_path, tensorboard=False).fit(mk.data.loader(synth.train, 64), epochs=1)
+    steps = [int(r["step"]) for r in csv.DictReader((tmp_path / "steps.csv").read_text().splitlines())]
+    assert steps == list(range(1, 9))
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(synth, tmp_path):
+    trainer = make_trainer(synth, tmp_path, tensorboard=False, checkpoint_every=3, keep_checkpoints=3)
+    trainer.fit(mk.data.loader(synth.train, 64), epochs=1)  # 8 steps: step-3, step-6, step-8-end
+    latest = latest_checkpoint(tmp_path / "checkpoints")
+    assert latest.name == "step-00000008-end"
+    (latest / "model.safetensors").write_bytes(b"garbage")
+    resumed = make_trainer(synth, tmp_path, tensorboard=False, checkpoint_every=3, keep_checkpoints=3)
+    with pytest.warns(
+        UserWarning, match=r"step-00000008-end.*corrupt.*older intact checkpoint .*step-00000006"
+    ):
+        resumed.fit(mk.data.loader(synth.train, 64), epochs=1)
+    assert resumed.step == 8 and resumed.epoch == 1  # redid steps 7 and 8 from step 6
+    for name in ("step-00000003", "step-00000006", "step-00000008-end"):
+        shutil.rmtree(tmp_path / "checkpoints" / name, ignore_errors=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step-00000008-end")
+    with pytest.raises(CheckpointError, match="No other intact checkpoint"):
+        make_trainer(synth, tmp_path, tensorboard=False).fit(mk.data.loader(synth.train, 64), epochs=2)
+
+
+def test_safetensors_files_are_byte_reproducible_across_processes(tmp_path):
+    import hashlib
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; from mtlkit.train.checkpoint import safetensors_bytes; "
+        "t = {f'w{i}': torch.arange(6.0).reshape(2, 3) * i for i in range(5)}; "
+        "sys.stdout.buffer.write(safetensors_bytes(t))"
+    )
+    outs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout for _ in range(4)
+    ]
+    assert len({hashlib.sha256(o).hexdigest() for o in outs}) == 1

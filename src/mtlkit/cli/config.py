@@ -1,13 +1,17 @@
 """YAML run configurations validated into typed dataclasses.
 
-Every key is checked: an unknown key, a wrong type or a bad value raises
-:class:`~mtlkit.errors.ConfigError` naming the key (with close matches for typos).
+Every key is checked before anything is loaded or built: an unknown key, a wrong type or a value
+out of range raises :class:`~mtlkit.errors.ConfigError` naming the key (with close matches for
+typos). :func:`check_components` then checks the names and ``options`` of the dataset, model and
+method against the registries and the components' own declared parameters.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -111,7 +115,7 @@ def _check(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}.")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     container = {dict: dict, list: list}.get(origin)  # type: ignore[call-overload]
     if container is not None:
@@ -154,7 +158,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read and validate a YAML run configuration."""
+    """Read and validate a YAML run configuration (``overrides``: dotted keys, validated too)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -162,11 +166,107 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         raise ConfigError(f"Config file {path} does not exist.") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    config = from_dict(RunConfig, raw or {})
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}.")
     for dotted, value in (overrides or {}).items():
-        target: Any = config
+        target = raw
         *parents, last = dotted.split(".")
         for p in parents:
-            target = getattr(target, p)
-        setattr(target, last, value)
+            inner = target.get(p)
+            if inner is None:
+                inner = target[p] = {}
+            if not isinstance(inner, dict):
+                raise ConfigError(f"{p}: expected a mapping, got {type(inner).__name__}.")
+            target = inner
+        target[last] = value
+    config = from_dict(RunConfig, raw)
+    check_values(config)
     return config
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+def _at_least(key: str, value: Any, low: float, strict: bool = False, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    ok = value > low if strict else value >= low
+    if not ok:
+        raise ConfigError(
+            f"{key} must be {'>' if strict else '>='} {low:g}{' or null' if optional else ''}; got {value!r}."
+        )
+
+
+def check_values(cfg: RunConfig) -> None:
+    """Ranges and enumerations of every field (types were checked by :func:`from_dict`)."""
+    _at_least("data.batch_size", cfg.data.batch_size, 1)
+    _at_least("data.eval_batch_size", cfg.data.eval_batch_size, 1)
+    _at_least("optimizer.lr", cfg.optimizer.lr, 0, strict=True)
+    _at_least("optimizer.weight_decay", cfg.optimizer.weight_decay, 0)
+    _at_least("optimizer.momentum", cfg.optimizer.momentum, 0)
+    if cfg.optimizer.name.lower() not in OPTIMIZERS:
+        close = difflib.get_close_matches(cfg.optimizer.name.lower(), OPTIMIZERS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"optimizer.name: unknown optimizer {cfg.optimizer.name!r}.{hint} Available: {', '.join(OPTIMIZERS)}."
+        )
+    t = cfg.trainer
+    _at_least("trainer.epochs", t.epochs, 0)
+    _at_least("trainer.log_every", t.log_every, 1)
+    _at_least("trainer.checkpoint_every", t.checkpoint_every, 1, optional=True)
+    _at_least("trainer.keep_checkpoints", t.keep_checkpoints, 1)
+    _at_least("trainer.grad_clip", t.grad_clip, 0, strict=True, optional=True)
+    if not _DEVICE.match(t.device):
+        raise ConfigError(
+            f"trainer.device: {t.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps."
+        )
+    if t.amp not in (False, True, "bf16", "fp16"):
+        raise ConfigError(f"trainer.amp must be false, true, bf16 or fp16; got {t.amp!r}.")
+    es = t.early_stopping
+    if es is not None:
+        _at_least("trainer.early_stopping.patience", es.patience, 1)
+        _at_least("trainer.early_stopping.min_delta", es.min_delta, 0)
+        if es.mode not in ("auto", "max", "min"):
+            raise ConfigError(f"trainer.early_stopping.mode must be auto, max or min; got {es.mode!r}.")
+    if not cfg.output:
+        raise ConfigError("output must name a directory.")
+
+
+def check_options(
+    key: str, factory: Any, options: dict[str, Any], given_by_run: tuple[str, ...] = ()
+) -> None:
+    """Refuse option names that ``factory`` does not take (with close matches); ``given_by_run``
+    are arguments the run fills in itself (``in_features``, ``tasks``)."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [n for n in params if n not in given_by_run and n != "self"]
+    for name in options:
+        if name in given_by_run:
+            raise ConfigError(f"{key}.{name} is set by the run itself; remove it from the config.")
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"Unknown option {key}.{name}.{hint} Allowed: {', '.join(allowed) or '(none)'}."
+            )
+
+
+def check_components(cfg: RunConfig) -> None:
+    """Names and options of the dataset, model and method, against the registries: every error a
+    run would meet when building them, raised before the data is loaded."""
+    from mtlkit.data import DATASETS
+    from mtlkit.methods import create as create_method
+    from mtlkit.models import MODELS
+
+    check_options("data.options", DATASETS.get(cfg.data.name), cfg.data.options)
+    check_options("model.options", MODELS.get(cfg.model.name), cfg.model.options, ("in_features", "tasks"))
+    try:
+        create_method(cfg.method.name, **cfg.method.options)  # validates every declared option
+    except ConfigError as exc:
+        raise ConfigError(f"method.options: {exc}") from exc

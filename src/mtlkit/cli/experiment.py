@@ -13,12 +13,10 @@ import torch
 from mtlkit import data as mk_data
 from mtlkit import methods as mk_methods
 from mtlkit import models as mk_models
-from mtlkit.cli.config import RunConfig
+from mtlkit.cli.config import OPTIMIZERS, RunConfig, check_components
 from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import ConfigError, unknown_name
 from mtlkit.train import EarlyStopping, EvaluationReport, Trainer
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 @dataclass
@@ -50,6 +48,7 @@ def select_tasks(tasks: TaskSet, names: Sequence[str] | None) -> TaskSet:
 
 def run(cfg: RunConfig, dataset: Any | None = None, task_names: Sequence[str] | None = None) -> RunResult:
     """Train as configured, evaluate on the test split (with Δm% when a reference is set)."""
+    check_components(cfg)
     torch.manual_seed(cfg.seed)
     dataset = dataset if dataset is not None else mk_data.load(cfg.data.name, **cfg.data.options)
     tasks = select_tasks(dataset.tasks, task_names)
@@ -73,7 +72,7 @@ def run(cfg: RunConfig, dataset: Any | None = None, task_names: Sequence[str] | 
         checkpoint_every=t.checkpoint_every,
         keep_checkpoints=t.keep_checkpoints,
         grad_clip=t.grad_clip,
-        amp=t.amp,
+        amp=t.amp,  # type: ignore[arg-type]  # checked by check_values
         early_stopping=EarlyStopping(es.monitor, es.patience, es.min_delta, es.mode) if es else None,  # type: ignore[arg-type]
         reference=cfg.reference,
         seed=cfg.seed,

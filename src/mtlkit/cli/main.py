@@ -54,17 +54,30 @@ def train(
     config: Annotated[Path, typer.Argument(help="YAML run configuration (see configs/).")],
     epochs: Annotated[int | None, typer.Option(help="Override trainer.epochs.")] = None,
     output: Annotated[str | None, typer.Option("--out", help="Override the output directory.")] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="Override trainer.checkpoint_every (steps between checkpoints).")
+    ] = None,
 ) -> None:
-    """Train a model as configured, then evaluate it on the test split."""
-    from mtlkit.cli.config import load_config
-    from mtlkit.cli.experiment import run
+    """Train a model as configured, then evaluate it on the test split.
 
-    overrides = {}
+    The whole configuration (every key, value range, component name and option) is checked
+    before any data is loaded. Started again with the same output directory, a killed run
+    resumes from its last intact checkpoint.
+    """
+    from mtlkit.cli.config import check_components, load_config
+
+    overrides: dict[str, object] = {}
     if epochs is not None:
         overrides["trainer.epochs"] = epochs
     if output is not None:
         overrides["output"] = output
-    result = run(load_config(config, overrides))
+    if checkpoint_every is not None:
+        overrides["trainer.checkpoint_every"] = checkpoint_every
+    cfg = load_config(config, overrides)
+    check_components(cfg)
+    from mtlkit.cli.experiment import run
+
+    result = run(cfg)
     typer.echo(str(result.test))
     typer.echo(f"logs, checkpoints and test_report.json in {result.output}")
 

@@ -85,10 +85,10 @@ def supports_full_output(model: nn.Module) -> bool:
     cls = type(inner)
     if cls not in _FULL_OUTPUT:
         try:
-            params = inspect.signature(inner.forward).parameters
+            names = set(inspect.signature(inner.forward).parameters)
         except (TypeError, ValueError):
-            params = {}
-        _FULL_OUTPUT[cls] = "full_output" in params
+            names = set()
+        _FULL_OUTPUT[cls] = "full_output" in names
     return _FULL_OUTPUT[cls]
 
 

@@ -593,5 +593,5 @@ def _reachable_leaves(roots: Sequence[Tensor], stops: set[int]) -> list[Tensor]:
         if var is not None and id(var) not in leaf_ids:
             leaf_ids.add(id(var))
             leaves.append(var)
-        stack.extend(fn for fn, _ in node.next_functions)
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
     return leaves

@@ -198,12 +198,14 @@ class Task:
         # A user's callable sees only fully labelled samples (every entry of the row labelled),
         # so it never receives a NaN target.
         rows = valid.reshape(valid.shape[0], -1).all(dim=1) if valid.dim() > 1 else valid
+        fn = self.loss
+        assert callable(fn)
         if bool(rows.all()):
-            value = self.loss(pred, target)
+            value = fn(pred, target)
         elif not bool(rows.any()):
             return pred.sum() * 0.0
         else:
-            value = self.loss(pred[rows], target[rows])
+            value = fn(pred[rows], target[rows])
         if not isinstance(value, Tensor):
             raise TaskError(f"Task {self.name!r}: the loss callable must return a tensor.")
         return value.mean() if value.dim() > 0 else value

@@ -63,7 +63,7 @@ class MultiTaskTensorDataset(Dataset):
         )
 
 
-def _keep_batch(batch: Batch) -> Batch:
+def _keep_batch(batch: Any) -> Any:
     return batch
 
 

@@ -187,7 +187,7 @@ def load_census_income(seed: int = 0, cache: Path | str | None = None, refresh: 
         names = data.pop("names")
         tensors_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = tensors_path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in data.items()}, str(tmp))
+        save_file({k: v.contiguous() for k, v in data.items() if isinstance(v, torch.Tensor)}, str(tmp))
         tmp.replace(tensors_path)
         meta_path.write_text(json.dumps({"feature_names": names, "sources": {k: FILES[k][2] for k in FILES}}))
     else:

@@ -32,6 +32,10 @@ class DWA(LossWeighting):
     mean over the older period is 0 or undefined (no labelled sample) gets ``r = 1``.
     """
 
+    epoch_sum: Tensor
+    epoch_count: Tensor
+    epoch_means: Tensor
+    recent: Tensor
     temperature: float = hparam(2.0, number(gt=0), "T (official default 2.0)")
     window: Literal["epoch"] | int = hparam(
         "epoch", one_of("epoch") | number(ge=1, integer=True), "'epoch' (the paper) or n steps (nash-mtl)"

@@ -28,6 +28,7 @@ class EW(LossWeighting):
     """
 
     uses_task_weights = True
+    task_weights: Tensor
     weights: Sequence[float] | Mapping[str, float] | None = hparam(
         None,
         numbers(number(ge=0), keyed=True) | none(),

@@ -40,6 +40,11 @@ class FAMO(LossWeighting):
     weight decay, as every logit does in the official update.
     """
 
+    logits: Tensor
+    min_loss: Tensor
+    adam_exp_avg: Tensor
+    adam_exp_avg_sq: Tensor
+    adam_step: Tensor
     lr: float = hparam(0.025, number(gt=0), "Adam learning rate of xi (official --method-params-lr 0.025)")
     gamma: float = hparam(
         1e-3,

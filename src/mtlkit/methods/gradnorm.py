@@ -50,6 +50,10 @@ class GradNorm(LossWeighting):
     """
 
     needs_setup = True
+    logits: nn.Parameter
+    initial_losses: Tensor
+    epoch_sum: Tensor
+    epoch_count: Tensor
     alpha: float = hparam(1.5, number(ge=0), "the asymmetry (official default 1.5)")
     layer: Layer = hparam(
         "last",

@@ -23,6 +23,7 @@ class IMTLL(LossWeighting):
     """
 
     needs_setup = True
+    scales: nn.Parameter
     lr: float | None = hparam(
         None, number(gt=0) | none(), "learning rate of s (None: the optimiser's, as LibMTL)"
     )

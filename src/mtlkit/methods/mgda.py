@@ -49,6 +49,7 @@ class MGDA(GramianWeighting):
         1.0, number(gt=0) | one_of("num_tasks"), "overall factor (1 official; nash-mtl uses K: 'num_tasks')"
     )
     warm_start: bool = hparam(True, boolean(), "start the solver from the previous solution")
+    previous: Tensor
 
     def _build(self, tasks: TaskSet) -> None:
         self.register_buffer("previous", torch.zeros(len(tasks), dtype=torch.float64))

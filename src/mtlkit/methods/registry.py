@@ -42,8 +42,8 @@ def available() -> list[str]:
 
 def method_class(name: str) -> type:
     """The class behind a registry name (a variant's class for a variant)."""
-    factory = METHODS.get(name)
-    return getattr(factory, "variant_of", factory)  # type: ignore[return-value]
+    factory: Any = METHODS.get(name)
+    return getattr(factory, "variant_of", factory)
 
 
 def variant_defaults(name: str) -> dict[str, Any]:

@@ -36,8 +36,10 @@ class RLW(LossWeighting):
         "seed of the method's generator; None takes one from torch's global generator at the first step",
     )
 
+    _generator: torch.Generator | None = None
+
     def _gen(self) -> torch.Generator:
-        gen = getattr(self, "_generator", None)
+        gen = self._generator
         if gen is None:
             seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
             gen = self._generator = torch.Generator().manual_seed(seed)
@@ -57,12 +59,13 @@ class RLW(LossWeighting):
         return torch.softmax(logits, dim=0).nan_to_num(0.0).to(losses.dtype)
 
     def _extra_state(self) -> dict[str, Any]:
-        gen = getattr(self, "_generator", None)
+        gen = self._generator
         return {"generator": gen.get_state() if gen is not None else None}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         saved = state.get("generator")
-        self._generator = None
+        gen = None
         if saved is not None:
-            self._generator = torch.Generator()
-            self._generator.set_state(saved)
+            gen = torch.Generator()
+            gen.set_state(saved)
+        self._generator = gen

@@ -35,6 +35,9 @@ class STCH(LossWeighting):
     """
 
     positive_losses = True
+    nadir_point: Tensor
+    nadir_sum: Tensor
+    nadir_count: Tensor
     mu: float = hparam(1.0, number(gt=0), "smoothing (official default 1.0)")
     warmup_epochs: int = hparam(
         4, number(ge=0, integer=True), "epochs of log-sum training before the nadir epoch"
@@ -48,7 +51,11 @@ class STCH(LossWeighting):
         if self.nadir is not None and len(self.nadir) != k:
             raise ConfigError(f"STCH got {len(self.nadir)} nadir values for {k} tasks.")
         fixed = self.nadir is not None
-        start = torch.tensor(list(self.nadir), dtype=torch.float64) if fixed else torch.full((k,), torch.nan)
+        start = (
+            torch.tensor(list(self.nadir or ()), dtype=torch.float64)
+            if fixed
+            else torch.full((k,), torch.nan)
+        )
         self.register_buffer("nadir_point", start.double())
         self.register_buffer("nadir_sum", torch.zeros(k, dtype=torch.float64))
         self.register_buffer("nadir_count", torch.zeros(k, dtype=torch.float64))

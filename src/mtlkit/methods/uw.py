@@ -47,6 +47,7 @@ class UW(LossWeighting):
     """
 
     needs_setup = True
+    scales: nn.Parameter
     lr: float | None = hparam(
         0.025,
         number(gt=0) | none(),

@@ -103,7 +103,7 @@ def compute_metrics(
     """``{metric: value}`` for one task over its labelled samples (NaN when none is labelled)."""
     metrics = task_metrics(task)
     if labelled.ndim > 1:  # elementwise labels: a sample counts if all its entries are labelled
-        labelled = labelled.reshape(labelled.shape[0], -1).all(1)
+        labelled = np.asarray(labelled.reshape(labelled.shape[0], -1).all(1))
     y, s = targets[labelled], scores[labelled]
     if y.shape[0] == 0:
         return {m.name: float("nan") for m in metrics}

@@ -135,7 +135,8 @@ class MultiTaskModule(nn.Module):
     def last_shared_parameters(self) -> list[nn.Parameter]:
         """The weight matrices of :meth:`last_shared_layers`: the "last shared layer of weights"
         at which GradNorm (Chen et al., ICML 2018) measures the task gradient norms."""
-        return [m.weight for m in self.last_shared_layers() if m.weight.requires_grad]
+        weights = [getattr(m, "weight", None) for m in self.last_shared_layers()]
+        return [w for w in weights if isinstance(w, nn.Parameter) and w.requires_grad]
 
     def _selected(self, task: str | None) -> list[str]:
         if task is None:

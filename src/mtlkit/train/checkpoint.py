@@ -88,7 +88,7 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a training step can draw from, as tensors and plain values."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": {

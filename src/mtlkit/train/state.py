@@ -133,9 +133,9 @@ def _rollback(trainer: Trainer, snapshot: tuple[Any, ...]) -> None:
     model, optimizer, scheduler, scaler, method, callbacks, rng = snapshot
     apply_model_tensors(trainer.model, model)
     trainer.optimizer.load_state_dict(optimizer)
-    if scheduler is not None:
+    if scheduler is not None and trainer.scheduler is not None:
         trainer.scheduler.load_state_dict(scheduler)
-    if scaler is not None:
+    if scaler is not None and trainer.precision.scaler is not None:
         trainer.precision.scaler.load_state_dict(scaler)
     trainer.method.load_state_dict(method)
     for cb, st in zip(trainer.callbacks, callbacks, strict=True):
