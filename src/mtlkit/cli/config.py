@@ -117,7 +117,7 @@ def _check(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}.")
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
-    container = {dict: dict, list: list}.get(origin)  # type: ignore[call-overload]
+    container = {dict: dict, list: list}.get(origin)
     if container is not None:
         if not isinstance(value, container):
             raise ConfigError(
