@@ -37,8 +37,9 @@ def engine_errors() -> dict[str, float]:
         rows, reps = [], []
         for t in tasks.names:
             net.zero_grad(set_to_none=True)
-            losses = tasks.losses(net(x), y)
-            z = net.last_features
+            out = net(x, full_output=True)
+            losses = tasks.losses(out.predictions, y)
+            z = out.representation
             z.retain_grad()
             losses[t].backward()
             rows.append(torch.cat([p.grad.reshape(-1) for p in net.shared_parameters()]))
@@ -48,12 +49,15 @@ def engine_errors() -> dict[str, float]:
             g, _ = mk.GradientEngine(strategy).parameter_gramian(
                 list(tasks.losses(net(x), y).values()),
                 net.shared_parameters(),
-                tasks.names,
                 net.task_parameters(),
             )
             out[f"{model_name}/param/{strategy}"] = float((g - J @ J.T).abs().max())
+        out = net(x, full_output=True)
         g, _ = mk.GradientEngine().representation_gramian(
-            list(tasks.losses(net(x), y).values()), net.last_features, tasks.names, net.task_parameters()
+            list(tasks.losses(out.predictions, y).values()),
+            out.representation,
+            tasks.names,
+            net.task_parameters(),
         )
         out[f"{model_name}/rep"] = float((g - H @ H.T).abs().max())
     return out

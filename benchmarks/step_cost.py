@@ -1,13 +1,19 @@
 """Per-step time and peak memory of mtlkit methods relative to one plain summed-loss step.
 
-Reference model (issue #3): input 256, shared MLP trunk 256-512-512-256 with ReLU, K heads
+Reference model: input 256, shared MLP trunk 256-512-512-256 with ReLU, K heads
 256-64-1, MSE per task, batch 256, fixed random data, SGD. One step = forward + the method's
 backward + optimizer.step(). Configurations:
 
 - ``sum``      plain torch: ``sum(losses).backward()`` (the baseline of every ratio);
 - ``floor``    plain torch: a loop of K ``torch.autograd.grad`` calls, one per task (the cost any
                parameter-level per-task-gradient method must pay);
-- ``mtlkit:*`` mtlkit methods through ``method.backward``;
+- ``mtlkit:*`` mtlkit methods through ``method.backward`` (registry names: ``mgda``, ``mgda_ub``,
+               ``upgrad``, every loss weighting; ``mgda-f64``/``-loop``/``-batched`` pin the engine);
+- ``before:*`` the same methods from another mtlkit checkout given by ``--before SRC`` (its
+               ``src`` folder), driven through that version's API, for before/after comparisons in
+               one run: the old package is copied to a temporary folder as ``mtlkit_before`` (every
+               ``mtlkit`` name in it renamed), so both versions load side by side, also in
+               ``--in-process`` mode;
 - ``torchjd:*`` / ``libmtl:*`` the anchors, when installed (``make bench`` installs TorchJD 0.18.0
                and LibMTL 1.1.5; the LibMTL shims are listed in ``anchors.py``).
 
@@ -18,6 +24,7 @@ all rounds; ratio = median over rounds of (config median / ``sum`` median in the
 Memory = the child's peak RSS minus its RSS just before the first step (dRSS).
 
 usage: python benchmarks/step_cost.py [--ks 2 10 40] [--rounds 5] [--steps 20] [--out FILE.md]
+       [--configs ...] [--before OLD_CHECKOUT/src] [--in-process]
 """
 
 from __future__ import annotations
@@ -59,10 +66,15 @@ class RefModel(nn.Module):
         self.names = [f"t{i}" for i in range(k)]
         self.last_features = None
 
-    def forward(self, x):
+    def forward(self, x, full_output=False):
         z = self.trunk(x)
-        self.last_features = z
-        return {n: h(z).squeeze(-1) for n, h in zip(self.names, self.heads, strict=True)}
+        self.last_features = z  # the representation as the `before:` configurations read it
+        out = {n: h(z).squeeze(-1) for n, h in zip(self.names, self.heads, strict=True)}
+        if full_output:
+            from mtlkit import MultiTaskOutput
+
+            return MultiTaskOutput(out, z)
+        return out
 
     def shared_parameters(self):
         return list(self.trunk.parameters())
@@ -82,11 +94,11 @@ def make_step(config: str, k: int, device: str = "cpu") -> Callable[[], None]:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     mse = nn.functional.mse_loss
 
-    def losses_list():
-        out = model(x)
+    def losses_list(out=None):
+        out = model(x) if out is None else out
         return [mse(out[n], y[:, i]) for i, n in enumerate(model.names)]
 
-    if config == "sum":
+    if config in ("sum", "sum-again"):  # sum-again: the same step twice, to show the noise floor
 
         def step():
             opt.zero_grad(set_to_none=True)
@@ -135,31 +147,12 @@ def make_step(config: str, k: int, device: str = "cpu") -> Callable[[], None]:
 
         return step
     lib, _, name = config.partition(":")
-    if lib == "mtlkit" and name in LOSS_WEIGHTINGS:
-        return _mtlkit_weighting_step(name, model, losses_list, opt)
+    if lib == "before":
+        return _before_step(name, model, losses_list, opt)
     if lib == "torchjd" and name in TORCHJD_SCALARIZERS:
         return _torchjd_scalarizer_step(name, k, model, losses_list, opt)
     if lib == "mtlkit":
-        import mtlkit as mk
-
-        method = {
-            "ew": lambda: mk.methods.create("ew"),
-            "mgda": lambda: mk.methods.MGDA(level="parameter"),
-            "mgda-rep": lambda: mk.methods.MGDA(level="representation"),
-            "mgda-f64": lambda: mk.methods.MGDA(engine=mk.GradientEngine(precision="float64")),
-            "mgda-batched": lambda: mk.methods.MGDA(engine=mk.GradientEngine("batched")),
-            "mgda-loop": lambda: mk.methods.MGDA(engine=mk.GradientEngine("loop")),
-        }[name]()
-        shared = model.shared_parameters()
-        heads = model.task_parameters()
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            losses = dict(zip(model.names, losses_list(), strict=True))
-            method.backward(losses, shared=shared, features=model.last_features, task_specific=heads)
-            opt.step()
-
-        return step
+        return _mtlkit_step(name, model, x, losses_list, opt)
     if lib == "torchjd":
         from torchjd.aggregation import MGDA, Mean
         from torchjd.autojac import jac_to_grad, mtl_backward
@@ -199,9 +192,63 @@ TORCHJD_SCALARIZERS = ("uw", "dwa", "famo", "geometric_mean", "imtl_l", "random"
 EPOCH_STEPS = 5
 
 
-def _mtlkit_weighting_step(name, model, losses_list, opt) -> Callable[[], None]:
+#: engine variants of MGDA, pinned for the strategy and precision comparisons
+ENGINE_VARIANTS = {
+    "mgda-f64": {"precision": "float64"},
+    "mgda-batched": {"strategy": "batched"},
+    "mgda-loop": {"strategy": "loop"},
+}
+
+
+def _mtlkit_step(name, model, x, losses_list, opt) -> Callable[[], None]:
+    """A step through the current API: backward(losses, model, output), with every lifecycle
+    call the method declares (an epoch ends every EPOCH_STEPS steps)."""
     import mtlkit as mk
 
+    if name in ENGINE_VARIANTS:
+        method = mk.methods.MGDA(engine=mk.GradientEngine(**ENGINE_VARIANTS[name]))
+    else:
+        method = mk.methods.create(name, **LOSS_WEIGHTINGS.get(name, {}))
+    method.setup(model.names, model=model)
+    mk.methods.add_param_groups(opt, method.param_groups())
+    after = mk.methods.Hook.AFTER_STEP in method.hooks
+    epochs = mk.methods.Hook.EPOCH_END in method.hooks
+    counter = [0]
+    method.begin_epoch()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = model(x, full_output=True)
+        losses = dict(zip(model.names, losses_list(out.predictions), strict=True))
+        method.backward(losses, model, out)
+        opt.step()
+        if after:
+            with torch.no_grad():
+                method.after_step(losses_list())
+        counter[0] += 1
+        if epochs and counter[0] % EPOCH_STEPS == 0:
+            method.on_epoch_end()
+            method.begin_epoch()
+
+    return step
+
+
+def _before_step(name, model, losses_list, opt) -> Callable[[], None]:
+    """A step through the API of the checkout given by ``--before`` (the one before the
+    method-contract redesign): string hooks, ``features=``/``task_specific=`` arguments."""
+    import mtlkit_before as mk  # type: ignore[import-not-found]
+
+    if name in ("ew", "mgda", "mgda_ub"):
+        method = mk.methods.MGDA(level="representation") if name == "mgda_ub" else mk.methods.create(name)
+        shared, heads = model.shared_parameters(), model.task_parameters()
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            losses = dict(zip(model.names, losses_list(), strict=True))
+            method.backward(losses, shared=shared, features=model.last_features, task_specific=heads)
+            opt.step()
+
+        return step
     method = mk.methods.create(name, **LOSS_WEIGHTINGS[name])
     method.setup(model.names, model=model)
     for group in method.param_groups():
@@ -256,7 +303,15 @@ def _torchjd_scalarizer_step(name, k, model, losses_list, opt) -> Callable[[], N
 
 
 def available_configs() -> list[str]:
-    configs = ["sum", "floor", "mtlkit:ew", "mtlkit:mgda", "mtlkit:mgda-f64", "mtlkit:mgda-rep"]
+    configs = [
+        "sum",
+        "floor",
+        "mtlkit:ew",
+        "mtlkit:mgda",
+        "mtlkit:mgda-f64",
+        "mtlkit:mgda_ub",
+        "mtlkit:upgrad",
+    ]
     configs += ["sum+fwd", "sum+layer"] + [f"mtlkit:{m}" for m in LOSS_WEIGHTINGS]
     try:
         import torchjd  # noqa: F401
@@ -270,6 +325,19 @@ def available_configs() -> list[str]:
         configs += ["libmtl:EW", "libmtl:MGDA", "libmtl:MGDA-rep"]
         configs += ["libmtl:UW", "libmtl:DWA", "libmtl:GLS", "libmtl:GradNorm"]
     return configs
+
+
+def install_before(src: str) -> None:
+    """Make the mtlkit package under ``src`` importable as ``mtlkit_before``."""
+    import re
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="mtlkit_before_"))
+    shutil.copytree(Path(src) / "mtlkit", root / "mtlkit_before")
+    for path in (root / "mtlkit_before").rglob("*.py"):
+        path.write_text(re.sub(r"\bmtlkit\b", "mtlkit_before", path.read_text()))
+    sys.path.insert(0, str(root))
 
 
 def _child(config: str, k: int, steps: int, warmup: int, core: int | None, conn) -> None:
@@ -332,12 +400,19 @@ def main() -> None:
     parser.add_argument("--core", type=int, default=None, help="CPU core to pin to (default: the last one)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
+        "--before", default=None, help="src folder of another mtlkit checkout (before:* configs)"
+    )
+    parser.add_argument(
         "--in-process",
         action="store_true",
         help="time every configuration in this one process (warm caches, no per-config fork; "
         "lower noise for small differences, no peak-memory figures)",
     )
     args = parser.parse_args()
+    if args.before:
+        install_before(args.before)
+    elif any(c.startswith("before:") for c in (args.configs or [])):
+        raise SystemExit("before:* configurations need --before OLD_CHECKOUT/src")
     os.environ["OMP_NUM_THREADS"] = "1"
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     core = args.core if args.core is not None else (cores[-1] if cores else None)
@@ -413,11 +488,11 @@ def report(results: dict[int, dict[str, dict]], args, configs: list[str]) -> str
         mem.append(f"| {c} | " + " | ".join(f"{results[k][c]['drss_mb']:.0f}" for k in ks) + " |")
     if args.in_process:
         mem = ["", "(Peak memory is measured only with one forked process per cell, the default.)"]
-    targets = ["", "Targets of issues #3 and #4 (ratio: median over rounds):", ""]
+    targets = ["", "Targets (ratio: median over rounds):", ""]
     checks = [
         ("mtlkit:ew", "ratio", "EW at 1.0x a summed-loss step (+-5% noise allowed)", 1.05),
         ("mtlkit:mgda", "vs_floor", "parameter-level MGDA within 1.1x of the K-backward floor", 1.1),
-        ("mtlkit:mgda-rep", "ratio", "representation-level MGDA at most 3x a summed-loss step", 3.0),
+        ("mtlkit:mgda_ub", "ratio", "representation-level MGDA at most 3x a summed-loss step", 3.0),
     ]
     for name in LOSS_WEIGHTINGS:
         base = {"famo": "sum+fwd", "gradnorm": "sum+layer"}.get(name, "sum")

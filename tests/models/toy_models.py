@@ -9,11 +9,12 @@ from mtlkit.models import MultiTaskModule, MultiTaskOutput
 
 
 class CrossTaskHead(MultiTaskModule):
-    """A trunk, a ``pair`` layer that feeds tasks ``a`` and ``b`` (listed only under ``a``) and a
-    tower per task: the declared split is a tree, the real one is not."""
+    """A trunk, a ``pair`` layer that feeds tasks ``a`` and ``b`` (listed under both) and a tower
+    per task: the split is not a tree. ``mislabelled=True`` lists ``pair`` under ``a`` only."""
 
-    def __init__(self, in_features: int = 5, width: int = 4) -> None:
+    def __init__(self, in_features: int = 5, width: int = 4, mislabelled: bool = False) -> None:
         super().__init__(["a", "b", "c"])
+        self.mislabelled = mislabelled
         self.trunk = nn.Sequential(nn.Linear(in_features, width), nn.Tanh())
         self.pair = nn.Linear(width, width)
         self.towers = nn.ModuleDict({t: nn.Linear(width, 1) for t in self.task_names})
@@ -22,7 +23,8 @@ class CrossTaskHead(MultiTaskModule):
         return [self.trunk]
 
     def task_modules(self, task):
-        return [self.towers[task], *([self.pair] if task == "a" else [])]
+        readers = ("a",) if self.mislabelled else ("a", "b")
+        return [self.towers[task], *([self.pair] if task in readers else [])]
 
     def forward_tasks(self, x, tasks):
         z = self.trunk(x)

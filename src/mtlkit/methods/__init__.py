@@ -1,22 +1,15 @@
 """Multi-task optimisation methods: loss weightings and gradient aggregators."""
 
-from mtlkit.methods.base import (
-    GradientMethod,
-    GramianWeighting,
-    Hook,
-    JacobianAggregator,
-    LossWeighting,
-    Method,
-    StepInfo,
-    StepInputs,
-)
+from mtlkit.methods.base import Hook, Method, StepInfo, StepInputs
 from mtlkit.methods.driver import Driver, add_param_groups
 from mtlkit.methods.dwa import DWA
 from mtlkit.methods.ew import EW
 from mtlkit.methods.famo import FAMO
 from mtlkit.methods.gls import GLS
+from mtlkit.methods.gradient_methods import GradientMethod, GramianWeighting, JacobianAggregator
 from mtlkit.methods.gradnorm import GradNorm
 from mtlkit.methods.imtl_l import IMTLL
+from mtlkit.methods.loss_weighting import LossWeighting
 from mtlkit.methods.mgda import MGDA
 from mtlkit.methods.min_norm import min_norm_weights
 from mtlkit.methods.registry import METHODS, available, create, method_class, register, register_variant

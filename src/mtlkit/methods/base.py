@@ -14,11 +14,13 @@ The bases own everything but the mathematics: checking the losses (scalars, fini
 without a labelled sample, unscaling under a ``GradScaler``, writing ``.grad``, statistics and the
 lifecycle guards. A subclass implements one function of its family:
 
-- :class:`LossWeighting` -- ``loss_weights(losses, active)``; one backward of ``sum_k w_k L_k``;
-- :class:`GramianWeighting` -- ``weights(gramian, losses)`` on the Gramian of the tasks that have
-  a label in the batch; the engine computes it at the parameter or representation level and the
-  base combines ``J^T w``;
-- :class:`JacobianAggregator` -- ``direction(jacobian)`` from the per-task gradient rows.
+- :class:`~mtlkit.methods.loss_weighting.LossWeighting` -- ``loss_weights(losses, active)``; one
+  backward of ``sum_k w_k L_k``;
+- :class:`~mtlkit.methods.gradient_methods.GramianWeighting` -- ``weights(gramian, losses)`` on the
+  Gramian of the tasks that have a label in the batch; the engine computes it at the parameter or
+  representation level and the base combines ``J^T w``;
+- :class:`~mtlkit.methods.gradient_methods.JacobianAggregator` -- ``direction(jacobian)`` from the
+  per-task gradient rows.
 
 Lifecycle (run by the Trainer or :class:`~mtlkit.methods.Driver`; enforced, never optional):
 ``setup(tasks, model)`` once before the optimiser is built (then ``param_groups()`` into the
@@ -30,6 +32,7 @@ optimiser); per step ``backward`` and, for methods with the :attr:`Hook.AFTER_ST
 from __future__ import annotations
 
 import enum
+import functools
 import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,19 +42,17 @@ import torch
 from torch import Tensor, nn
 
 from mtlkit.core.contract import MultiTaskOutput, shared_parameters, task_parameters
-from mtlkit.core.engine import GradientEngine, HeadGrad, TaskParams, as_param_list
+from mtlkit.core.engine import TaskParams, as_param_list
 from mtlkit.core.tasks import Task, TaskSet
 from mtlkit.errors import (
     CheckpointError,
     ConfigError,
-    EngineError,
     LifecycleError,
-    NonFiniteGradientError,
     NonFiniteLossError,
     NonPositiveLossError,
     TaskError,
 )
-from mtlkit.methods.hparams import HParam, as_config_value, collect, hparam, instance_of, one_of, validate
+from mtlkit.methods.hparams import HParam, as_config_value, collect, validate
 
 Level = Literal["parameter", "representation"]
 Losses = Mapping[str, Tensor] | Sequence[Tensor]
@@ -113,7 +114,6 @@ class StepInfo:
         return out
 
 
-@dataclass
 class StepInputs:
     """The checked inputs of one step, as the family bases pass them around.
 
@@ -123,19 +123,36 @@ class StepInputs:
         losses: (K,) detached, unscaled losses in at least float32.
         active: (K,) bool: the task had a labelled sample and its loss is attached to the graph.
         loss_scale: the GradScaler scale the losses carry, or ``None``.
-        shared: the shared parameters (empty when neither a model nor ``shared=`` was given).
-        task_specific: the task-specific parameters (``None``: found from the autograd graph).
         output: the model's :class:`~mtlkit.core.contract.MultiTaskOutput`, when given.
+        shared: the shared parameters (empty when neither a model nor ``shared=`` was given);
+            read from the model on first use, so loss weightings never pay for it.
+        task_specific: the task-specific parameters (``None``: found from the autograd graph).
     """
 
-    names: list[str]
-    values: list[Tensor]
-    losses: Tensor
-    active: Tensor
-    loss_scale: float | None
-    shared: list[Tensor]
-    task_specific: TaskParams
-    output: MultiTaskOutput | None
+    def __init__(
+        self,
+        names: list[str],
+        values: list[Tensor],
+        losses: Tensor,
+        active: Tensor,
+        loss_scale: float | None,
+        model: nn.Module | None,
+        shared: Iterable[Tensor] | None,
+        output: MultiTaskOutput | None,
+    ) -> None:
+        self.names, self.values, self.losses, self.active = names, values, losses, active
+        self.loss_scale, self.output = loss_scale, output
+        self._model, self._shared = model, shared
+
+    @functools.cached_property
+    def shared(self) -> list[Tensor]:
+        if self._model is not None:
+            return as_param_list(shared_parameters(self._model))
+        return as_param_list(self._shared)
+
+    @functools.cached_property
+    def task_specific(self) -> TaskParams:
+        return task_parameters(self._model) if self._model is not None else None
 
     @property
     def scale(self) -> float:
@@ -152,14 +169,6 @@ def state_copy(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(state_copy(v) for v in obj)
     return obj
-
-
-def gradient_statistics(gram: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-task gradient norms and pairwise cosines from a Gramian (zero norms give cosine 0)."""
-    norms = gram.diagonal().clamp_min(0).sqrt()
-    denom = norms[:, None] * norms[None, :]
-    cos = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros_like(gram))
-    return norms, cos
 
 
 def as_task_set(tasks: TaskSet | Sequence[Task] | Sequence[str]) -> TaskSet:
@@ -411,12 +420,7 @@ class Method(nn.Module):
             active = active & (labelled.to(stacked.device) > 0)
         if self.positive_losses:
             self._require_positive(names, stacked, active)
-        if model is not None:
-            shared_list = as_param_list(shared_parameters(model))
-            specific: TaskParams = task_parameters(model)
-        else:
-            shared_list, specific = as_param_list(shared), None
-        return StepInputs(names, values, stacked, active, loss_scale, shared_list, specific, output)
+        return StepInputs(names, values, stacked, active, loss_scale, model, shared, output)
 
     def _check_lifecycle(self, names: list[str]) -> None:
         if self.task_names is None:
@@ -523,219 +527,3 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b) and type(a) is type(b)
     except (TypeError, ValueError, RuntimeError):
         return a is b
-
-
-class LossWeighting(Method):
-    """A method that only needs the loss values: one backward of ``sum_k w_k L_k (+ R)``.
-
-    Subclasses give the effective weights ``w`` (:meth:`loss_weights`, from the detached, unscaled
-    losses; the base sets the weights of tasks without a labelled sample to 0) and, for learnable
-    weightings, a regulariser ``R`` of their own parameters (:meth:`regularizer`). Methods defined
-    through a nonlinear scalarisation (SI's ``sum log L_k``, GLS, FAMO, STCH) are back-propagated
-    in this weighted form: the gradient is the same (the weights are the scalarisation's partial
-    derivatives), no log or exp of a loss enters the graph, and a ``GradScaler`` scale passes
-    through unchanged.
-    """
-
-    def loss_weights(self, losses: Tensor, active: Tensor) -> Tensor:
-        """Weights (K,) for the detached unscaled losses; may carry grad for learnable weightings.
-        ``active`` marks the tasks with a labelled sample (the others' losses are 0)."""
-        raise NotImplementedError
-
-    def regularizer(self, active: Tensor) -> Tensor | None:
-        """A term of the objective that depends only on the method's own parameters (UW's
-        ``sum s_k / 2``); ``None`` when there is none."""
-        return None
-
-    def after_backward(self, inputs: StepInputs) -> None:
-        """Called after the backward (FAMO clips the shared gradient here)."""
-
-    def step_extras(self) -> dict[str, Any]:
-        """Method-specific values for :attr:`StepInfo.extras` (e.g. STCH's phase)."""
-        return {}
-
-    def _step(self, inputs: StepInputs) -> StepInfo:
-        values, active = inputs.values, inputs.active
-        weights = self.loss_weights(inputs.losses, active)
-        weights = torch.where(active, weights, torch.zeros_like(weights))
-        reg = self.regularizer(active)
-        if weights.requires_grad or reg is not None:  # learnable weights: the product form
-            total = (weights.to(values[0].dtype) * torch.stack(values)).sum()
-            if reg is not None:  # scaled like the losses, so a GradScaler's unscale_ sees one scale
-                total = total + reg.to(total.dtype) * inputs.scale
-            if total.requires_grad:
-                total.backward()
-        else:  # seed each loss with its weight: one backward pass, no stack/mul/sum nodes
-            # a private copy: autograd may keep a seed as a leaf's .grad and accumulate into it later
-            seeds = weights.to(values[0].dtype, copy=True).unbind()
-            live = [
-                (v, w if w.dtype == v.dtype else w.to(v.dtype))
-                for v, w in zip(values, seeds, strict=True)
-                if v.requires_grad
-            ]
-            if live:
-                torch.autograd.backward([v for v, _ in live], grad_tensors=[w for _, w in live])
-        self.after_backward(inputs)
-        return StepInfo(
-            inputs.names, weights.detach(), inputs.losses, level="loss", extras=self.step_extras()
-        )
-
-
-class GradientMethod(Method):
-    """Shared options of the methods that need per-task gradients from the engine."""
-
-    level: Level = hparam(
-        "parameter",
-        one_of("parameter", "representation"),
-        "where the task gradients are taken: the shared parameters, or the shared representation",
-    )
-    head_grad: HeadGrad = hparam(
-        "weighted",
-        one_of("own", "weighted"),
-        "task-specific parameters get their own or the weighted gradient",
-    )
-    engine: GradientEngine | None = hparam(
-        None, instance_of(GradientEngine) | one_of(None), "the gradient engine", config=False
-    )
-
-    def _engine(self) -> GradientEngine:
-        if self.engine is None:
-            self.__dict__["engine"] = GradientEngine()
-        return self.engine  # type: ignore[return-value]
-
-    def _representation(self, inputs: StepInputs) -> Any:
-        rep = inputs.output.representation if inputs.output is not None else None
-        if rep is None:
-            raise EngineError(
-                f"{type(self).__name__}(level='representation') needs the shared representation: pass "
-                "output=model(x, full_output=True) to backward()."
-            )
-        return rep
-
-    def _shared(self, inputs: StepInputs) -> list[Tensor]:
-        if not inputs.shared:
-            raise EngineError(
-                f"{type(self).__name__} needs the shared parameters: pass the model (or shared=) to backward()."
-            )
-        return inputs.shared
-
-
-def active_subset(active: Tensor) -> Tensor | None:
-    """Indices of the active tasks (a host sync), or ``None`` when every task is active."""
-    flags = active.detach().cpu()
-    return None if bool(flags.all()) else flags.nonzero().squeeze(1)
-
-
-class GramianWeighting(GradientMethod):
-    """A method whose shared direction is ``J^T w`` with ``w = f(G)`` (G = J J^T).
-
-    Subclasses implement :meth:`weights` on the Gramian of the active tasks (those with a labelled
-    sample); tasks without one get weight 0. During the call ``self.active_index`` holds the
-    indices of those tasks in the task list (for methods with per-task state, e.g. a warm start).
-    """
-
-    active_index: Tensor | None = None
-
-    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        """float64 weights (A,) from the float64 A x A Gramian of the active tasks and their
-        unscaled losses."""
-        raise NotImplementedError
-
-    def _solve(self, gram: Tensor, inputs: StepInputs) -> Tensor:
-        names = inputs.names
-        if not bool(torch.isfinite(gram).all()):
-            if inputs.loss_scale is not None:  # fp16 overflow: NaN weights make the GradScaler skip
-                return torch.full((len(names),), float("nan"), dtype=torch.float64, device=gram.device)
-            bad = [n for n, ok in zip(names, torch.isfinite(gram.diagonal()).tolist(), strict=True) if not ok]
-            raise NonFiniteGradientError(
-                f"Non-finite gradient for task(s) {bad or names} although the losses are finite; "
-                "nothing was updated. Lower the learning rate or clip the inputs."
-            )
-        idx = active_subset(inputs.active)
-        losses = inputs.losses.to(gram.device, torch.float64)
-        try:
-            if idx is None:
-                self.active_index = torch.arange(len(names))
-                return self.weights(gram, losses).to(torch.float64)
-            w = torch.zeros(len(names), dtype=torch.float64, device=gram.device)
-            if len(idx):
-                self.active_index = idx
-                sub = idx.to(gram.device)
-                w[sub] = self.weights(gram[sub][:, sub], losses[sub]).to(torch.float64)
-            return w
-        finally:
-            self.active_index = None  # valid during the call only
-
-    def _step(self, inputs: StepInputs) -> StepInfo:
-        engine = self._engine()
-        own = self.head_grad == "own"
-        if self.level == "representation":
-            gram, rep = engine.representation_gramian(
-                inputs.values, self._representation(inputs), inputs.names, inputs.task_specific
-            )
-            gram = gram / inputs.scale**2
-            w = self._solve(gram, inputs)
-            rep.backward_shared(w)
-            rep.write_heads(None if own else w)
-        else:
-            gram, jac = engine.parameter_gramian(inputs.values, self._shared(inputs), inputs.task_specific)
-            gram = gram / inputs.scale**2
-            w = self._solve(gram, inputs)
-            jac.write_shared_weighted(w)
-            jac.write_heads(None if own else w)
-        norms, cos = gradient_statistics(gram)
-        return StepInfo(
-            inputs.names,
-            w.detach(),
-            inputs.losses,
-            level=self.level,
-            grad_norms=norms,
-            cosines=cos,
-            gramian=gram,
-        )
-
-
-class JacobianAggregator(GradientMethod):
-    """A method that needs the per-task gradients themselves: ``d = direction(J)``.
-
-    Subclasses implement :meth:`direction` on the A x d matrix of the active tasks' gradient rows
-    (unscaled; at the parameter level d is the number of shared parameters). The rows live in the
-    engine's reused buffer and are valid during the call only; a method that keeps gradients
-    across steps (GradVac, MoCo) sets ``keeps_gradients = True`` and then receives rows it owns.
-    Task-specific parameters get their own gradient by default.
-    """
-
-    head_grad: HeadGrad = hparam(
-        "own", one_of("own", "weighted"), "task-specific parameters get their own or the weighted gradient"
-    )
-    level: Level = hparam("parameter", one_of("parameter"), "per-task gradients of the shared parameters")
-    keeps_gradients: ClassVar[bool] = False
-    active_index: Tensor | None = None
-
-    def direction(self, jacobian: Tensor) -> Tensor:
-        """The shared update direction (d,) from the (A, d) unscaled task gradients."""
-        raise NotImplementedError
-
-    def _step(self, inputs: StepInputs) -> StepInfo:
-        jac = self._engine().jacobian(
-            inputs.values, self._shared(inputs), inputs.task_specific, owned=self.keeps_gradients
-        )
-        rows = jac.rows()
-        idx = active_subset(inputs.active)
-        self.active_index = torch.arange(len(inputs.names)) if idx is None else idx
-        active_rows = rows if idx is None else rows[idx.to(rows.device)]
-        if inputs.loss_scale is not None:
-            active_rows = active_rows / inputs.scale
-        try:
-            direction = self.direction(active_rows)
-        finally:
-            self.active_index = None
-        if not bool(torch.isfinite(direction).all()) and inputs.loss_scale is None:
-            raise NonFiniteGradientError(
-                f"{type(self).__name__} produced a non-finite direction; nothing was updated."
-            )
-        jac.write_shared_flat(direction * inputs.scale)
-        weights = inputs.active.to(torch.float64)
-        jac.write_heads(None if self.head_grad == "own" else weights)
-        norms = torch.linalg.vector_norm(rows.double(), dim=1) / inputs.scale
-        return StepInfo(inputs.names, None, inputs.losses, level="parameter", grad_norms=norms)

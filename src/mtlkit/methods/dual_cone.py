@@ -13,7 +13,7 @@ inner step solves ``G_PP x_P = -(G b)_P`` on the free set, moving back inside th
 a free variable would turn negative. It terminates finitely with the exact optimum; at the
 solution ``G v >= 0`` holds to round-off, so ``J^T v`` conflicts with no task. UPGrad and DualProj
 (TorchJD) solve the same problems with quadprog after adding ``1e-4 I`` to the trace-normalised
-Gramian, which makes the result conflict with tasks (spec measurements: up to 5% of a gradient).
+Gramian, which lets the result conflict with tasks (by up to 5% of a gradient on random Gramians).
 """
 
 from __future__ import annotations

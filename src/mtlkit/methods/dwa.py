@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from mtlkit.core.tasks import TaskSet
-from mtlkit.methods.base import LossWeighting
 from mtlkit.methods.hparams import hparam, number, one_of
+from mtlkit.methods.loss_weighting import LossWeighting
 from mtlkit.methods.registry import register
 
 

@@ -9,8 +9,8 @@ from torch import Tensor
 
 from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import ConfigError
-from mtlkit.methods.base import LossWeighting
 from mtlkit.methods.hparams import hparam, none, number, numbers
+from mtlkit.methods.loss_weighting import LossWeighting
 from mtlkit.methods.registry import register
 
 

@@ -10,8 +10,9 @@ from torch.optim.adam import adam
 
 from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import ConfigError, EngineError
-from mtlkit.methods.base import LossWeighting, StepInputs
+from mtlkit.methods.base import StepInputs
 from mtlkit.methods.hparams import hparam, none, number, numbers
+from mtlkit.methods.loss_weighting import LossWeighting
 from mtlkit.methods.registry import register
 
 _EPS = 1e-8  # added to L_k - m_k before every logarithm, as in the official code

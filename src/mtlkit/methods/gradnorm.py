@@ -12,8 +12,9 @@ from mtlkit.core.contract import unwrap
 from mtlkit.core.engine import GradientEngine, as_param_list
 from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import ConfigError, EngineError, LifecycleError, NonPositiveLossError
-from mtlkit.methods.base import LossWeighting, StepInfo, StepInputs
+from mtlkit.methods.base import StepInfo, StepInputs
 from mtlkit.methods.hparams import Check, hparam, instance_of, none, number, one_of
+from mtlkit.methods.loss_weighting import LossWeighting
 from mtlkit.methods.registry import register
 
 Layer = str | nn.Module | Iterable[Tensor]

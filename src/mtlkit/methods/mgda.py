@@ -9,7 +9,7 @@ from torch import Tensor
 
 from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import NonPositiveLossError
-from mtlkit.methods.base import GramianWeighting
+from mtlkit.methods.gradient_methods import GramianWeighting
 from mtlkit.methods.hparams import boolean, hparam, number, one_of
 from mtlkit.methods.min_norm import min_norm_weights
 from mtlkit.methods.registry import register, register_variant

@@ -7,7 +7,7 @@ Solver: fully-corrective Frank-Wolfe, i.e. Wolfe's minimum-norm-point algorithm 
 Lacoste-Julien & Jaggi, "On the Global Linear Convergence of Frank-Wolfe Optimization Variants",
 NeurIPS 2015, for it as a Frank-Wolfe variant), on the Gramian in float64. It ends with the exact
 optimum. The textbook Frank-Wolfe with TorchJD's stopping rule (step < 1e-3) leaves ||d||^2 a
-median 1.7% above the minimum (specs, aggregators §4.1(e)).
+median 1.7% above the minimum on random Gramians.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mtlkit.methods.base import LossWeighting
 from mtlkit.methods.hparams import hparam, none, number, one_of
+from mtlkit.methods.loss_weighting import LossWeighting
 from mtlkit.methods.registry import register
 
 Distribution = Literal["normal", "uniform", "dirichlet"]

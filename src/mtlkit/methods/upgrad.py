@@ -10,8 +10,8 @@ from torch import Tensor
 from mtlkit.core.engine import HeadGrad
 from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import ConfigError
-from mtlkit.methods.base import GramianWeighting
 from mtlkit.methods.dual_cone import project_weights
+from mtlkit.methods.gradient_methods import GramianWeighting
 from mtlkit.methods.hparams import hparam, none, number, numbers
 from mtlkit.methods.registry import register
 

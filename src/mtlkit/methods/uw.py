@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from mtlkit.core.tasks import TaskSet
-from mtlkit.methods.base import LossWeighting
 from mtlkit.methods.hparams import hparam, none, number
+from mtlkit.methods.loss_weighting import LossWeighting
 from mtlkit.methods.registry import register
 
 

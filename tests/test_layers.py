@@ -1,0 +1,51 @@
+"""Imports only point down the layers (docs/design.md): core <- methods, models, data, metrics <-
+train <- cli. Nothing imports the package root."""
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "mtlkit"
+LAYER = {
+    "core": 0,
+    "errors": 0,
+    "version": 0,
+    "methods": 1,
+    "models": 1,
+    "data": 1,
+    "metrics": 1,
+    "train": 2,
+    "cli": 3,
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "mtlkit":  # `from mtlkit import data`: the subpackage
+                found.update(f"mtlkit.{alias.name}" for alias in node.names)
+            else:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {m for m in found if m == "mtlkit" or m.startswith("mtlkit.")}
+
+
+def test_imports_point_down_the_layers():
+    bad = []
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC)
+        if rel == Path("__init__.py"):
+            continue  # the package root gathers the public API
+        own = rel.parts[0].removesuffix(".py")
+        for module in imported_modules(path):
+            parts = module.split(".")
+            if len(parts) == 1 or parts[1] not in LAYER:
+                bad.append(f"{rel} imports {module} from the package root")
+                continue
+            other = parts[1]
+            if other == own:
+                continue
+            if LAYER[other] > LAYER[own] or (LAYER[other] == LAYER[own] and LAYER[own] != 0):
+                bad.append(f"{rel} imports {module}")
+    assert bad == []
