@@ -244,6 +244,14 @@ def test_checkpoint_of_another_configuration_is_refused_and_nothing_changes(synt
     other = make_trainer(synth, tmp_path / "o1", method="mgda", tensorboard=False)
     with pytest.raises(CheckpointError, match="saved by EW"):
         other.load_checkpoint(ckpt)
+    # the same class under another configuration: a parameter-level MGDA run does not resume
+    # into a representation-level one (only class names used to be compared)
+    mgda = make_trainer(synth, tmp_path / "mgda", method="mgda", tensorboard=False)
+    mgda.fit(mk.data.loader(synth.train, 64), epochs=1)
+    ub = make_trainer(synth, tmp_path / "mgda", method="mgda_ub", tensorboard=False)
+    with pytest.raises(CheckpointError, match="level"):
+        ub.fit(mk.data.loader(synth.train, 64), epochs=2)
+    assert ub.step == 0
     # Same classes, but the optimiser's parameter groups differ: applying fails half-way and
     # everything is rolled back.
     other = make_trainer(synth, tmp_path / "o2", method="ew", tensorboard=False)
