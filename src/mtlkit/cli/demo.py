@@ -16,7 +16,7 @@ MODEL = ModelConfig("mmoe", {"num_experts": 8, "expert_dims": [64], "tower_dims"
 RUNS = {
     "EW": MethodConfig("ew"),
     "MGDA": MethodConfig("mgda", {"level": "parameter"}),
-    "MGDA-UB": MethodConfig("mgda", {"level": "representation"}),
+    "MGDA-UB": MethodConfig("mgda_ub"),
 }
 
 
