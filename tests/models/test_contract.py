@@ -125,3 +125,32 @@ def test_plain_models_returning_a_dict_are_supported_without_a_representation():
 
     out = forward_full(Plain(), torch.randn(2, 3))
     assert out.representation is None and set(out.predictions) == {"a", "b"}
+
+
+def test_the_representation_survives_a_real_ddp_wrapper(tmp_path):
+    # one gloo process on the loopback: DDP's forward passes the named tuple through, the method
+    # finds the shared parameters inside the wrapper, and the MGDA-UB step matches the bare model's
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        bare = CrossTaskHead().double()
+        torch.manual_seed(0)
+        wrapped = DistributedDataParallel(CrossTaskHead().double())
+        tasks = mk.TaskSet([mk.Task(t) for t in bare.task_names])
+        x = torch.randn(8, 5, dtype=torch.float64)
+        y = {t: torch.randn(8, dtype=torch.float64) for t in bare.task_names}
+        results = []
+        for model in (bare, wrapped):
+            out = forward_full(model, x)
+            assert isinstance(out, MultiTaskOutput) and out.representation is not None
+            info = mk.methods.create("mgda_ub").backward(tasks.losses(out.predictions, y), model, out)
+            inner = getattr(model, "module", model)
+            results.append((info.weights, [p.grad.clone() for p in inner.parameters()]))
+        torch.testing.assert_close(results[0][0], results[1][0], atol=1e-12, rtol=0)
+        for a, b in zip(results[0][1], results[1][1], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    finally:
+        dist.destroy_process_group()

@@ -382,3 +382,43 @@ def test_safetensors_files_are_byte_reproducible_across_processes(tmp_path):
         subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout for _ in range(4)
     ]
     assert len({hashlib.sha256(o).hexdigest() for o in outs}) == 1
+
+
+class CountingCallback(mk.train.Callback):
+    """A user callback with state: it counts steps and epochs, and its count is checkpointed."""
+
+    def __init__(self):
+        self.steps, self.epochs, self.events = 0, 0, []
+
+    def on_fit_start(self, trainer):
+        self.events.append("fit_start")
+
+    def on_step_end(self, trainer, info):
+        self.steps += 1
+
+    def on_epoch_end(self, trainer, epoch, row, report):
+        self.epochs += 1
+        row["seen_steps"] = float(self.steps)  # callbacks may add logged values
+
+    def on_fit_end(self, trainer):
+        self.events.append("fit_end")
+
+    def state_dict(self):
+        return {"steps": self.steps, "epochs": self.epochs}
+
+    def load_state_dict(self, state):
+        self.steps, self.epochs = state.get("steps", 0), state.get("epochs", 0)
+
+
+def test_callbacks_run_and_their_state_is_checkpointed(synth, tmp_path):
+    first = CountingCallback()
+    trainer = make_trainer(synth, tmp_path, method="ew", tensorboard=False, callbacks=[first])
+    trainer.fit(mk.data.loader(synth.train, 64), epochs=1)
+    assert (first.steps, first.epochs, first.events) == (8, 1, ["fit_start", "fit_end"])
+    assert trainer.history[-1]["seen_steps"] == 8.0
+    second = CountingCallback()
+    resumed = make_trainer(synth, tmp_path, method="ew", tensorboard=False, callbacks=[second])
+    resumed.fit(mk.data.loader(synth.train, 64), epochs=2)  # resumes after epoch 1
+    assert (second.steps, second.epochs) == (16, 2)
+    with pytest.raises(TypeError, match="Callback"):
+        make_trainer(synth, tmp_path / "x", callbacks=[object()])
