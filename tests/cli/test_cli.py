@@ -143,3 +143,10 @@ def test_cli_overrides_are_validated_and_checkpoint_every_is_settable(tmp_path):
     assert result.exit_code == 0, result.output
     steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
     assert steps == ["step-00000002", "step-00000002-end"]  # one every step, the last two kept
+
+
+def test_infinite_values_and_non_string_option_names_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="optimizer.lr must be a finite number"):
+        load_config(write(tmp_path, {"optimizer": {"lr": float("inf")}}))
+    with pytest.raises(ConfigError, match="option names must be strings"):
+        load_config(write(tmp_path, {"method": {"name": "ew", "options": {1: 2}}}))

@@ -422,3 +422,18 @@ def test_callbacks_run_and_their_state_is_checkpointed(synth, tmp_path):
     assert (second.steps, second.epochs) == (16, 2)
     with pytest.raises(TypeError, match="Callback"):
         make_trainer(synth, tmp_path / "x", callbacks=[object()])
+
+
+def test_a_missing_pointer_with_only_corrupt_checkpoints_is_an_error_not_a_fresh_start(synth, tmp_path):
+    trainer = make_trainer(synth, tmp_path, tensorboard=False)
+    trainer.fit(mk.data.loader(synth.train, 64), epochs=1)
+    (tmp_path / "checkpoints" / "latest").unlink()
+    resumed = make_trainer(synth, tmp_path, tensorboard=False)
+    with pytest.warns(UserWarning, match="latest is missing; resuming from the newest intact"):
+        resumed.fit(mk.data.loader(synth.train, 64), epochs=1)
+    assert resumed.step == 8
+    (tmp_path / "checkpoints" / "latest").unlink(missing_ok=True)
+    for ckpt in (tmp_path / "checkpoints").glob("step-*"):
+        (ckpt / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="latest is missing and no checkpoint"):
+        make_trainer(synth, tmp_path, tensorboard=False).fit(mk.data.loader(synth.train, 64), epochs=2)

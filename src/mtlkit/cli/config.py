@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import types
 import typing
@@ -123,6 +124,8 @@ def _check(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(
                 f"{key}: expected a {'mapping' if container is dict else 'list'}, got {type(value).__name__}."
             )
+        if container is dict and not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: option names must be strings, got {sorted(map(repr, value))}.")
         return container(value)
     if tp in _SCALARS:
         accepts, expected = _SCALARS[tp]
@@ -192,6 +195,8 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 def _at_least(key: str, value: Any, low: float, strict: bool = False, optional: bool = False) -> None:
     if value is None and optional:
         return
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number; got {value!r}.")
     ok = value > low if strict else value >= low
     if not ok:
         raise ConfigError(

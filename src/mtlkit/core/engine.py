@@ -379,7 +379,7 @@ class GradientEngine:
             return params, per_task
         if task_specific is None:
             stops = {id(t.grad_fn) for t in exclude if t.grad_fn is not None}
-            params = [p for p in _reachable_leaves(losses, stops) if id(p) not in excluded]
+            params = [p for p in reachable_leaves(losses, stops) if id(p) not in excluded]
         else:
             params = [p for p in as_param_list(task_specific) if id(p) not in excluded]
         every = list(range(len(params)))
@@ -404,7 +404,7 @@ class GradientEngine:
         for task, loss in enumerate(losses):
             if not loss.requires_grad:
                 continue
-            for p in _reachable_leaves([loss], stops):
+            for p in reachable_leaves([loss], stops):
                 holders = owners.get(id(p))
                 if holders is not None and task not in holders:
                     listed = ", ".join(repr(names[t]) for t in sorted(holders))
@@ -642,7 +642,7 @@ def _task_grad(loss: Tensor, inputs: list[Tensor], retain_graph: bool) -> tuple[
     return torch.autograd.grad(loss, inputs, retain_graph=retain_graph, allow_unused=True)
 
 
-def _reachable_leaves(roots: Sequence[Tensor], stops: set[int]) -> list[Tensor]:
+def reachable_leaves(roots: Sequence[Tensor], stops: set[int]) -> list[Tensor]:
     """Leaf tensors that require grad and are reachable from ``roots`` in the autograd graph,
     without walking past the nodes whose ids are in ``stops`` (the shared representation)."""
     seen: set[int] = set(stops)

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlkit.core.contract import MultiTaskOutput, shared_parameters, task_parameters
-from mtlkit.core.engine import TaskParams, as_param_list
+from mtlkit.core.engine import TaskParams, as_param_list, reachable_leaves
 from mtlkit.core.tasks import Task, TaskSet
 from mtlkit.errors import (
     CheckpointError,
@@ -212,7 +212,7 @@ class Method(nn.Module):
         self.task_names: list[str] | None = None
         self._after_step_due = False
         self._epoch_open = False
-        self._stepped = False
+        self._versions: tuple[Any, int, list[int]] | None = None
         self._validate()
 
     def _validate(self) -> None:
@@ -279,6 +279,11 @@ class Method(nn.Module):
                 "previous epoch was never ended, so its epoch statistics were never used."
             )
         self._epoch_open = True
+
+    def abort_epoch(self) -> None:
+        """Forget the open epoch without running the epoch hook (after an error inside it)."""
+        self._epoch_open = False
+        self._after_step_due = False
 
     def on_epoch_end(self) -> None:
         """End the epoch: run the method's epoch hook (DWA's ratios, STCH's nadir, ...)."""
@@ -363,15 +368,43 @@ class Method(nn.Module):
                 ``scaler.unscale_``.
         """
         inputs = self._begin_step(losses, model, output, shared, loss_scale)
-        aux = output.aux_losses if output is not None else None
-        if aux:
-            total = torch.stack([v.reshape(()) for v in aux.values()]).sum()
-            if total.requires_grad:  # before the method's backward, which may free the graph
-                torch.autograd.backward(total, retain_graph=True)
+        aux = self._aux_gradients(inputs, model)  # before the method's backward frees the graph
         info = self._step(inputs)
-        self._stepped = True
+        for p, g in aux:  # written only once the method's checks have passed
+            p.grad = g if p.grad is None else p.grad.add_(g)
+        self._remember_versions(inputs, model)
         self._after_step_due = Hook.AFTER_STEP in self.hooks
         return info
+
+    def _aux_gradients(self, inputs: StepInputs, model: nn.Module | None) -> list[tuple[Tensor, Tensor]]:
+        """Gradients of the model's auxiliary losses (weight 1, scaled like the task losses)."""
+        aux = inputs.output.aux_losses if inputs.output is not None else None
+        if not aux:
+            return []
+        total = torch.stack([v.reshape(()) for v in aux.values()]).sum() * inputs.scale
+        if not total.requires_grad:
+            return []
+        params: list[Tensor]
+        if model is not None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        else:
+            params = [p for p in reachable_leaves([total], set()) if p.requires_grad]
+        grads = torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
+        return [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+
+    def _remember_versions(self, inputs: StepInputs, model: nn.Module | None) -> None:
+        """Note the version counters of the method's parameters and of one model parameter, so
+        the next step can tell an optimiser step that skipped the method's parameters (an error)
+        from gradient accumulation or a skipped GradScaler step (no optimiser step at all)."""
+        own = list(self.parameters())
+        if not own:
+            return
+        probe: Tensor | None = None
+        if model is not None:
+            probe = next((p for p in model.parameters() if p.requires_grad), None)
+        if probe is None and inputs._shared is not None:
+            probe = inputs.shared[0] if inputs.shared else None
+        self._versions = (probe, probe._version if probe is not None else 0, [p._version for p in own])
 
     def _step(self, inputs: StepInputs) -> StepInfo:
         raise NotImplementedError
@@ -404,6 +437,7 @@ class Method(nn.Module):
                 )
         values = [v.reshape(()) for v in values]
         self._check_lifecycle(names)
+        self._follow_device(values[0].device)
         stacked = torch.stack([v.detach() for v in values])
         stacked = stacked.to(torch.promote_types(stacked.dtype, torch.float32))
         if loss_scale is not None:
@@ -447,14 +481,28 @@ class Method(nn.Module):
                 "start and method.on_epoch_end() at the end of every epoch (mtlkit.methods.Driver "
                 "and the Trainer do)."
             )
-        if self._stepped:
-            for name, p in self.named_parameters():
-                if p.grad is not None and bool(p.grad.ne(0).any()):
+        versions = self._versions
+        if versions is not None:
+            probe, probe_version, own_versions = versions
+            model_stepped = probe is None or probe._version != probe_version
+            for (name, p), before in zip(self.named_parameters(), own_versions, strict=False):
+                if not model_stepped or p._version != before or p.grad is None:
+                    continue  # accumulating, a skipped step, or the optimiser updated it
+                if bool(p.grad.ne(0).any()):
                     raise LifecycleError(
-                        f"{type(self).__name__}'s parameter {name!r} still holds the gradient of the "
-                        "previous step: it is in no optimiser (add method.param_groups() to it) or "
-                        "its gradient was not zeroed."
+                        f"{type(self).__name__}'s parameter {name!r} was not updated by the last "
+                        "optimiser step and still holds that step's gradient: it is in no optimiser "
+                        "(add method.param_groups() to it)."
                     )
+
+    def _follow_device(self, device: torch.device) -> None:
+        """Move the method's state to the losses' device (in place for parameters, so an optimiser
+        keeps its references) the first time they differ."""
+        held = next(iter(self.buffers()), None)
+        if held is None:
+            held = next(iter(self.parameters()), None)
+        if held is not None and held.device != device and held.device.type != "meta":
+            self.to(device)
 
     def _require_positive(
         self, names: Sequence[str], losses: Tensor, active: Tensor, allow_zero: bool = False
@@ -519,6 +567,8 @@ class Method(nn.Module):
                     f"This {type(self).__name__} state was saved for tasks {list(names)}, not {self.task_names}."
                 )
         self._after_step_due = False
+        self._epoch_open = False
+        self._versions = None
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 

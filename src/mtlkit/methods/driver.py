@@ -46,6 +46,9 @@ class Driver:
         self.model = model
         self.optimizer = optimizer
         method.setup(tasks if isinstance(tasks, TaskSet) else list(tasks), model=model)  # type: ignore[arg-type]
+        first = next(iter(model.parameters()), None)
+        if first is not None:
+            method.to(first.device)  # before the optimiser sees the method's parameters
         groups = method.param_groups()
         if groups and optimizer is None:
             raise ValueError(f"{type(method).__name__} has learnable parameters: pass the optimiser.")
@@ -54,9 +57,14 @@ class Driver:
 
     @contextmanager
     def epoch(self) -> Iterator[None]:
-        """One epoch: ``begin_epoch()`` on entry, ``on_epoch_end()`` when the block completes."""
+        """One epoch: ``begin_epoch()`` on entry, ``on_epoch_end()`` when the block completes (an
+        error inside the block aborts the epoch without its hook, so it can be run again)."""
         self.method.begin_epoch()
-        yield
+        try:
+            yield
+        except BaseException:
+            self.method.abort_epoch()
+            raise
         self.method.on_epoch_end()
 
     def backward(

@@ -248,11 +248,14 @@ def resumable_checkpoint(
             loaded = load_checkpoint(path)
         except CheckpointError:
             continue
-        if problem is None:
-            return loaded, None  # no pointer yet: a run killed between the rename and the pointer
+        if problem is None:  # no pointer: a run killed between the rename and the pointer update
+            return (
+                loaded,
+                f"{directory / pointer} is missing; resuming from the newest intact checkpoint {path}.",
+            )
         return loaded, f"{problem} Resuming from the older intact checkpoint {path} instead."
     if problem is None:
-        return None, None
+        problem = f"{directory / pointer} is missing and no checkpoint in {directory} is intact."
     raise CheckpointError(
         f"{problem} No other intact checkpoint is in {directory}: delete it (or use another output "
         "directory) to start afresh."

@@ -220,6 +220,8 @@ class Trainer:
 
     def _epoch_batches(self, loader: Iterable[Any], resume_rng: dict[str, Any] | None) -> Iterator[Any]:
         epoch = self.epoch
+        if resume_rng is not None and not self.batch_in_epoch:  # numpy/python streams go on exactly
+            set_rng_state(resume_rng)
         torch.manual_seed(self._epoch_seed(epoch))  # data order depends only on (seed, epoch)
         generator = getattr(loader, "generator", None)
         if isinstance(generator, torch.Generator):
@@ -257,20 +259,25 @@ class Trainer:
             leave=False,
         )
         self.method.begin_epoch()
-        for cb in self.callbacks:
-            cb.on_epoch_start(self, epoch)
-        for batch in bar:
-            info = self.train_step(batch)
-            self.step += 1
-            self.batch_in_epoch += 1
-            self.epoch_loss_sum = (
-                info.losses if self.epoch_loss_sum is None else self.epoch_loss_sum + info.losses
-            )
+        try:
             for cb in self.callbacks:
-                cb.on_step_end(self, info)
-            if self.checkpoint_every and self.step % self.checkpoint_every == 0:
-                self.save_checkpoint()
+                cb.on_epoch_start(self, epoch)
+            for batch in bar:
+                info = self.train_step(batch)
+                self.step += 1
+                self.batch_in_epoch += 1
+                self.epoch_loss_sum = (
+                    info.losses if self.epoch_loss_sum is None else self.epoch_loss_sum + info.losses
+                )
+                for cb in self.callbacks:
+                    cb.on_step_end(self, info)
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                    self.save_checkpoint()
+        except BaseException:
+            self.method.abort_epoch()  # the epoch did not complete: it runs again on resume
+            raise
         if self.batch_in_epoch == 0:
+            self.method.abort_epoch()
             raise EmptyDataError(
                 f"The training loader yielded no batch in epoch {epoch + 1}; nothing was written."
             )
