@@ -36,7 +36,7 @@ import functools
 import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +54,6 @@ from mtlkit.errors import (
 )
 from mtlkit.methods.hparams import HParam, as_config_value, collect, validate
 
-Level = Literal["parameter", "representation"]
 Losses = Mapping[str, Tensor] | Sequence[Tensor]
 
 
@@ -171,7 +170,7 @@ def state_copy(obj: Any) -> Any:
     return obj
 
 
-def as_task_set(tasks: TaskSet | Sequence[Task] | Sequence[str]) -> TaskSet:
+def as_task_set(tasks: TaskSet | Iterable[Task] | Iterable[str]) -> TaskSet:
     if isinstance(tasks, TaskSet):
         return tasks
     items = list(tasks)
@@ -239,7 +238,7 @@ class Method(nn.Module):
         raise TypeError(f"Call {type(self).__name__}.backward(losses, model), not the method object.")
 
     # -- lifecycle -----------------------------------------------------------------------------------
-    def setup(self, tasks: TaskSet | Sequence[Task] | Sequence[str], model: nn.Module | None = None) -> None:
+    def setup(self, tasks: TaskSet | Iterable[Task] | Iterable[str], model: nn.Module | None = None) -> None:
         """Bind the method to its tasks (and optionally the model) before training.
 
         Methods with learnable parameters create them here; call :meth:`param_groups` afterwards
@@ -566,8 +565,7 @@ class Method(nn.Module):
                 raise TaskError(
                     f"This {type(self).__name__} state was saved for tasks {list(names)}, not {self.task_names}."
                 )
-        self._after_step_due = False
-        self._epoch_open = False
+        self.abort_epoch()  # a loaded state starts with no open epoch or pending post-step call
         self._versions = None
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 

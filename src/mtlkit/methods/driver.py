@@ -45,7 +45,7 @@ class Driver:
         self.method = method
         self.model = model
         self.optimizer = optimizer
-        method.setup(tasks if isinstance(tasks, TaskSet) else list(tasks), model=model)  # type: ignore[arg-type]
+        method.setup(tasks, model=model)
         first = next(iter(model.parameters()), None)
         if first is not None:
             method.to(first.device)  # before the optimiser sees the method's parameters

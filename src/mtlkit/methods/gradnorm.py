@@ -72,6 +72,7 @@ class GradNorm(LossWeighting):
     )
 
     def _validate(self) -> None:
+        self._norm_engine = self.engine or GradientEngine()
         self._layer: list[Tensor] | None = None
         if isinstance(self.layer, nn.Module):
             self._layer = [p for p in self.layer.parameters() if p.requires_grad]
@@ -148,8 +149,7 @@ class GradNorm(LossWeighting):
         known = active & ~torch.isnan(self.initial_losses)
         norms = None
         if balancing and bool(known.any()):
-            engine = self.engine or GradientEngine()
-            norms = engine.task_gradient_norms(values, layer) / inputs.scale
+            norms = self._norm_engine.task_gradient_norms(values, layer) / inputs.scale
             if bool(torch.isfinite(norms).all()):  # else fp16 overflow: the scaler skips this step
                 self._balance_step(weights, norms, unscaled, known, inputs.scale)
         w = weights.detach()

@@ -38,7 +38,7 @@ class Callback:
         self, trainer: Trainer, epoch: int, row: dict[str, float], report: EvaluationReport | None
     ) -> None:
         """After the epoch's validation: ``row`` holds the epoch's logged values (callbacks may
-        add to it), ``report`` the validation report. Set ``trainer.stop_training = True`` to stop."""
+        add to it), ``report`` the validation report. Set ``trainer.stopped = True`` to stop after this epoch."""
 
     def on_fit_end(self, trainer: Trainer) -> None:
         """After the last epoch."""

@@ -94,7 +94,7 @@ class EarlyStopping(Callback):
             return
         self.bad_epochs += 1
         if self.bad_epochs >= self.patience:
-            trainer.stop_training = True
+            trainer.stopped = True
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if self.restore_best and self.best_weights is not None:

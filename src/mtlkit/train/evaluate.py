@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,7 @@ def predict(
         batches += 1
         cpu = unpack_batch(raw)
         batch = move_to(cpu, device)
-        with precision.autocast() if precision is not None else torch.autocast("cpu", enabled=False):
+        with precision.autocast() if precision is not None else nullcontext():
             outputs = forward_full(model, batch.inputs).predictions
             if device.type != "cpu":
                 tasks.check_targets(cpu.targets, outputs, cpu.masks)

@@ -144,8 +144,7 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.history: list[dict[str, float]] = []
-        self.stopped = False  # early stopping fired; a resumed run does not train on
-        self.stop_training = False  # set by a callback to stop after this epoch
+        self.stopped = False  # set by a callback (early stopping) to stop after this epoch; saved
         self.epoch_loss_sum: Tensor | None = None  # running sum of this epoch's training losses
         self.last_info: StepInfo | None = None
 
@@ -296,7 +295,6 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_epoch_end(self, epoch, row, report)
         self.history.append(row)
-        self.stopped = self.stop_training
         self.epoch += 1
         self.batch_in_epoch = 0
         self.epoch_loss_sum = None
