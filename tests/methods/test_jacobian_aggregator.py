@@ -12,7 +12,7 @@ from tests.methods.helpers import shared_grad
 class RowMedian(JacobianAggregator):
     """The coordinate-wise median of the task gradients: a direction no Gramian can express."""
 
-    def direction(self, jacobian):
+    def direction(self, jacobian, losses):
         return jacobian.median(dim=0).values
 
 
@@ -21,7 +21,7 @@ class KeepsRows(JacobianAggregator):
 
     keeps_gradients = True
 
-    def direction(self, jacobian):
+    def direction(self, jacobian, losses):
         self.kept = jacobian  # would be overwritten by the engine's next call if not owned
         return jacobian.sum(0)
 

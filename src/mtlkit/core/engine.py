@@ -251,15 +251,17 @@ class RepresentationGradients:
         """Elementwise Gramian: inner products over all B x r entries (the official MGDA-UB)."""
         return accumulate_gramian([self.rep_grads], self.num_tasks, chunk_bytes, precision)
 
+    def cotangents(self, weights: Tensor) -> list[Tensor]:
+        """``sum_k w_k dL_k/dz`` (per-task representations: ``w_k dL_k/dz_k`` for each ``z_k``)."""
+        if len(self.features) == 1:
+            return [combine_blocks(weights, self.rep_grads)]
+        w = weights.to(self.rep_grads.dtype)
+        return [w[k] * g for k, g in enumerate(self.rep_grads)]
+
     def backward_shared(self, weights: Tensor) -> None:
         """One trunk backward with the cotangent ``sum_k w_k dL_k/dz`` (per-task representations:
         ``w_k dL_k/dz_k`` into each ``z_k``, in the same single backward); frees the graph."""
-        if len(self.features) == 1:
-            cotangent = combine_blocks(weights, self.rep_grads)
-            torch.autograd.backward(self.features[0], grad_tensors=cotangent)
-            return
-        w = weights.to(self.rep_grads.dtype)
-        torch.autograd.backward(self.features, grad_tensors=[w[k] * g for k, g in enumerate(self.rep_grads)])
+        torch.autograd.backward(self.features, grad_tensors=self.cotangents(weights))
 
     def write_heads(self, weights: Tensor | None) -> None:
         self.heads.write(weights)

@@ -254,6 +254,7 @@ class Method(nn.Module):
                     f"Task weights {weighted} apply only to linear scalarisation ('ew'); "
                     f"{type(self).__name__} would ignore them. Remove them or use method 'ew'."
                 )
+            self._build_family(task_set)
             self._build(task_set)
             self.task_names = names
         elif names != self.task_names:
@@ -263,6 +264,9 @@ class Method(nn.Module):
             )
         if model is not None:
             self._attach(model)
+
+    def _build_family(self, tasks: TaskSet) -> None:
+        """Per-task state that a family base keeps for all its methods (before :meth:`_build`)."""
 
     def _build(self, tasks: TaskSet) -> None:
         """Create per-task state (buffers, parameters) once the tasks are known."""
@@ -525,10 +529,19 @@ class Method(nn.Module):
             "config": self.config(),
             "task_names": list(self.task_names) if self.task_names is not None else None,
             "extra": state_copy(self._extra_state()),
+            "family": state_copy(self._family_state()),
         }
 
     def set_extra_state(self, state: Any) -> None:
+        self._load_family_state(state_copy(state.get("family") or {}))
         self._load_extra_state(state_copy(state.get("extra") or {}))
+
+    def _family_state(self) -> dict[str, Any]:
+        """Non-tensor state kept by a family base (counters), beside the method's own."""
+        return {}
+
+    def _load_family_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`_family_state` returned."""
 
     def _extra_state(self) -> dict[str, Any]:
         """Non-tensor state (counters, generator states) for the checkpoint (override)."""

@@ -3,15 +3,23 @@ Gramian (:class:`GramianWeighting`) or the gradients themselves (:class:`Jacobia
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from mtlkit.core.engine import GradientEngine, HeadGrad
+from mtlkit.core.engine import (
+    DeferredHeadGradients,
+    GradientEngine,
+    HeadGrad,
+    HeadGradients,
+    reachable_leaves,
+)
+from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import EngineError, NonFiniteGradientError
 from mtlkit.methods.base import Method, StepInfo, StepInputs
-from mtlkit.methods.hparams import hparam, instance_of, one_of
+from mtlkit.methods.hparams import hparam, instance_of, number, one_of
 
 Level = Literal["parameter", "representation"]
 
@@ -63,6 +71,33 @@ class GradientMethod(Method):
         return inputs.shared
 
 
+def clip_factor(norm: Tensor | float, max_norm: float | None) -> Tensor | float:
+    """The factor ``min(1, max_norm / norm)`` of ``torch.nn.utils.clip_grad_norm_`` (1 when
+    ``max_norm`` is ``None``); ``norm`` may be a tensor (no host sync)."""
+    if max_norm is None:
+        return 1.0
+    if isinstance(norm, Tensor):
+        return (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    return min(1.0, max_norm / (norm + 1e-6))
+
+
+def clipped_trunk_backward(
+    features: list[Tensor], cotangents: list[Tensor], shared: list[Tensor], max_norm: float, scale: float
+) -> None:
+    """Back-propagate representation cotangents into the shared parameters with the norm of the
+    resulting (unscaled) gradient clipped to ``max_norm``; frees the graph."""
+    grads = torch.autograd.grad(features, shared, grad_outputs=cotangents, allow_unused=True)
+    present = [g for g in grads if g is not None]
+    if not present:
+        return
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in present]))
+    factor = clip_factor(norm / scale, max_norm)
+    for p, g in zip(shared, grads, strict=True):
+        if g is not None:
+            g = (g * factor).to(p.dtype)
+            p.grad = g if p.grad is None else p.grad.add_(g)
+
+
 def active_subset(active: Tensor) -> Tensor | None:
     """Indices of the active tasks (a host sync), or ``None`` when every task is active."""
     flags = active.detach().cpu()
@@ -75,15 +110,48 @@ class GramianWeighting(GradientMethod):
     Subclasses implement :meth:`weights` on the Gramian of the active tasks (those with a labelled
     sample); tasks without one get weight 0. During the call ``self.active_index`` holds the
     indices of those tasks in the task list (for methods with per-task state, e.g. a warm start).
+
+    Shared by every Gramian method:
+
+    - ``update_every=n`` solves for new weights every n-th step only and reuses them in between,
+      where a step costs one ordinary backward of ``sum_k w_k L_k`` (no per-task gradients).
+      Nash-MTL's ``update_weights_every``, offered for every method. A task that was inactive at
+      the last solve keeps weight 0 until the next one.
+    - A subclass that declares a ``max_norm`` hyper-parameter has the norm of the shared update
+      clipped to it, as ``torch.nn.utils.clip_grad_norm_`` on the shared parameters after the
+      weighted backward does in the official Nash-MTL / FairGrad / DiBS-MTL code: the factor is
+      computed from the Gramian (``||J^T w|| = sqrt(w^T G w)``) and applied to the shared
+      weights only; heads are not clipped.
     """
 
+    update_every: int = hparam(
+        1,
+        number(ge=1, integer=True),
+        "solve for new weights every n steps; in between, reuse them with one ordinary backward",
+    )
     active_index: Tensor | None = None
+    reused_weights: Tensor
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         """float64 weights (A,) from the float64 A x A Gramian of the active tasks and their
         unscaled losses."""
         raise NotImplementedError
 
+    # -- family state ------------------------------------------------------------------------------
+    def _build_family(self, tasks: TaskSet) -> None:
+        self._steps = 0
+        self.register_buffer("reused_weights", torch.zeros(len(tasks), dtype=torch.float64))
+
+    def _family_state(self) -> dict[str, Any]:
+        return {"steps": getattr(self, "_steps", 0)}
+
+    def _load_family_state(self, state: dict[str, Any]) -> None:
+        self._steps = int(state.get("steps", 0))
+
+    def _max_norm(self) -> float | None:
+        return getattr(self, "max_norm", None)
+
+    # -- the step ------------------------------------------------------------------------------------
     def _solve(self, gram: Tensor, inputs: StepInputs) -> Tensor:
         names = inputs.names
         if not bool(torch.isfinite(gram).all()):
@@ -110,23 +178,39 @@ class GramianWeighting(GradientMethod):
             self.active_index = None  # valid during the call only
 
     def _step(self, inputs: StepInputs) -> StepInfo:
+        reuse = self.update_every > 1 and self._steps % self.update_every != 0
+        self._steps += 1
+        if reuse:
+            return self._reuse_step(inputs)
         engine = self._engine()
         own = self.head_grad == "own"
+        rep = jac = None
         if self.level == "representation":
             gram, rep = engine.representation_gramian(
                 inputs.values, self._representation(inputs), inputs.names, inputs.task_specific
             )
-            gram = gram / inputs.scale**2
-            w = self._solve(gram, inputs)
-            rep.backward_shared(w)
-            rep.write_heads(None if own else w)
         else:
             gram, jac = engine.parameter_gramian(
                 inputs.values, self._shared(inputs), inputs.task_specific, names=inputs.names
             )
-            gram = gram / inputs.scale**2
-            w = self._solve(gram, inputs)
-            jac.write_shared_weighted(w)
+        gram = gram / inputs.scale**2
+        w = self._solve(gram, inputs)
+        if self.update_every > 1:
+            self.reused_weights = w.detach().to(self.reused_weights.device).clone()
+        shared_w = w
+        max_norm = self._max_norm()
+        if max_norm is not None and self.level == "parameter":
+            shared_w = w * clip_factor((w @ gram @ w).clamp_min(0).sqrt(), max_norm)
+        if rep is not None:
+            if max_norm is None:
+                rep.backward_shared(w)
+            else:
+                clipped_trunk_backward(
+                    rep.features, rep.cotangents(w), self._shared(inputs), max_norm, inputs.scale
+                )
+            rep.write_heads(None if own else w)
+        elif jac is not None:
+            jac.write_shared_weighted(shared_w)
             jac.write_heads(None if own else w)
         norms, cos = gradient_statistics(gram)
         return StepInfo(
@@ -139,52 +223,145 @@ class GramianWeighting(GradientMethod):
             gramian=gram,
         )
 
+    def _reuse_step(self, inputs: StepInputs) -> StepInfo:
+        """A step between solves: the stored weights, one backward, no per-task gradients."""
+        device = inputs.values[0].device
+        w = torch.where(inputs.active, self.reused_weights.to(device), 0.0)
+        live = [k for k, v in enumerate(inputs.values) if v.requires_grad and bool(inputs.active[k])]
+        info = StepInfo(inputs.names, w, inputs.losses, level=self.level, extras={"reused_weights": True})
+        if not live:
+            return info
+        weighted = torch.stack([inputs.values[k] * w[k].to(inputs.values[k].dtype) for k in live]).sum()
+        max_norm = self._max_norm()
+        if self.head_grad == "weighted" and max_norm is None:
+            weighted.backward()
+            return info
+        live_values = [inputs.values[k] for k in live]
+        if self.level == "representation":
+            rep = self._representation(inputs)
+            exclude = list(rep.values()) if isinstance(rep, Mapping) else [rep]
+        else:
+            exclude = self._shared(inputs)
+        heads, _ = self._engine().task_specific_lists(
+            [inputs.names[k] for k in live], _live_task_params(inputs, live), live_values, exclude
+        )
+        head_ids = {id(h) for h in heads}
+        if self.level == "representation":
+            shared = [p for p in reachable_leaves(live_values, set()) if id(p) not in head_ids]
+        else:
+            shared = exclude
+        grads = torch.autograd.grad(weighted, shared + heads, retain_graph=True, allow_unused=True)
+        shared_grads, head_grads = grads[: len(shared)], grads[len(shared) :]
+        if max_norm is not None:
+            present = [g for g in shared_grads if g is not None]
+            if present:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present]))
+                factor = clip_factor(norm / inputs.scale, max_norm)
+                shared_grads = tuple(None if g is None else g * factor for g in shared_grads)
+        if self.head_grad == "own" and heads:
+            plain = torch.stack(live_values).sum()
+            head_grads = torch.autograd.grad(plain, heads, allow_unused=True)
+        for p, g in zip(shared + heads, tuple(shared_grads) + tuple(head_grads), strict=True):
+            if g is not None:
+                p.grad = g.to(p.dtype) if p.grad is None else p.grad.add_(g.to(p.dtype))
+        return info
+
+
+def _live_task_params(inputs: StepInputs, live: list[int]) -> Any:
+    spec = inputs.task_specific
+    if isinstance(spec, Mapping):
+        keep = {inputs.names[k] for k in live}
+        return {n: v for n, v in spec.items() if n in keep}
+    return spec
+
 
 class JacobianAggregator(GradientMethod):
-    """A method that needs the per-task gradients themselves: ``d = direction(J)``.
+    """A method that needs the per-task gradients themselves: ``d = direction(J, losses)``.
 
     Subclasses implement :meth:`direction` on the A x d matrix of the active tasks' gradient rows
-    (unscaled; at the parameter level d is the number of shared parameters). The rows live in the
-    engine's reused buffer and are valid during the call only; a method that keeps gradients
-    across steps (GradVac, MoCo) sets ``keeps_gradients = True`` and then receives rows it owns.
-    Task-specific parameters get their own gradient by default.
+    (unscaled): at the parameter level d is the number of shared parameters; at the
+    representation level (``level="representation"``, for methods that declare it) a row is a
+    task's gradient w.r.t. the whole shared representation (B x r entries, flattened) and the
+    direction is back-propagated through the trunk once. The rows live in the engine's reused
+    buffer and are valid during the call only; a method that keeps gradients across steps
+    (GradVac, MoCo) sets ``keeps_gradients = True`` and then receives rows it owns.
+
+    Task-specific parameters get their own gradient; a method whose heads get scaled gradients
+    (DB-MTL: the log-loss gradient) overrides :meth:`head_weights`. A subclass that declares a
+    ``max_norm`` hyper-parameter has the norm of the shared direction clipped to it.
     """
 
-    head_grad: HeadGrad = hparam(
-        "own", one_of("own", "weighted"), "task-specific parameters get their own or the weighted gradient"
-    )
+    head_grad: HeadGrad = hparam("own", one_of("own"), "task-specific parameters get their own gradient")
     level: Level = hparam("parameter", one_of("parameter"), "per-task gradients of the shared parameters")
     keeps_gradients: ClassVar[bool] = False
     active_index: Tensor | None = None
 
-    def direction(self, jacobian: Tensor) -> Tensor:
-        """The shared update direction (d,) from the (A, d) unscaled task gradients."""
+    def direction(self, jacobian: Tensor, losses: Tensor) -> Tensor:
+        """The shared update direction (d,) from the (A, d) unscaled task gradients and the
+        active tasks' unscaled losses (A,)."""
         raise NotImplementedError
 
+    def head_weights(self, losses: Tensor, active: Tensor) -> Tensor | None:
+        """Per-task factors (K,) for the task-specific gradients, or ``None`` for their own."""
+        return None
+
     def _step(self, inputs: StepInputs) -> StepInfo:
-        jac = self._engine().jacobian(
-            inputs.values,
-            self._shared(inputs),
-            inputs.task_specific,
-            names=inputs.names,
-            owned=self.keeps_gradients,
-        )
-        rows = jac.rows()
+        engine = self._engine()
+        rep = None
+        heads: HeadGradients | DeferredHeadGradients
+        if self.level == "representation":
+            z = self._representation(inputs)
+            if isinstance(z, Mapping):
+                raise EngineError(
+                    f"{type(self).__name__}(level='representation') needs one shared representation "
+                    "tensor; this model returns one per task. Use level='parameter'."
+                )
+            rep = engine.representation_gradients(inputs.values, z, inputs.names, inputs.task_specific)
+            rows = rep.rep_grads.reshape(len(inputs.names), -1)
+            if self.keeps_gradients:
+                rows = rows.clone()
+            heads = rep.heads
+        else:
+            jac = engine.jacobian(
+                inputs.values,
+                self._shared(inputs),
+                inputs.task_specific,
+                names=inputs.names,
+                owned=self.keeps_gradients,
+            )
+            rows = jac.rows()
+            heads = jac.heads
         idx = active_subset(inputs.active)
         self.active_index = torch.arange(len(inputs.names)) if idx is None else idx
         active_rows = rows if idx is None else rows[idx.to(rows.device)]
         if inputs.loss_scale is not None:
             active_rows = active_rows / inputs.scale
+        losses = inputs.losses if idx is None else inputs.losses[idx.to(inputs.losses.device)]
         try:
-            direction = self.direction(active_rows)
+            direction = self.direction(active_rows, losses.to(torch.float64))
         finally:
             self.active_index = None
         if not bool(torch.isfinite(direction).all()) and inputs.loss_scale is None:
             raise NonFiniteGradientError(
                 f"{type(self).__name__} produced a non-finite direction; nothing was updated."
             )
-        jac.write_shared_flat(direction * inputs.scale)
-        weights = inputs.active.to(torch.float64)
-        jac.write_heads(None if self.head_grad == "own" else weights)
+        max_norm = self._max_norm()
+        if rep is not None:
+            cotangent = (direction * inputs.scale).to(rows.dtype).view(rep.features[0].shape)
+            if max_norm is None:
+                torch.autograd.backward(rep.features[0], grad_tensors=cotangent)
+            else:
+                clipped_trunk_backward(
+                    rep.features, [cotangent], self._shared(inputs), max_norm, inputs.scale
+                )
+        else:
+            if max_norm is not None:
+                direction = direction * clip_factor(torch.linalg.vector_norm(direction.double()), max_norm)
+            jac.write_shared_flat(direction * inputs.scale)
+        hw = self.head_weights(inputs.losses.to(torch.float64), inputs.active)
+        heads.write(None if hw is None else torch.where(inputs.active, hw.to(inputs.active.device), 0.0))
         norms = torch.linalg.vector_norm(rows.double(), dim=1) / inputs.scale
-        return StepInfo(inputs.names, None, inputs.losses, level="parameter", grad_norms=norms)
+        return StepInfo(inputs.names, None, inputs.losses, level=self.level, grad_norms=norms)
+
+    def _max_norm(self) -> float | None:
+        return getattr(self, "max_norm", None)
