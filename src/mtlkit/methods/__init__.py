@@ -2,8 +2,10 @@
 
 from mtlkit.methods.base import Hook, Method, StepInfo, StepInputs
 from mtlkit.methods.driver import Driver, add_param_groups
+from mtlkit.methods.dualproj import DualProj
 from mtlkit.methods.dwa import DWA
 from mtlkit.methods.ew import EW
+from mtlkit.methods.fairgrad import FairGrad
 from mtlkit.methods.famo import FAMO
 from mtlkit.methods.gls import GLS
 from mtlkit.methods.gradient_methods import GradientMethod, GramianWeighting, JacobianAggregator
@@ -12,6 +14,7 @@ from mtlkit.methods.imtl_l import IMTLL
 from mtlkit.methods.loss_weighting import LossWeighting
 from mtlkit.methods.mgda import MGDA
 from mtlkit.methods.min_norm import min_norm_weights
+from mtlkit.methods.nash_mtl import NashMTL
 from mtlkit.methods.registry import METHODS, available, create, method_class, register, register_variant
 from mtlkit.methods.rlw import RLW
 from mtlkit.methods.si import SI
@@ -32,6 +35,8 @@ __all__ = [
     "STCH",
     "UW",
     "Driver",
+    "DualProj",
+    "FairGrad",
     "GradNorm",
     "GradientMethod",
     "GramianWeighting",
@@ -39,6 +44,7 @@ __all__ = [
     "JacobianAggregator",
     "LossWeighting",
     "Method",
+    "NashMTL",
     "StepInfo",
     "StepInputs",
     "UPGrad",

@@ -221,7 +221,12 @@ class GramianWeighting(GradientMethod):
             grad_norms=norms,
             cosines=cos,
             gramian=gram,
+            extras=self.step_extras(),
         )
+
+    def step_extras(self) -> dict[str, Any]:
+        """Diagnostics of the last solve for ``StepInfo.extras`` (e.g. a solver residual)."""
+        return {}
 
     def _reuse_step(self, inputs: StepInputs) -> StepInfo:
         """A step between solves: the stored weights, one backward, no per-task gradients."""
