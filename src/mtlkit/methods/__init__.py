@@ -1,6 +1,7 @@
 """Multi-task optimisation methods: loss weightings and gradient aggregators."""
 
 from mtlkit.methods.base import Hook, Method, StepInfo, StepInputs
+from mtlkit.methods.cagrad import CAGrad
 from mtlkit.methods.driver import Driver, add_param_groups
 from mtlkit.methods.dualproj import DualProj
 from mtlkit.methods.dwa import DWA
@@ -34,6 +35,7 @@ __all__ = [
     "SI",
     "STCH",
     "UW",
+    "CAGrad",
     "Driver",
     "DualProj",
     "FairGrad",
