@@ -27,5 +27,6 @@ def test_weightings_user_loop_runs(name):
         "epochs": 3,
     }
     exec(compile(code, "docs/weightings.md", "exec"), namespace)
-    assert torch.isfinite(namespace["info"].weights).all()
+    info = namespace["info"]  # aggregators whose direction is not J^T w report no weights
+    assert info.weights is None or torch.isfinite(info.weights).all()
     assert all(not torch.equal(a, b) for a, b in zip(model.shared_parameters(), before, strict=True))

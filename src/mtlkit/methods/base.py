@@ -142,6 +142,8 @@ class StepInputs:
         self.names, self.values, self.losses, self.active = names, values, losses, active
         self.loss_scale, self.output = loss_scale, output
         self._model, self._shared = model, shared
+        #: the inputs of the step's other batches, for methods with ``batches_per_step > 1``
+        self.extra: list[StepInputs] = []
 
     @functools.cached_property
     def shared(self) -> list[Tensor]:
@@ -353,6 +355,7 @@ class Method(nn.Module):
         *,
         shared: Iterable[Tensor] | None = None,
         loss_scale: float | None = None,
+        extra_losses: Sequence[Losses] = (),
     ) -> StepInfo:
         """Fill ``.grad`` of every parameter from the task losses; return what was done.
 
@@ -369,8 +372,13 @@ class Method(nn.Module):
             loss_scale: set when the losses were multiplied by a ``GradScaler`` scale: the method
                 works on unscaled losses and gradients, and leaves ``.grad`` scaled for
                 ``scaler.unscale_``.
+            extra_losses: for methods that use several independent batches per step
+                (``batches_per_step > 1``: MoDo, SDMGrad with ``independent_batches``), the task
+                losses of the other ``batches_per_step - 1`` batches (same model, same scale).
+                The Trainer and the Driver's users draw them from the loader.
         """
         inputs = self._begin_step(losses, model, output, shared, loss_scale)
+        inputs.extra = self._extra_inputs(extra_losses, model, shared, loss_scale)
         aux = self._aux_gradients(inputs, model)  # before the method's backward frees the graph
         info = self._step(inputs)
         for p, g in aux:  # written only once the method's checks have passed
@@ -378,6 +386,34 @@ class Method(nn.Module):
         self._remember_versions(inputs, model)
         self._after_step_due = Hook.AFTER_STEP in self.hooks
         return info
+
+    @property
+    def batches_per_step(self) -> int:
+        """How many independent batches one step uses (the first one's losses are ``losses``,
+        the others' ``extra_losses``)."""
+        return 1
+
+    def _extra_inputs(
+        self,
+        extra_losses: Sequence[Losses],
+        model: nn.Module | None,
+        shared: Iterable[Tensor] | None,
+        loss_scale: float | None,
+    ) -> list[StepInputs]:
+        wanted = self.batches_per_step - 1
+        if len(extra_losses) != wanted:
+            raise LifecycleError(
+                f"{type(self).__name__} uses {self.batches_per_step} independent batch(es) per step: "
+                f"pass the losses of {wanted} more batch(es) as extra_losses= (got {len(extra_losses)}). "
+                "The Trainer does this by itself."
+            )
+        out = []
+        for losses in extra_losses:
+            names, values, labelled = self._split(losses)
+            if names != self.task_names:
+                raise TaskError(f"extra_losses has tasks {names}; the step's tasks are {self.task_names}.")
+            out.append(self._inputs(names, values, labelled, model, shared, None, loss_scale))
+        return out
 
     def _aux_gradients(self, inputs: StepInputs, model: nn.Module | None) -> list[tuple[Tensor, Tensor]]:
         """Gradients of the model's auxiliary losses (weight 1, scaled like the task losses)."""
@@ -432,6 +468,19 @@ class Method(nn.Module):
         names, values, labelled = self._split(losses)
         if not values:
             raise TaskError(f"{type(self).__name__}.backward() got no task losses.")
+        self._check_lifecycle(names)
+        return self._inputs(names, values, labelled, model, shared, output, loss_scale)
+
+    def _inputs(
+        self,
+        names: list[str],
+        values: list[Tensor],
+        labelled: Tensor | None,
+        model: nn.Module | None,
+        shared: Iterable[Tensor] | None,
+        output: MultiTaskOutput | None,
+        loss_scale: float | None,
+    ) -> StepInputs:
         for n, v in zip(names, values, strict=True):
             if not isinstance(v, Tensor) or v.numel() != 1:
                 raise TaskError(
@@ -439,7 +488,6 @@ class Method(nn.Module):
                     f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}."
                 )
         values = [v.reshape(()) for v in values]
-        self._check_lifecycle(names)
         self._follow_device(values[0].device)
         stacked = torch.stack([v.detach() for v in values])
         stacked = stacked.to(torch.promote_types(stacked.dtype, torch.float32))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -68,10 +68,17 @@ class Driver:
         self.method.on_epoch_end()
 
     def backward(
-        self, losses: Losses, output: MultiTaskOutput | None = None, loss_scale: float | None = None
+        self,
+        losses: Losses,
+        output: MultiTaskOutput | None = None,
+        loss_scale: float | None = None,
+        extra_losses: Sequence[Losses] = (),
     ) -> StepInfo:
-        """``method.backward(losses, model, output)``."""
-        return self.method.backward(losses, self.model, output, loss_scale=loss_scale)
+        """``method.backward(losses, model, output)``; ``extra_losses`` holds the other batches'
+        losses for methods with ``batches_per_step > 1``."""
+        return self.method.backward(
+            losses, self.model, output, loss_scale=loss_scale, extra_losses=extra_losses
+        )
 
     def after_step(self, losses: Callable[[], Losses] | Losses) -> None:
         """Pass the post-step losses (a callable is evaluated only when the method needs them)."""

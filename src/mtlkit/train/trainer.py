@@ -160,18 +160,33 @@ class Trainer:
         return losses, output
 
     def train_step(self, batch: Any) -> StepInfo:
-        """One optimiser step on ``batch``; returns the method's :class:`StepInfo`."""
-        host = unpack_batch(batch)
-        batch = move_to(host, self.device)
+        """One optimiser step on ``batch``; returns the method's :class:`StepInfo`.
+
+        A method that uses several independent batches per step (``batches_per_step = n > 1``:
+        MoDo, SDMGrad with independent batches) takes a sequence of ``n`` batches here; ``fit``
+        groups consecutive batches of the loader (an incomplete group at the end of an epoch is
+        skipped).
+        """
+        n = self.method.batches_per_step
+        group = list(batch) if n > 1 else [batch]
+        if len(group) != n:
+            raise ConfigError(
+                f"{type(self.method).__name__} uses {n} batches per step; train_step got {len(group)}."
+            )
+        hosts = [unpack_batch(b) for b in group]
+        moved = [move_to(h, self.device) for h in hosts]
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        losses, output = self._losses(batch, host)
+        losses, output = self._losses(moved[0], hosts[0])
+        extra = [self._losses(b, h)[0] for b, h in zip(moved[1:], hosts[1:], strict=True)]
+        batch = moved[0]
         scaler = self.precision.scaler
         scale = None
         if scaler is not None:
             losses = losses.map(scaler.scale)
+            extra = [e.map(scaler.scale) for e in extra]
             scale = float(scaler.get_scale())
-        info = self.method.backward(losses, self.model, output, loss_scale=scale)
+        info = self.method.backward(losses, self.model, output, loss_scale=scale, extra_losses=extra)
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         if self.grad_clip is not None:
@@ -261,10 +276,11 @@ class Trainer:
         try:
             for cb in self.callbacks:
                 cb.on_epoch_start(self, epoch)
-            for batch in bar:
-                info = self.train_step(batch)
+            per_step = self.method.batches_per_step
+            for group in _groups(bar, per_step):
+                info = self.train_step(group[0] if per_step == 1 else group)
                 self.step += 1
-                self.batch_in_epoch += 1
+                self.batch_in_epoch += per_step
                 self.epoch_loss_sum = (
                     info.losses if self.epoch_loss_sum is None else self.epoch_loss_sum + info.losses
                 )
@@ -277,8 +293,12 @@ class Trainer:
             raise
         if self.batch_in_epoch == 0:
             self.method.abort_epoch()
+            per_step = self.method.batches_per_step
             raise EmptyDataError(
                 f"The training loader yielded no batch in epoch {epoch + 1}; nothing was written."
+                if per_step == 1
+                else f"The training loader yielded fewer than the {per_step} batches that one step of "
+                f"{type(self.method).__name__} uses in epoch {epoch + 1}; nothing was written."
             )
         row: dict[str, float] = {}
         if self.epoch_loss_sum is not None:
@@ -385,6 +405,16 @@ class Trainer:
             "early_stopping": self.early_stopping.config() if self.early_stopping else None,
             "config": self.config,
         }
+
+
+def _groups(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive groups of ``size`` batches (an incomplete last group is dropped)."""
+    group: list[Any] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
 
 
 def _check_positive_int(name: str, value: Any, allow_none: bool = False, allow_zero: bool = False) -> None:
