@@ -143,7 +143,7 @@ def test_end_to_end_heads_own_and_shared_official():
 
 def test_zero_in_the_hull_with_a_large_radius_gives_the_primal_maximiser_zero():
     J = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -0.2], [0.3, -1.0]], dtype=torch.float64)
-    w, u = cagrad_dual_weights(J @ J.T, 3.0)
+    _, u = cagrad_dual_weights(J @ J.T, 3.0)
     assert u == 0.0  # 0 is in the interior of the hull: the dual optimum is J^T w = 0
     d = J.T @ raw_direction_weights(J, 3.0)
     assert float(d.abs().max()) == 0.0  # value min_k <g_k, 0> = 0: no other point does better
