@@ -23,4 +23,13 @@ def make_problem(k: int = 3, batch: int = 6, in_features: int = 5, dtype=torch.f
     net = net.to(dtype)
     x = torch.randn(batch, in_features, dtype=dtype)
     y = {f"t{i}": torch.randn(batch, dtype=dtype) for i in range(k)}
+    # more batches of the same problem, for methods that use several per step (MoDo, SDMGrad)
+    gen = torch.Generator().manual_seed(k * 1000 + batch)
+    net.more_batches = [
+        (
+            torch.randn(batch, in_features, generator=gen, dtype=dtype),
+            {n: torch.randn(batch, generator=gen, dtype=dtype) for n in y},
+        )
+        for _ in range(2)
+    ]
     return tasks, net, x, y

@@ -40,7 +40,27 @@ def setup(method, tasks, net):
 
 
 def make_method(name, tasks, net, **options):
-    return setup(mk.methods.create(name, **options), tasks, net)
+    return supply_more_batches(setup(mk.methods.create(name, **options), tasks, net), tasks, net)
+
+
+def supply_more_batches(method, tasks, net):
+    """For a method that uses several batches per step, fill ``extra_losses`` of every
+    ``backward`` call from ``net.more_batches`` (see ``make_problem``) unless a test passes them."""
+    n = method.batches_per_step
+    if n == 1 or not hasattr(net, "more_batches"):
+        return method
+    original = method.backward
+
+    def backward(losses, *args, **kwargs):
+        if "extra_losses" not in kwargs:
+            scale = kwargs.get("loss_scale") or 1.0
+            kwargs["extra_losses"] = [
+                tasks.losses(net(x), y).map(lambda v: v * scale) for x, y in net.more_batches[: n - 1]
+            ]
+        return original(losses, *args, **kwargs)
+
+    method.backward = backward
+    return method
 
 
 def fixed_losses(values):

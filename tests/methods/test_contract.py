@@ -23,7 +23,7 @@ from mtlkit.errors import (
 )
 from mtlkit.methods import Hook
 from tests.conftest import make_problem
-from tests.methods.helpers import assert_same_grads, grads, make_method, run_steps
+from tests.methods.helpers import assert_same_grads, grads, make_method, run_steps, supply_more_batches
 
 NAMES = mk.methods.available()
 #: methods that take logarithms of the losses
@@ -58,6 +58,8 @@ def test_a_task_without_labels_gets_weight_zero_and_no_nan(name):
     method = make_method(name, tasks, net)
     y = dict(y)
     y["t1"] = torch.full_like(y["t1"], float("nan"))  # no labelled sample for t1 in this batch
+    for _, more in net.more_batches:  # (nor in the other batches of multi-batch methods)
+        more["t1"] = torch.full_like(more["t1"], float("nan"))
     info = run_steps(method, tasks, net, x, y, steps=2)
     assert info.weights is None or (info.weights[1] == 0 and torch.isfinite(info.weights).all())
     for p in net.parameters():
@@ -245,7 +247,7 @@ def test_losses_as_a_list_or_a_dict_are_the_same_step(name):
 def test_a_skipped_lifecycle_call_is_an_error_on_the_next_step(name):
     tasks, net, x, y = make_problem(k=2)
     cls = mk.methods.method_class(name)
-    method = mk.methods.create(name)
+    method = supply_more_batches(mk.methods.create(name), tasks, net)
     losses = lambda: tasks.losses(net(x), y)  # noqa: E731
     if cls.needs_setup:
         with pytest.raises(LifecycleError, match="setup"):
@@ -331,7 +333,8 @@ def test_trainer_resumes_a_killed_run_exactly(name, tmp_path):
         crashed.fit(Killing(), epochs=3)
     resumed = trainer(tmp_path / "run", checkpoint_every=1)
     resumed.fit(loader(), epochs=3)
-    assert resumed.step == ref.step == 9
+    per_epoch = 3 // ref.method.batches_per_step  # 3 batches per epoch, grouped per step
+    assert resumed.step == ref.step == 3 * per_epoch
     for (k, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), (name, k)
     assert repr(ref.method.state_dict()) == repr(resumed.method.state_dict())

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 import mtlkit as mk
 from mtlkit.core.tasks import TaskLosses
 from mtlkit.errors import NonPositiveLossError
-from mtlkit.methods.min_norm import kkt_violation, min_norm_weights
-from mtlkit.methods.moco import MoCo, project_simplex
+from mtlkit.methods.min_norm import kkt_violation, min_norm_weights, project_simplex
+from mtlkit.methods.moco import MoCo
 from tests.conftest import make_problem
 from tests.core.test_engine import brute_force
 from tests.methods.helpers import shared_grad

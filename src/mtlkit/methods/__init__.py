@@ -26,9 +26,11 @@ from mtlkit.methods.loss_weighting import LossWeighting
 from mtlkit.methods.mgda import MGDA
 from mtlkit.methods.min_norm import min_norm_weights
 from mtlkit.methods.moco import MoCo
+from mtlkit.methods.modo import MoDo
 from mtlkit.methods.nash_mtl import NashMTL
 from mtlkit.methods.registry import METHODS, available, create, method_class, register, register_variant
 from mtlkit.methods.rlw import RLW
+from mtlkit.methods.sdmgrad import SDMGrad
 from mtlkit.methods.si import SI
 from mtlkit.methods.stch import STCH
 from mtlkit.methods.trimmed_mean import TrimmedMean
@@ -69,7 +71,9 @@ __all__ = [
     "LossWeighting",
     "Method",
     "MoCo",
+    "MoDo",
     "NashMTL",
+    "SDMGrad",
     "StepInfo",
     "StepInputs",
     "TrimmedMean",

@@ -32,6 +32,16 @@ def kkt_violation(gram: Tensor, w: Tensor, active: Tensor | None = None) -> Tens
     return torch.maximum(below, off) / scale
 
 
+def project_simplex(v: Tensor) -> Tensor:
+    """Euclidean projection of a vector onto the probability simplex (exact, by sorting: Held,
+    Wolfe & Crowder 1974; Duchi et al., ICML 2008), in the vector's dtype and on its device."""
+    u = torch.sort(v, descending=True).values
+    css = u.cumsum(0) - 1.0
+    ind = torch.arange(1, len(v) + 1, dtype=v.dtype, device=v.device)
+    support = (u - css / ind > 0).nonzero()[-1, 0]  # never empty: the first entry always passes
+    return (v - css[support] / ind[support]).clamp_min(0.0)
+
+
 def min_norm_weights(
     gram: Tensor,
     active: Tensor | None = None,

@@ -13,20 +13,11 @@ from mtlkit.errors import EngineError
 from mtlkit.methods.base import StepInfo, StepInputs
 from mtlkit.methods.gradient_methods import JacobianAggregator
 from mtlkit.methods.hparams import boolean, hparam, number, one_of
+from mtlkit.methods.min_norm import project_simplex
 from mtlkit.methods.registry import register
 
 LambdaUpdate = Literal["project", "softmax"]
 _EPS = 1e-8  # in L_k g_k / (||g_k|| + eps), as in the official code and LibMTL
-
-
-def project_simplex(v: Tensor) -> Tensor:
-    """Euclidean projection of a vector onto the probability simplex (exact, by sorting: Held,
-    Wolfe & Crowder 1974; Duchi et al., ICML 2008), in the vector's dtype and on its device."""
-    u = torch.sort(v, descending=True).values
-    css = u.cumsum(0) - 1.0
-    ind = torch.arange(1, len(v) + 1, dtype=v.dtype, device=v.device)
-    support = (u - css / ind > 0).nonzero()[-1, 0]  # never empty: the first entry always passes
-    return (v - css[support] / ind[support]).clamp_min(0.0)
 
 
 @register("moco")
