@@ -18,6 +18,7 @@ from mtlkit.methods.gls import GLS
 from mtlkit.methods.graddrop import GradDrop
 from mtlkit.methods.gradient_methods import GradientMethod, GramianWeighting, JacobianAggregator
 from mtlkit.methods.gradnorm import GradNorm
+from mtlkit.methods.gradvac import GradVac
 from mtlkit.methods.imtl import IMTL
 from mtlkit.methods.imtl_g import IMTLG
 from mtlkit.methods.imtl_l import IMTLL
@@ -28,6 +29,7 @@ from mtlkit.methods.min_norm import min_norm_weights
 from mtlkit.methods.moco import MoCo
 from mtlkit.methods.modo import MoDo
 from mtlkit.methods.nash_mtl import NashMTL
+from mtlkit.methods.pcgrad import PCGrad
 from mtlkit.methods.registry import METHODS, available, create, method_class, register, register_variant
 from mtlkit.methods.rlw import RLW
 from mtlkit.methods.sdmgrad import SDMGrad
@@ -63,6 +65,7 @@ __all__ = [
     "FairGrad",
     "GradDrop",
     "GradNorm",
+    "GradVac",
     "GradientMethod",
     "GramianWeighting",
     "Hook",
@@ -73,6 +76,7 @@ __all__ = [
     "MoCo",
     "MoDo",
     "NashMTL",
+    "PCGrad",
     "SDMGrad",
     "StepInfo",
     "StepInputs",
