@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from mtlkit.core.engine import HeadGrad
 from mtlkit.core.tasks import TaskSet
-from mtlkit.errors import EngineError
 from mtlkit.methods.base import StepInfo, StepInputs
 from mtlkit.methods.gradient_methods import JacobianAggregator
 from mtlkit.methods.hparams import hparam, number, one_of
@@ -55,6 +54,8 @@ class ExcessMTL(JacobianAggregator):
     ``baseline``, ``warmup_sum`` and ``warmup_count`` are K-vectors.
     """
 
+    lazy_buffers = ("grad_sq_sum",)
+
     head_grad: HeadGrad = hparam(
         "weighted",
         one_of("own", "weighted"),
@@ -88,25 +89,10 @@ class ExcessMTL(JacobianAggregator):
         self.register_buffer("warmup_sum", torch.zeros(k, dtype=torch.float64))
         self.register_buffer("warmup_count", torch.zeros(k, dtype=torch.int64))
 
-    def _load_from_state_dict(
-        self,
-        state_dict: Any,
-        prefix: str,
-        local_metadata: Any,
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        _fit_saved_width(self, "grad_sq_sum", state_dict.get(prefix + "grad_sq_sum"))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
     def _excess(self, jacobian: Tensor) -> Tensor:
         """Accumulate ``g^2`` for the active tasks and return their excess proxies ``E`` (float64)."""
         assert self.active_index is not None
-        acc = _state_rows(self, "grad_sq_sum", jacobian)
+        acc = self.state_rows("grad_sq_sum", jacobian)
         rows = jacobian.to(acc.dtype)
         square = rows * rows
         idx = self.active_index.to(acc.device)
@@ -159,32 +145,3 @@ class ExcessMTL(JacobianAggregator):
         active = inputs.active.to(self.task_weights.device)
         info.weights = torch.where(active, self.task_weights, 0.0).detach().clone()
         return info
-
-
-def _state_rows(method: torch.nn.Module, name: str, like: Tensor) -> Tensor:
-    """The K x d state buffer ``name``, created in full width at the first step, when the number of
-    shared parameters d is known (in the wider of its placeholder's and the gradients' dtype)."""
-    buf: Tensor = getattr(method, name)
-    width = like.shape[1]
-    if buf.shape[1] != width:
-        if buf.shape[1]:
-            raise EngineError(
-                f"{type(method).__name__} keeps per-task state for {buf.shape[1]} shared parameter entries; "
-                f"this step has {width}. Use one method object per model (or load a matching state)."
-            )
-        buf = torch.zeros(
-            buf.shape[0], width, dtype=torch.promote_types(buf.dtype, like.dtype), device=buf.device
-        )
-        method.register_buffer(name, buf)
-    return buf
-
-
-def _fit_saved_width(method: torch.nn.Module, name: str, saved: Any) -> None:
-    """Before a state is loaded: give the lazily sized buffer ``name`` the saved width, so a state
-    saved after the first step loads into a method that has not taken one (and vice versa)."""
-    buf = getattr(method, name, None)
-    if not isinstance(saved, Tensor) or not isinstance(buf, Tensor) or saved.dim() != 2:
-        return  # not ours to fix: load_state_dict reports it
-    if saved.shape != buf.shape and saved.shape[0] == buf.shape[0]:
-        dtype = torch.promote_types(buf.dtype, saved.dtype)
-        method.register_buffer(name, torch.zeros(saved.shape, dtype=dtype, device=buf.device))

@@ -299,7 +299,49 @@ class JacobianAggregator(GradientMethod):
     head_grad: HeadGrad = hparam("own", one_of("own"), "task-specific parameters get their own gradient")
     level: Level = hparam("parameter", one_of("parameter"), "per-task gradients of the shared parameters")
     keeps_gradients: ClassVar[bool] = False
+    #: names of K x d state buffers (EMA, accumulators) whose width d is known only at the first
+    #: step: register them in ``_build`` as K x 0 and read them with :meth:`state_rows`.
+    lazy_buffers: ClassVar[tuple[str, ...]] = ()
     active_index: Tensor | None = None
+
+    def state_rows(self, name: str, like: Tensor) -> Tensor:
+        """The K x d state buffer ``name``, created in full width at the first step (in the wider
+        of its placeholder's and the gradients' dtype)."""
+        buf: Tensor = getattr(self, name)
+        width = like.shape[1]
+        if buf.shape[1] != width:
+            if buf.shape[1]:
+                raise EngineError(
+                    f"{type(self).__name__} keeps per-task state for {buf.shape[1]} shared parameter "
+                    f"entries; this step has {width}. Use one method object per model (or load a "
+                    "matching state)."
+                )
+            dtype = torch.promote_types(buf.dtype, like.dtype)
+            buf = torch.zeros(buf.shape[0], width, dtype=dtype, device=buf.device)
+            self.register_buffer(name, buf)
+        return buf
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # a state saved after the first step loads into a method that has not taken one (and back)
+        for name in self.lazy_buffers:
+            saved, buf = state_dict.get(prefix + name), getattr(self, name, None)
+            if not (isinstance(saved, Tensor) and isinstance(buf, Tensor) and saved.dim() == 2):
+                continue  # not ours to fix: load_state_dict reports it
+            if saved.shape != buf.shape and saved.shape[0] == buf.shape[0]:
+                dtype = torch.promote_types(buf.dtype, saved.dtype)
+                self.register_buffer(name, torch.zeros(saved.shape, dtype=dtype, device=buf.device))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def direction(self, jacobian: Tensor, losses: Tensor) -> Tensor:
         """The shared update direction (d,) from the (A, d) unscaled task gradients and the

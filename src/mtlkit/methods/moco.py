@@ -9,7 +9,6 @@ from torch import Tensor
 
 from mtlkit.core.engine import HeadGrad, accumulate_gramian
 from mtlkit.core.tasks import TaskSet
-from mtlkit.errors import EngineError
 from mtlkit.methods.base import StepInfo, StepInputs
 from mtlkit.methods.gradient_methods import JacobianAggregator
 from mtlkit.methods.hparams import boolean, hparam, number, one_of
@@ -59,6 +58,8 @@ class MoCo(JacobianAggregator):
     (K, float64) and the step counter (extra state), which the schedules decay with.
     """
 
+    lazy_buffers = ("tracking",)
+
     head_grad: HeadGrad = hparam(
         "own", JacobianAggregator._hparams["head_grad"].check, "heads get their own gradient (official code)"
     )
@@ -104,21 +105,6 @@ class MoCo(JacobianAggregator):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._steps = int(state.get("steps", 0))
 
-    def _load_from_state_dict(
-        self,
-        state_dict: Any,
-        prefix: str,
-        local_metadata: Any,
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        _fit_saved_width(self, "tracking", state_dict.get(prefix + "tracking"))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
     def _step(self, inputs: StepInputs) -> StepInfo:
         if self.raw_loss:  # L_k scales the tracked gradient: a negative loss would flip it
             self._require_positive(inputs.names, inputs.losses, inputs.active, allow_zero=True)
@@ -131,7 +117,7 @@ class MoCo(JacobianAggregator):
         if not bool(torch.isfinite(jacobian).all()):  # fp16 overflow under a GradScaler: skip, state kept
             return jacobian.new_full((d,), float("nan"))
         assert self.active_index is not None
-        y = _state_rows(self, "tracking", jacobian)
+        y = self.state_rows("tracking", jacobian)
         a = len(jacobian)
         if a == 0:
             return jacobian.new_zeros(d)
@@ -160,32 +146,3 @@ class MoCo(JacobianAggregator):
         self.lambdas.index_copy_(0, widx, (mass * new).to(self.lambdas.dtype))
         factor = float(a) if self.scale == "num_tasks" else float(self.scale)
         return torch.tensordot((factor * new).to(device=tracked.device, dtype=tracked.dtype), tracked, dims=1)
-
-
-def _state_rows(method: torch.nn.Module, name: str, like: Tensor) -> Tensor:
-    """The K x d state buffer ``name``, created in full width at the first step, when the number of
-    shared parameters d is known (in the wider of its placeholder's and the gradients' dtype)."""
-    buf: Tensor = getattr(method, name)
-    width = like.shape[1]
-    if buf.shape[1] != width:
-        if buf.shape[1]:
-            raise EngineError(
-                f"{type(method).__name__} keeps per-task state for {buf.shape[1]} shared parameter entries; "
-                f"this step has {width}. Use one method object per model (or load a matching state)."
-            )
-        buf = torch.zeros(
-            buf.shape[0], width, dtype=torch.promote_types(buf.dtype, like.dtype), device=buf.device
-        )
-        method.register_buffer(name, buf)
-    return buf
-
-
-def _fit_saved_width(method: torch.nn.Module, name: str, saved: Any) -> None:
-    """Before a state is loaded: give the lazily sized buffer ``name`` the saved width, so a state
-    saved after the first step loads into a method that has not taken one (and vice versa)."""
-    buf = getattr(method, name, None)
-    if not isinstance(saved, Tensor) or not isinstance(buf, Tensor) or saved.dim() != 2:
-        return  # not ours to fix: load_state_dict reports it
-    if saved.shape != buf.shape and saved.shape[0] == buf.shape[0]:
-        dtype = torch.promote_types(buf.dtype, saved.dtype)
-        method.register_buffer(name, torch.zeros(saved.shape, dtype=dtype, device=buf.device))
