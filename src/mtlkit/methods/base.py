@@ -144,6 +144,36 @@ class StepInputs:
         self._model, self._shared = model, shared
         #: the inputs of the step's other batches, for methods with ``batches_per_step > 1``
         self.extra: list[StepInputs] = []
+        #: positions of these tasks in the method's task list (``None``: all, in order)
+        self.index: Tensor | None = None
+
+    def subset(self, index: Tensor) -> StepInputs:
+        """The inputs of the tasks at ``index`` only (a sorted 1-D index into the task list)."""
+        keep = [int(i) for i in index]
+        names = [self.names[i] for i in keep]
+        rep = self.output.representation if self.output is not None else None
+        output = self.output
+        if isinstance(rep, Mapping):
+            output = MultiTaskOutput(
+                {n: self.output.predictions[n] for n in names} if self.output is not None else {},
+                {n: rep[n] for n in names},
+            )
+        sub = StepInputs(
+            names,
+            [self.values[i] for i in keep],
+            self.losses[index.to(self.losses.device)],
+            self.active[index.to(self.active.device)],
+            self.loss_scale,
+            self._model,
+            self._shared,
+            output,
+        )
+        spec = self.task_specific
+        sub.__dict__["task_specific"] = (
+            {n: v for n, v in spec.items() if n in set(names)} if isinstance(spec, Mapping) else spec
+        )
+        sub.index = index
+        return sub
 
     @functools.cached_property
     def shared(self) -> list[Tensor]:

@@ -19,7 +19,7 @@ from mtlkit.core.engine import (
 from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import EngineError, NonFiniteGradientError
 from mtlkit.methods.base import Method, StepInfo, StepInputs
-from mtlkit.methods.hparams import hparam, instance_of, number, one_of
+from mtlkit.methods.hparams import hparam, instance_of, none, number, one_of
 
 Level = Literal["parameter", "representation"]
 
@@ -129,6 +129,13 @@ class GramianWeighting(GradientMethod):
         number(ge=1, integer=True),
         "solve for new weights every n steps; in between, reuse them with one ordinary backward",
     )
+    task_sample: int | None = hparam(
+        None,
+        number(ge=1, integer=True) | none(),
+        "an approximation for many tasks: each solve uses a random subset of this many tasks (the "
+        "others get weight 0 in the shared update that step and train their own parameters only)",
+    )
+    task_sample_seed: int = hparam(0, number(integer=True), "seed of the task sampler")
     active_index: Tensor | None = None
     reused_weights: Tensor
 
@@ -141,12 +148,18 @@ class GramianWeighting(GradientMethod):
     def _build_family(self, tasks: TaskSet) -> None:
         self._steps = 0
         self.register_buffer("reused_weights", torch.zeros(len(tasks), dtype=torch.float64))
+        self._sampler = torch.Generator().manual_seed(int(self.task_sample_seed))
 
     def _family_state(self) -> dict[str, Any]:
-        return {"steps": getattr(self, "_steps", 0)}
+        state: dict[str, Any] = {"steps": getattr(self, "_steps", 0)}
+        if hasattr(self, "_sampler"):
+            state["sampler"] = self._sampler.get_state()
+        return state
 
     def _load_family_state(self, state: dict[str, Any]) -> None:
         self._steps = int(state.get("steps", 0))
+        if "sampler" in state and hasattr(self, "_sampler"):
+            self._sampler.set_state(state["sampler"])
 
     def _max_norm(self) -> float | None:
         return getattr(self, "max_norm", None)
@@ -164,13 +177,14 @@ class GramianWeighting(GradientMethod):
             )
         idx = active_subset(inputs.active)
         losses = inputs.losses.to(gram.device, torch.float64)
+        positions = inputs.index if inputs.index is not None else torch.arange(len(names))
         try:
             if idx is None:
-                self.active_index = torch.arange(len(names))
+                self.active_index = positions
                 return self.weights(gram, losses).to(torch.float64)
             w = torch.zeros(len(names), dtype=torch.float64, device=gram.device)
             if len(idx):
-                self.active_index = idx
+                self.active_index = positions[idx]
                 sub = idx.to(gram.device)
                 w[sub] = self.weights(gram[sub][:, sub], losses[sub]).to(torch.float64)
             return w
@@ -182,6 +196,66 @@ class GramianWeighting(GradientMethod):
         self._steps += 1
         if reuse:
             return self._reuse_step(inputs)
+        pick = self._sample_tasks(inputs)
+        if pick is None:
+            w, gram = self._solve_step(inputs)
+        else:
+            left_out = [k for k in inputs.active.nonzero().squeeze(1).tolist() if k not in set(pick.tolist())]
+            self._own_head_gradients(inputs, left_out)  # first: the engine frees the graph
+            w_sampled, gram_sampled = self._solve_step(inputs.subset(pick))
+            w = torch.zeros(len(inputs.names), dtype=torch.float64, device=w_sampled.device)
+            w[pick.to(w.device)] = w_sampled
+            gram = torch.full((len(w), len(w)), float("nan"), dtype=torch.float64, device=w.device)
+            gram[pick.to(w.device)[:, None], pick.to(w.device)[None, :]] = gram_sampled
+        if self.update_every > 1:
+            self.reused_weights = w.detach().to(self.reused_weights.device).clone()
+        norms, cos = gradient_statistics(gram)
+        extras = self.step_extras()
+        if pick is not None:
+            extras["sampled_tasks"] = pick
+        return StepInfo(
+            inputs.names,
+            w.detach(),
+            inputs.losses,
+            level=self.level,
+            grad_norms=norms,
+            cosines=cos,
+            gramian=gram,
+            extras=extras,
+        )
+
+    def _sample_tasks(self, inputs: StepInputs) -> Tensor | None:
+        """The sorted indices of the tasks this solve uses, or ``None`` for every task."""
+        if self.task_sample is None:
+            return None
+        active = inputs.active.detach().cpu().nonzero().squeeze(1)
+        if len(active) <= self.task_sample:
+            return None
+        order = torch.randperm(len(active), generator=self._sampler)[: self.task_sample]
+        return active[order].sort().values
+
+    def _own_head_gradients(self, inputs: StepInputs, tasks: list[int]) -> None:
+        """Task-specific parameters of ``tasks`` get their own gradient (graph kept)."""
+        if not tasks:
+            return
+        values = [inputs.values[k] for k in tasks]
+        if self.level == "representation":
+            rep = self._representation(inputs)
+            exclude = list(rep.values()) if isinstance(rep, Mapping) else [rep]
+        else:
+            exclude = self._shared(inputs)
+        heads, _ = self._engine().task_specific_lists(
+            [inputs.names[k] for k in tasks], _live_task_params(inputs, tasks), values, exclude
+        )
+        if not heads:
+            return
+        grads = torch.autograd.grad(torch.stack(values).sum(), heads, retain_graph=True, allow_unused=True)
+        for p, g in zip(heads, grads, strict=True):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+
+    def _solve_step(self, inputs: StepInputs) -> tuple[Tensor, Tensor]:
+        """Per-task gradients, the weights, and the shared and head gradients written."""
         engine = self._engine()
         own = self.head_grad == "own"
         rep = jac = None
@@ -195,8 +269,6 @@ class GramianWeighting(GradientMethod):
             )
         gram = gram / inputs.scale**2
         w = self._solve(gram, inputs)
-        if self.update_every > 1:
-            self.reused_weights = w.detach().to(self.reused_weights.device).clone()
         shared_w = w
         max_norm = self._max_norm()
         if max_norm is not None and self.level == "parameter":
@@ -212,17 +284,7 @@ class GramianWeighting(GradientMethod):
         elif jac is not None:
             jac.write_shared_weighted(shared_w)
             jac.write_heads(None if own else w)
-        norms, cos = gradient_statistics(gram)
-        return StepInfo(
-            inputs.names,
-            w.detach(),
-            inputs.losses,
-            level=self.level,
-            grad_norms=norms,
-            cosines=cos,
-            gramian=gram,
-            extras=self.step_extras(),
-        )
+        return w, gram
 
     def step_extras(self) -> dict[str, Any]:
         """Diagnostics of the last solve for ``StepInfo.extras`` (e.g. a solver residual)."""
