@@ -57,3 +57,21 @@ def test_median_end_to_end_matches_brute_force():
     for k, t in enumerate(tasks.names):
         for p, r in zip(net.task_parameters()[t], heads[k], strict=True):
             torch.testing.assert_close(p.grad, r, atol=1e-12, rtol=0)
+
+
+def test_the_representation_level_takes_the_median_of_the_representation_gradients():
+    import mtlkit as mk
+    from tests.conftest import make_problem
+    from tests.methods.helpers import shared_grad
+
+    tasks, net, x, y = make_problem(k=3)
+    out = net(x, full_output=True)
+    losses = tasks.losses(out.predictions, y)
+    z = out.representation
+    rows = torch.stack([torch.autograd.grad(losses[n], z, retain_graph=True)[0] for n in tasks.names])
+    cotangent = rows.median(dim=0).values  # K = 3: the middle value
+    expected = torch.autograd.grad(z, list(net.shared_parameters()), cotangent, retain_graph=True)
+    mk.methods.create("coordinate_median", level="representation").backward(losses, net, out)
+    torch.testing.assert_close(
+        shared_grad(net), torch.cat([g.reshape(-1) for g in expected]), atol=1e-12, rtol=0
+    )

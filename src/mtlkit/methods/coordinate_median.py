@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from mtlkit.methods.gradient_methods import JacobianAggregator
+from mtlkit.methods.gradient_methods import JacobianAggregator, Level
+from mtlkit.methods.hparams import hparam, one_of
 from mtlkit.methods.registry import register
 
 
@@ -35,6 +36,12 @@ class CoordinateMedian(JacobianAggregator):
     aggregators; multiply the learning rate by K to compare with the summed loss). Heads get
     their own gradient. No options; TorchJD has no median aggregator.
     """
+
+    level: Level = hparam(
+        "parameter",
+        one_of("parameter", "representation"),
+        "coordinates of the shared parameters, or of the shared representation (B x r entries)",
+    )
 
     def direction(self, jacobian: Tensor, losses: Tensor) -> Tensor:
         return coordinate_median(jacobian)

@@ -6,8 +6,8 @@ from torch import Tensor
 
 from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import ConfigError
-from mtlkit.methods.gradient_methods import JacobianAggregator
-from mtlkit.methods.hparams import hparam, number
+from mtlkit.methods.gradient_methods import JacobianAggregator, Level
+from mtlkit.methods.hparams import hparam, number, one_of
 from mtlkit.methods.registry import register
 
 
@@ -43,6 +43,11 @@ class TrimmedMean(JacobianAggregator):
     otherwise this is the same computation.
     """
 
+    level: Level = hparam(
+        "parameter",
+        one_of("parameter", "representation"),
+        "coordinates of the shared parameters, or of the shared representation (B x r entries)",
+    )
     trim_number: int = hparam(
         0, number(ge=0, integer=True), "b: entries removed from each end of every coordinate (0: mean)"
     )
