@@ -30,3 +30,17 @@ def test_weightings_user_loop_runs(name):
     info = namespace["info"]  # aggregators whose direction is not J^T w report no weights
     assert info.weights is None or torch.isfinite(info.weights).all()
     assert all(not torch.equal(a, b) for a, b in zip(model.shared_parameters(), before, strict=True))
+
+
+def test_every_gradient_method_is_in_the_aggregator_table_and_its_examples_build():
+    from mtlkit.methods import GramianWeighting, JacobianAggregator
+
+    text = (DOCS / "aggregators.md").read_text()
+    table = text.split("## Options")[0]
+    for name in mk.methods.available():
+        if issubclass(mk.methods.method_class(name), (GramianWeighting, JacobianAggregator)):
+            assert f"`{name}`" in table, name
+    calls = re.findall(r"mk\.methods\.create\((.*?)\)\s", text)
+    assert len(calls) >= 15
+    for call in calls:  # every documented construction is valid
+        eval(f"mk.methods.create({call})", {"mk": mk})
