@@ -13,6 +13,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 @pytest.mark.parametrize("name", mk.methods.available())
 def test_weightings_user_loop_runs(name):
+    if mk.methods.create(name).batches_per_step > 1:
+        pytest.skip("uses several batches per step: see test_the_multi_batch_loop_runs")
     code = re.findall(r"```python\n(.*?)```", (DOCS / "weightings.md").read_text(), re.S)[0]
     data = mk.data.load_mmoe_synthetic(n_train=256, n_val=64, n_test=64, dim=12)
     model = mk.models.MMoE(12, data.tasks, num_experts=2, expert_dims=[8], tower_dims=[4])
@@ -44,3 +46,26 @@ def test_every_gradient_method_is_in_the_aggregator_table_and_its_examples_build
     assert len(calls) >= 15
     for call in calls:  # every documented construction is valid
         eval(f"mk.methods.create({call})", {"mk": mk})
+
+
+@pytest.mark.parametrize("options", [("modo", {}), ("sdmgrad", {"independent_batches": True})])
+def test_the_multi_batch_loop_runs(options):
+    name, kwargs = options
+    block = [
+        b
+        for b in re.findall(r"```python\n(.*?)```", (DOCS / "aggregators.md").read_text(), re.S)
+        if "extra_losses" in b
+    ]
+    data = mk.data.load_mmoe_synthetic(n_train=96, n_val=32, n_test=32, dim=6)
+    model = mk.models.MMoE(6, data.tasks, num_experts=2, expert_dims=[8], tower_dims=[4])
+    method = mk.methods.create(name, **kwargs)
+    namespace = {
+        "mk": mk,
+        "tasks": data.tasks,
+        "model": model,
+        "method": method,
+        "three_batches": list(mk.data.loader(data.train, 32))[:3],
+    }
+    exec(compile(block[0], "docs/aggregators.md", "exec"), namespace)
+    assert torch.isfinite(namespace["info"].weights).all()
+    assert all(p.grad is not None for p in model.shared_parameters())

@@ -33,6 +33,8 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", mk.methods.available())
 def test_readme_own_loop_runs_for_every_method(name):
+    if mk.methods.create(name).batches_per_step > 1:
+        pytest.skip("uses several batches per step: its own loop is in docs/aggregators.md (tested)")
     code = BLOCKS[1]
     assert 'mk.methods.create("famo")' in code
     code = code.replace('mk.methods.create("famo")', f"mk.methods.create({name!r})")
