@@ -17,12 +17,13 @@ from torch import Tensor
 
 from mtlkit.errors import NonFiniteGradientError
 from mtlkit.methods.base import StepInfo, StepInputs
-from mtlkit.methods.gradient_methods import GramianWeighting, clip_factor, gradient_statistics
+from mtlkit.methods.gradient_methods import GramianWeighting, gradient_statistics
 
 
 class DoubleSamplingWeighting(GramianWeighting):
     """Weights ``w = weights(C)`` from the cross Gramian of the two extra batches; shared update
-    ``J^T w`` on the step's own batch. Subclasses set :attr:`head_scale` (the factor on each
+    ``J^T w`` on the step's own batch, from one backward of ``sum_k w_k L_k`` (2K + 1 backward
+    passes per step). Subclasses set :attr:`head_scale` (the factor on each
     batch's task-specific gradients) and implement :meth:`weights` on ``C``.
 
     Tasks count as active when they have a labelled sample in all three batches. Parameter level
@@ -45,28 +46,22 @@ class DoubleSamplingWeighting(GramianWeighting):
         head_weights = torch.full((k,), self.head_scale, dtype=torch.float64)
         first, second = inputs.extra
         rows = []
-        for batch in (first, second):
-            jac = engine.jacobian(batch.values, shared, batch.task_specific, names=batch.names, owned=True)
-            rows.append(jac.rows() / batch.scale)
+        for i, batch in enumerate((first, second)):  # the first batch's rows must outlive the second call
+            jac = engine.jacobian(batch.values, shared, batch.task_specific, names=batch.names, owned=i == 0)
+            rows.append(jac.rows() if batch.loss_scale is None else jac.rows() / batch.scale)
             jac.write_heads(head_weights if self.head_scale != 1.0 else None)
-        cross = rows[0].double() @ rows[1].double().T
+        cross = (rows[0] @ rows[1].T).double() if rows[0].dtype == torch.float64 else _cross(rows[0], rows[1])
         del rows
         active = inputs.active & first.active & second.active
-        main = engine.jacobian(inputs.values, shared, inputs.task_specific, names=inputs.names)
         scoped = StepInputs(
-            inputs.names, inputs.values, inputs.losses, active, inputs.loss_scale, None, shared, None
+            inputs.names, inputs.values, inputs.losses, active, inputs.loss_scale, inputs._model, shared, None
         )
         w = self._solve(cross, scoped)
-        direction = main.rows().T @ w.to(main.rows().dtype)
-        max_norm = self._max_norm()
-        if max_norm is not None:
-            direction = direction * clip_factor(
-                torch.linalg.vector_norm(direction.double()) / inputs.scale, max_norm
-            )
-        if not bool(torch.isfinite(direction).all()) and inputs.loss_scale is None:
-            raise NonFiniteGradientError(f"{type(self).__name__} produced a non-finite direction.")
-        main.write_shared_flat(direction)
-        main.write_heads(head_weights if self.head_scale != 1.0 else None)
+        if not bool(torch.isfinite(w).all()) and inputs.loss_scale is None:
+            raise NonFiniteGradientError(f"{type(self).__name__} produced non-finite weights.")
+        # The step's own batch needs no per-task gradients: one backward of sum_k w_k L_k for the
+        # shared parameters (clipped), the heads' own gradients from their part of the graph.
+        self._weighted_backward(scoped, w, own_heads_scale=self.head_scale)
         norms, cos = gradient_statistics(cross)
         return StepInfo(
             inputs.names,
@@ -81,6 +76,14 @@ class DoubleSamplingWeighting(GramianWeighting):
 
     def step_extras(self) -> dict[str, Any]:
         return {}
+
+
+def _cross(a: Tensor, b: Tensor, columns: int = 1 << 15) -> Tensor:
+    """``a b^T`` accumulated in float64 over column chunks (no float64 copy of either matrix)."""
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[1], columns):
+        out += (a[:, start : start + columns] @ b[:, start : start + columns].T).double()
+    return out
 
 
 def cross_diagonal(cross: Tensor) -> Tensor:

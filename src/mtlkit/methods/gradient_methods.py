@@ -294,15 +294,22 @@ class GramianWeighting(GradientMethod):
         """A step between solves: the stored weights, one backward, no per-task gradients."""
         device = inputs.values[0].device
         w = torch.where(inputs.active, self.reused_weights.to(device), 0.0)
+        self._weighted_backward(inputs, w)
+        return StepInfo(inputs.names, w, inputs.losses, level=self.level, extras={"reused_weights": True})
+
+    def _weighted_backward(self, inputs: StepInputs, w: Tensor, own_heads_scale: float | None = None) -> None:
+        """Shared parameters get ``J^T w`` (clipped to ``max_norm``) from one backward of
+        ``sum_k w_k L_k``; heads get the weighted gradient, or their own times
+        ``own_heads_scale`` (default 1) with ``head_grad="own"`` or when it is given."""
         live = [k for k, v in enumerate(inputs.values) if v.requires_grad and bool(inputs.active[k])]
-        info = StepInfo(inputs.names, w, inputs.losses, level=self.level, extras={"reused_weights": True})
         if not live:
-            return info
+            return
         weighted = torch.stack([inputs.values[k] * w[k].to(inputs.values[k].dtype) for k in live]).sum()
         max_norm = self._max_norm()
-        if self.head_grad == "weighted" and max_norm is None:
+        own = self.head_grad == "own" or own_heads_scale is not None
+        if not own and max_norm is None:
             weighted.backward()
-            return info
+            return
         live_values = [inputs.values[k] for k in live]
         if self.level == "representation":
             rep = self._representation(inputs)
@@ -317,7 +324,7 @@ class GramianWeighting(GradientMethod):
             shared = [p for p in reachable_leaves(live_values, set()) if id(p) not in head_ids]
         else:
             shared = exclude
-        grads = torch.autograd.grad(weighted, shared + heads, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(weighted, shared + heads, retain_graph=own, allow_unused=True)
         shared_grads, head_grads = grads[: len(shared)], grads[len(shared) :]
         if max_norm is not None:
             present = [g for g in shared_grads if g is not None]
@@ -325,13 +332,12 @@ class GramianWeighting(GradientMethod):
                 norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present]))
                 factor = clip_factor(norm / inputs.scale, max_norm)
                 shared_grads = tuple(None if g is None else g * factor for g in shared_grads)
-        if self.head_grad == "own" and heads:
-            plain = torch.stack(live_values).sum()
+        if own and heads:
+            plain = torch.stack(live_values).sum() * (1.0 if own_heads_scale is None else own_heads_scale)
             head_grads = torch.autograd.grad(plain, heads, allow_unused=True)
         for p, g in zip(shared + heads, tuple(shared_grads) + tuple(head_grads), strict=True):
             if g is not None:
                 p.grad = g.to(p.dtype) if p.grad is None else p.grad.add_(g.to(p.dtype))
-        return info
 
 
 def _live_task_params(inputs: StepInputs, live: list[int]) -> Any:
