@@ -29,6 +29,7 @@ from mtlkit.methods.min_norm import min_norm_weights
 from mtlkit.methods.moco import MoCo
 from mtlkit.methods.modo import MoDo
 from mtlkit.methods.nash_mtl import NashMTL
+from mtlkit.methods.pcd import PCD
 from mtlkit.methods.pcgrad import PCGrad
 from mtlkit.methods.registry import METHODS, available, create, method_class, register, register_variant
 from mtlkit.methods.rlw import RLW
@@ -50,6 +51,7 @@ __all__ = [
     "IMTLL",
     "METHODS",
     "MGDA",
+    "PCD",
     "RLW",
     "SI",
     "STCH",
