@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.mtlkit-installed
 
-.PHONY: setup demo test test-slow lint format bench bench-census clean
+.PHONY: setup demo test test-slow lint format bench bench-aggregators bench-census clean
 
 # The pinned CPU torch goes in first, so the package's `torch>=2.2` installs nothing more.
 $(STAMP): pyproject.toml
@@ -43,6 +43,11 @@ bench: setup
 	$(BIN)/python benchmarks/step_cost.py --out benchmarks/results/step_cost.md
 
 # Every loss weighting on Census-Income with MMoE, 3 seeds (about 12 minutes on 2 cores).
+bench-aggregators: setup
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m pip install -q --no-deps libmtl==1.1.5
+	$(BIN)/python benchmarks/aggregators.py --out benchmarks/results/aggregators.md --targets
+
 bench-census: setup
 	$(BIN)/python benchmarks/census_weightings.py --epochs 10 --workers 2 --out benchmarks/results/census_weightings.md
 

@@ -7,15 +7,19 @@ backward + optimizer.step(). Configurations:
 - ``sum``      plain torch: ``sum(losses).backward()`` (the baseline of every ratio);
 - ``floor``    plain torch: a loop of K ``torch.autograd.grad`` calls, one per task (the cost any
                parameter-level per-task-gradient method must pay);
-- ``mtlkit:*`` mtlkit methods through ``method.backward`` (registry names: ``mgda``, ``mgda_ub``,
-               ``upgrad``, every loss weighting; ``mgda-f64``/``-loop``/``-batched`` pin the engine);
+- ``mtlkit:*`` mtlkit methods through ``method.backward`` (any registry name: ``mgda``, ``mgda_ub``,
+               ``upgrad``, every loss weighting, ...; ``<name>-rep`` runs a gradient method at the
+               representation level; ``mgda-f64``/``-loop``/``-batched`` pin the engine; a method
+               with ``batches_per_step > 1`` gets fixed extra batches as ``extra_losses``);
 - ``before:*`` the same methods from another mtlkit checkout given by ``--before SRC`` (its
                ``src`` folder), driven through that version's API, for before/after comparisons in
                one run: the old package is copied to a temporary folder as ``mtlkit_before`` (every
                ``mtlkit`` name in it renamed), so both versions load side by side, also in
                ``--in-process`` mode;
 - ``torchjd:*`` / ``libmtl:*`` the anchors, when installed (``make bench`` installs TorchJD 0.18.0
-               and LibMTL 1.1.5; the LibMTL shims are listed in ``anchors.py``).
+               and LibMTL 1.1.5; every aggregator name and the LibMTL shims are in ``anchors.py``).
+
+``aggregators.py`` runs every gradient method beside its anchors, up to K = 256, with these steps.
 
 Every (configuration, K) runs in its own forked child (so peak RSS is its own), pinned to one
 core with one intra-op thread; each K block is repeated in interleaved rounds so that load from
@@ -86,7 +90,20 @@ class RefModel(nn.Module):
         return [self.trunk[-2].weight]  # the last shared Linear: GradNorm's layer W
 
 
+def extra_batches(n: int, k: int, device: str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` more fixed random batches (inputs, targets) of the step's shapes, for methods that use
+    several independent batches per step; drawn from their own generator, so the step's own batch
+    is the same as for every other configuration."""
+    gen = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(BATCH, IN, generator=gen).to(device), torch.randn(BATCH, k, generator=gen).to(device))
+        for _ in range(n)
+    ]
+
+
 def make_step(config: str, k: int, device: str = "cpu") -> Callable[[], None]:
+    """The training step of ``config`` at K tasks, on a fresh model (seed 0). Steps built from a
+    method or an aggregator carry it as ``step.method`` / ``step.aggregator`` (for solver timing)."""
     torch.manual_seed(0)
     model = RefModel(k).to(device)
     x = torch.randn(BATCH, IN, device=device)
@@ -94,9 +111,12 @@ def make_step(config: str, k: int, device: str = "cpu") -> Callable[[], None]:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     mse = nn.functional.mse_loss
 
+    def losses_of(inputs, targets, out=None):
+        out = model(inputs) if out is None else out
+        return [mse(out[n], targets[:, i]) for i, n in enumerate(model.names)]
+
     def losses_list(out=None):
-        out = model(x) if out is None else out
-        return [mse(out[n], y[:, i]) for i, n in enumerate(model.names)]
+        return losses_of(x, y, out)
 
     if config in ("sum", "sum-again"):  # sum-again: the same step twice, to show the noise floor
 
@@ -152,22 +172,13 @@ def make_step(config: str, k: int, device: str = "cpu") -> Callable[[], None]:
     if lib == "torchjd" and name in TORCHJD_SCALARIZERS:
         return _torchjd_scalarizer_step(name, k, model, losses_list, opt)
     if lib == "mtlkit":
-        return _mtlkit_step(name, model, x, losses_list, opt)
+        return _mtlkit_step(name, model, (x, y), losses_of, opt)
     if lib == "torchjd":
-        from torchjd.aggregation import MGDA, Mean
-        from torchjd.autojac import jac_to_grad, mtl_backward
+        from anchors import TORCHJD_BATCHES, torchjd_step
 
-        agg = {"mgda": MGDA, "mean": Mean}[name]()
-        shared = model.shared_parameters()
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            losses = losses_list()
-            mtl_backward(losses, features=model.last_features)
-            jac_to_grad(shared, agg)
-            opt.step()
-
-        return step
+        name = {"mgda": "MGDA", "mean": "Mean"}.get(name, name)  # the earlier lower-case names
+        extra = extra_batches(TORCHJD_BATCHES.get(name, 1) - 1, k, device)
+        return torchjd_step(name, model, losses_of, (x, y), extra, opt)
     if lib == "libmtl":
         from anchors import libmtl_step
 
@@ -200,36 +211,56 @@ ENGINE_VARIANTS = {
 }
 
 
-def _mtlkit_step(name, model, x, losses_list, opt) -> Callable[[], None]:
-    """A step through the current API: backward(losses, model, output), with every lifecycle
-    call the method declares (an epoch ends every EPOCH_STEPS steps)."""
+def create_method(name: str):
+    """The mtlkit method of configuration ``mtlkit:<name>``: a registry name (with the options in
+    LOSS_WEIGHTINGS), an MGDA engine variant, or ``<registry name>-rep`` (the method at the
+    representation level)."""
     import mtlkit as mk
 
     if name in ENGINE_VARIANTS:
-        method = mk.methods.MGDA(engine=mk.GradientEngine(**ENGINE_VARIANTS[name]))
-    else:
-        method = mk.methods.create(name, **LOSS_WEIGHTINGS.get(name, {}))
+        return mk.methods.MGDA(engine=mk.GradientEngine(**ENGINE_VARIANTS[name]))
+    base = name.removesuffix("-rep")
+    options = dict(LOSS_WEIGHTINGS.get(base, {}))
+    if base != name:
+        options["level"] = "representation"
+    return mk.methods.create(base, **options)
+
+
+def _mtlkit_step(name, model, batch, losses_of, opt) -> Callable[[], None]:
+    """A step through the current API: backward(losses, model, output), with every lifecycle
+    call the method declares (an epoch ends every EPOCH_STEPS steps); a method with
+    ``batches_per_step > 1`` gets the other batches' losses as ``extra_losses``."""
+    import mtlkit as mk
+
+    method = create_method(name)
     method.setup(model.names, model=model)
     mk.methods.add_param_groups(opt, method.param_groups())
     after = mk.methods.Hook.AFTER_STEP in method.hooks
     epochs = mk.methods.Hook.EPOCH_END in method.hooks
+    x, y = batch
+    extra = extra_batches(method.batches_per_step - 1, len(model.names), x.device.type)
     counter = [0]
     method.begin_epoch()
+
+    def named(inputs, targets, out):
+        return dict(zip(model.names, losses_of(inputs, targets, out), strict=True))
 
     def step():
         opt.zero_grad(set_to_none=True)
         out = model(x, full_output=True)
-        losses = dict(zip(model.names, losses_list(out.predictions), strict=True))
-        method.backward(losses, model, out)
+        losses = named(x, y, out.predictions)
+        others = [named(xe, ye, model(xe)) for xe, ye in extra]
+        method.backward(losses, model, out, extra_losses=others)
         opt.step()
         if after:
             with torch.no_grad():
-                method.after_step(losses_list())
+                method.after_step(losses_of(x, y))
         counter[0] += 1
         if epochs and counter[0] % EPOCH_STEPS == 0:
             method.on_epoch_end()
             method.begin_epoch()
 
+    step.method = method  # type: ignore[attr-defined]
     return step
 
 
