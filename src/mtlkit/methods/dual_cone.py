@@ -93,25 +93,35 @@ def nonneg_qp_batched(
 
 def _solve_on_free_sets(g: Tensor, c: Tensor, free: Tensor) -> Tensor:
     """Solve ``G_FF x_F = -c_F`` for every row's free set F (x = 0 elsewhere), batched: the free
-    variables are gathered into systems of the largest free-set size (padded with identity rows)."""
+    variables are gathered into systems of the largest free-set size, padded with identity rows
+    (the padding slots index an identity block appended to the Gramian)."""
     x = torch.zeros_like(c)
     sizes = free.sum(1)
     m = int(sizes.max()) if sizes.numel() else 0
     if m == 0:
         return x
+    k = g.shape[0]
     order = torch.argsort((~free).to(torch.int8), dim=1, stable=True)[:, :m]  # free positions first
     valid = torch.arange(m, device=c.device)[None, :] < sizes[:, None]
-    v = valid.to(torch.float64)
-    a = g[order[:, :, None], order[:, None, :]] * (v[:, :, None] * v[:, None, :])
-    a = a + torch.diag_embed(1 - v)
-    rhs = (-torch.gather(c, 1, order) * v)[..., None]
-    factor, info = torch.linalg.cholesky_ex(a + torch.diag_embed(RIDGE * v))
+    positions = torch.arange(m, device=c.device)
+    padded = torch.where(valid, order, k + positions[None, :])  # a distinct padding index per slot
+    extended = torch.zeros(k + m, k + m, dtype=g.dtype, device=g.device)
+    extended[:k, :k] = g
+    extended[k:, k:] = torch.eye(m, dtype=g.dtype, device=g.device)
+    a = extended[padded[:, :, None], padded[:, None, :]]
+    rhs = torch.where(valid, -torch.gather(c, 1, order), 0.0)[..., None]
+    ridge = RIDGE * valid.to(g.dtype)
+    a.diagonal(dim1=1, dim2=2).add_(ridge)
+    factor, info = torch.linalg.cholesky_ex(a)
     sol = torch.cholesky_solve(rhs, factor)
-    sol = sol + torch.cholesky_solve(rhs - a @ sol, factor)  # one refinement step undoes the ridge
+    # one refinement step against the system without the ridge undoes the ridge's bias
+    residual = rhs - (a @ sol - ridge[..., None] * sol)
+    sol = sol + torch.cholesky_solve(residual, factor)
     if bool((info != 0).any()):  # numerically indefinite: a pseudo-inverse for those problems
         broken = info != 0
+        a.diagonal(dim1=1, dim2=2).sub_(ridge)
         sol[broken] = torch.linalg.pinv(a[broken], hermitian=True) @ rhs[broken]
-    x.scatter_(1, order, sol[..., 0] * v)
+    x.scatter_(1, order, torch.where(valid, sol[..., 0], 0.0))
     return x
 
 
