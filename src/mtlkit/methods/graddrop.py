@@ -10,7 +10,6 @@ from torch import Tensor
 
 from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import ConfigError, EngineError
-from mtlkit.methods.base import StepInfo, StepInputs
 from mtlkit.methods.gradient_methods import JacobianAggregator, Level
 from mtlkit.methods.hparams import boolean, hparam, none, number, numbers, one_of
 from mtlkit.methods.registry import register
@@ -89,7 +88,6 @@ class GradDrop(JacobianAggregator):
     seed: int = hparam(0, number(ge=0, integer=True), "seed of the method's generator for the draws")
 
     _generator: torch.Generator | None = None
-    _features: Tensor | None = None  # the representation, during a representation-level step only
 
     def _build(self, tasks: TaskSet) -> None:
         if not isinstance(self.leak, (int, float)) and len(self.leak) != len(tasks):
@@ -104,17 +102,6 @@ class GradDrop(JacobianAggregator):
     # The base hands direction() the flattened rows only; the paper's statistic also needs the
     # representation itself (its sign and its batch axis), which the base reads through
     # _representation() during the step: keep it for that step.
-    def _representation(self, inputs: StepInputs) -> Any:
-        rep = super()._representation(inputs)
-        self._features = rep if isinstance(rep, Tensor) else None
-        return rep
-
-    def _step(self, inputs: StepInputs) -> StepInfo:
-        try:
-            return super()._step(inputs)
-        finally:
-            self._features = None
-
     def _leak(self, a: int, like: Tensor) -> Tensor:
         if isinstance(self.leak, (int, float)):
             return torch.full((a,), float(self.leak), dtype=like.dtype, device=like.device)
@@ -125,7 +112,7 @@ class GradDrop(JacobianAggregator):
     def direction(self, jacobian: Tensor, losses: Tensor) -> Tensor:
         a = jacobian.shape[0]
         if self.level == "representation":
-            z = self._features
+            z = self.features
             if z is None or z.numel() != jacobian.shape[1]:
                 raise EngineError(
                     "GradDrop(level='representation') needs the representation of the current step; "

@@ -371,6 +371,9 @@ class JacobianAggregator(GradientMethod):
     #: step: register them in ``_build`` as K x 0 and read them with :meth:`state_rows`.
     lazy_buffers: ClassVar[tuple[str, ...]] = ()
     active_index: Tensor | None = None
+    #: at the representation level, the representation tensor whose flattened gradients are the
+    #: rows of the Jacobian (valid during :meth:`direction` only; GradDrop reads its signs)
+    features: Tensor | None = None
 
     def state_rows(self, name: str, like: Tensor) -> Tensor:
         """The K x d state buffer ``name``, created in full width at the first step (in the wider
@@ -448,6 +451,7 @@ class JacobianAggregator(GradientMethod):
             heads = jac.heads
         idx = active_subset(inputs.active)
         self.active_index = torch.arange(len(inputs.names)) if idx is None else idx
+        self.features = rep.features[0] if rep is not None else None
         active_rows = rows if idx is None else rows[idx.to(rows.device)]
         if inputs.loss_scale is not None:
             active_rows = active_rows / inputs.scale
@@ -456,6 +460,7 @@ class JacobianAggregator(GradientMethod):
             direction = self.direction(active_rows, losses.to(torch.float64))
         finally:
             self.active_index = None
+            self.features = None
         if not bool(torch.isfinite(direction).all()) and inputs.loss_scale is None:
             raise NonFiniteGradientError(
                 f"{type(self).__name__} produced a non-finite direction; nothing was updated."
