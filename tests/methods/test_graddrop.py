@@ -187,7 +187,7 @@ def test_representation_level_needs_the_output_and_defaults():
         0,
         "own",
     )
-    assert d._features is None
+    assert d.features is None
 
 
 def test_parameter_level_clipping_like_the_fairgrad_baseline():
