@@ -71,7 +71,7 @@ def test_k100_is_exact_and_warm_start_gives_the_same_answer():
     method.setup([f"t{i}" for i in range(100)])
     ones = torch.ones(100, dtype=torch.float64)
     w1 = method.weights(J @ J.T, ones)
-    assert method.free_set.any()
+    assert method.free_sets.any()
     w2 = method.weights(J @ J.T, ones)  # warm: starts from the optimal free set
     torch.testing.assert_close(w1, w2, atol=1e-13, rtol=0)
     assert (J @ J.T @ w1 >= -1e-9 * float((J * J).sum(1).max())).all()

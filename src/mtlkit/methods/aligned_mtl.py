@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from mtlkit.core.engine import HeadGrad
-from mtlkit.methods.base import StepInfo, StepInputs
 from mtlkit.methods.gradient_methods import GramianWeighting
 from mtlkit.methods.hparams import hparam, one_of
 from mtlkit.methods.registry import register, register_variant
@@ -91,24 +90,11 @@ class AlignedMTL(GramianWeighting):
         "heads get their own gradient (official) or the weighted one (official scale_decoder_grad)",
     )
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self._pending: dict[str, Tensor] = {}
-
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         b, rank = balance_transform(gramian, self.scale_mode)
-        self._pending["rank"] = rank.detach()
+        self.report(rank=rank.detach())
         w = b.sum(1)
         return w / len(w) if self.reduction == "mean" else w
-
-    def _step(self, inputs: StepInputs) -> StepInfo:
-        self._pending = {}
-        try:
-            info = super()._step(inputs)
-            info.extras.update(self._pending)
-            return info
-        finally:
-            self._pending = {}
 
 
 register_variant("aligned_mtl_ub", AlignedMTL, level="representation")

@@ -31,6 +31,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mtlkit.core.tasks import TaskSet
+from mtlkit.methods.gradient_methods import GramianWeighting
+from mtlkit.methods.hparams import boolean, hparam
+
 RIDGE = 1e-12
 
 
@@ -163,3 +167,27 @@ def _newton(g: Tensor, w: Tensor, alpha: float, tol: float, max_iter: int) -> Te
             new_value = _potential(g, trial, alpha)
         w, value = trial, new_value
     return w
+
+
+class AlphaFairWeighting(GramianWeighting):
+    """The shared part of Nash-MTL and FairGrad: the alpha-fair weights of the active tasks,
+    warm-started from the previous step's (``previous``, part of the state), with the equation's
+    final relative residual in ``StepInfo.extras['residual']``."""
+
+    warm_start: bool = hparam(True, boolean(), "start Newton's method from the previous weights")
+    previous: Tensor
+
+    def _build(self, tasks: TaskSet) -> None:
+        self.register_buffer("previous", torch.zeros(len(tasks), dtype=torch.float64))
+
+    def fair_weights(self, gramian: Tensor, alpha: float) -> Tensor:
+        index = self.active_index
+        rows = index.to(self.previous.device) if index is not None else None
+        init = self.previous[rows] if self.warm_start and rows is not None else None
+        w, residual = alpha_fair_weights(gramian, alpha, init=init)
+        self.report(residual=residual)
+        if rows is not None:
+            kept = self.previous.clone()
+            kept[rows] = w.to(kept.device)
+            self.previous = kept
+        return w

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -11,7 +11,6 @@ from torch import Tensor
 from mtlkit.core.engine import HeadGrad
 from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import ConfigError
-from mtlkit.methods.base import StepInfo, StepInputs
 from mtlkit.methods.gradient_methods import GramianWeighting
 from mtlkit.methods.hparams import hparam, none, number, numbers, one_of
 from mtlkit.methods.registry import register
@@ -125,10 +124,6 @@ class ConFIG(GramianWeighting):
         "eigenvalues of the unit gradients' Gramian below rcond * the largest are dropped",
     )
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self._pending: dict[str, Tensor] = {}
-
     def _build(self, tasks: TaskSet) -> None:
         if self.pref is not None and len(self.pref) != len(tasks):
             raise ConfigError(f"ConFIG got {len(self.pref)} preferences for {len(tasks)} tasks.")
@@ -141,14 +136,5 @@ class ConFIG(GramianWeighting):
             index = self.active_index if self.active_index is not None else torch.arange(a)
             p = torch.tensor(list(self.pref), dtype=torch.float64)[index.cpu()].to(gramian.device)
         w, min_cos, none_exists = conflictfree_weights(gramian, p, self.length_model, self.rcond)
-        self._pending.update(min_cosine=min_cos.detach(), degenerate=none_exists.detach())
+        self.report(min_cosine=min_cos.detach(), degenerate=none_exists.detach())
         return w
-
-    def _step(self, inputs: StepInputs) -> StepInfo:
-        self._pending = {}
-        try:
-            info = super()._step(inputs)
-            info.extras.update(self._pending)
-            return info
-        finally:
-            self._pending = {}

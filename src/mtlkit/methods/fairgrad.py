@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-import torch
 from torch import Tensor
 
 from mtlkit.core.engine import HeadGrad
-from mtlkit.core.tasks import TaskSet
-from mtlkit.methods.alpha_fair import alpha_fair_weights
-from mtlkit.methods.gradient_methods import GramianWeighting
-from mtlkit.methods.hparams import boolean, hparam, none, number, one_of
+from mtlkit.methods.alpha_fair import AlphaFairWeighting
+from mtlkit.methods.hparams import hparam, none, number, one_of
 from mtlkit.methods.registry import register
 
 
 @register("fairgrad")
-class FairGrad(GramianWeighting):
+class FairGrad(AlphaFairWeighting):
     """FairGrad: Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024.
 
     The update ``d = J^T w`` maximises the alpha-fair utility of the tasks' improvements
@@ -47,24 +44,8 @@ class FairGrad(GramianWeighting):
     max_norm: float | None = hparam(
         1.0, number(gt=0) | none(), "clip the shared gradient's norm (official 1.0; None: no clipping)"
     )
-    warm_start: bool = hparam(True, boolean(), "start Newton's method from the previous weights")
-    previous: Tensor
-
-    def _build(self, tasks: TaskSet) -> None:
-        self.register_buffer("previous", torch.zeros(len(tasks), dtype=torch.float64))
-        self.residual = 0.0
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        index = self.active_index
-        rows = index.to(self.previous.device) if index is not None else None
-        init = self.previous[rows] if self.warm_start and rows is not None else None
-        w, self.residual = alpha_fair_weights(gramian, float(self.alpha), init=init)
-        if rows is not None:
-            kept = self.previous.clone()
-            kept[rows] = w.to(kept.device)
-            self.previous = kept
+        w = self.fair_weights(gramian, float(self.alpha))
         factor = float(len(self.previous)) if self.scale == "num_tasks" else float(self.scale)
         return w * factor
-
-    def step_extras(self) -> dict[str, Any]:
-        return {"residual": self.residual}

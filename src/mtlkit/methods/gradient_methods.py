@@ -196,6 +196,13 @@ class GramianWeighting(GradientMethod):
         self._steps += 1
         if reuse:
             return self._reuse_step(inputs)
+        self.__dict__["_reported"] = {}
+        try:
+            return self._solve_and_write(inputs)
+        finally:
+            self.__dict__["_reported"] = {}
+
+    def _solve_and_write(self, inputs: StepInputs) -> StepInfo:
         pick = self._sample_tasks(inputs)
         if pick is None:
             w, gram = self._solve_step(inputs)
@@ -234,19 +241,28 @@ class GramianWeighting(GradientMethod):
         order = torch.randperm(len(active), generator=self._sampler)[: self.task_sample]
         return active[order].sort().values
 
-    def _own_head_gradients(self, inputs: StepInputs, tasks: list[int]) -> None:
-        """Task-specific parameters of ``tasks`` get their own gradient (graph kept)."""
-        if not tasks:
-            return
-        values = [inputs.values[k] for k in tasks]
+    def _heads_of(self, inputs: StepInputs, tasks: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+        """The task-specific parameters of ``tasks``, and the tensors they stop at (the shared
+        parameters, or the representation at the representation level)."""
         if self.level == "representation":
             rep = self._representation(inputs)
             exclude = list(rep.values()) if isinstance(rep, Mapping) else [rep]
         else:
             exclude = self._shared(inputs)
         heads, _ = self._engine().task_specific_lists(
-            [inputs.names[k] for k in tasks], _live_task_params(inputs, tasks), values, exclude
+            [inputs.names[k] for k in tasks],
+            _live_task_params(inputs, tasks),
+            [inputs.values[k] for k in tasks],
+            exclude,
         )
+        return heads, exclude
+
+    def _own_head_gradients(self, inputs: StepInputs, tasks: list[int]) -> None:
+        """Task-specific parameters of ``tasks`` get their own gradient (graph kept)."""
+        if not tasks:
+            return
+        values = [inputs.values[k] for k in tasks]
+        heads, _ = self._heads_of(inputs, tasks)
         if not heads:
             return
         grads = torch.autograd.grad(torch.stack(values).sum(), heads, retain_graph=True, allow_unused=True)
@@ -287,8 +303,13 @@ class GramianWeighting(GradientMethod):
         return w, gram
 
     def step_extras(self) -> dict[str, Any]:
-        """Diagnostics of the last solve for ``StepInfo.extras`` (e.g. a solver residual)."""
-        return {}
+        """Diagnostics of the last solve for ``StepInfo.extras`` (e.g. a solver residual); by
+        default what :meth:`report` recorded during the step."""
+        return dict(self.__dict__.get("_reported", {}))
+
+    def report(self, **values: Any) -> None:
+        """Record diagnostics from inside :meth:`weights` for this step's ``StepInfo.extras``."""
+        self.__dict__.setdefault("_reported", {}).update(values)
 
     def _reuse_step(self, inputs: StepInputs) -> StepInfo:
         """A step between solves: the stored weights, one backward, no per-task gradients."""
@@ -311,14 +332,7 @@ class GramianWeighting(GradientMethod):
             weighted.backward()
             return
         live_values = [inputs.values[k] for k in live]
-        if self.level == "representation":
-            rep = self._representation(inputs)
-            exclude = list(rep.values()) if isinstance(rep, Mapping) else [rep]
-        else:
-            exclude = self._shared(inputs)
-        heads, _ = self._engine().task_specific_lists(
-            [inputs.names[k] for k in live], _live_task_params(inputs, live), live_values, exclude
-        )
+        heads, exclude = self._heads_of(inputs, live)
         head_ids = {id(h) for h in heads}
         if self.level == "representation":
             shared = [p for p in reachable_leaves(live_values, set()) if id(p) not in head_ids]

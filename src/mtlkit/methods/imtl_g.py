@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from mtlkit.methods.base import StepInfo, StepInputs
 from mtlkit.methods.gradient_methods import GramianWeighting
 from mtlkit.methods.hparams import hparam, number
 from mtlkit.methods.registry import register
@@ -86,20 +83,7 @@ class IMTLG(GramianWeighting):
         "eigenvalues of the Gramian below rcond * the largest are dropped in its pseudo-inverse",
     )
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self._pending: dict[str, Tensor] = {}
-
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         w, degenerate = impartial_weights(gramian, self.rcond)
-        self._pending["degenerate"] = degenerate.detach()
+        self.report(degenerate=degenerate.detach())
         return w
-
-    def _step(self, inputs: StepInputs) -> StepInfo:
-        self._pending = {}
-        try:
-            info = super()._step(inputs)
-            info.extras.update(self._pending)
-            return info
-        finally:
-            self._pending = {}

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from torch import Tensor
 
-from mtlkit.core.tasks import TaskSet
-from mtlkit.methods.alpha_fair import alpha_fair_weights
-from mtlkit.methods.gradient_methods import GramianWeighting
-from mtlkit.methods.hparams import boolean, hparam, none, number
+from mtlkit.methods.alpha_fair import AlphaFairWeighting
+from mtlkit.methods.hparams import hparam, none, number
 from mtlkit.methods.registry import register
 
 
 @register("nash_mtl")
-class NashMTL(GramianWeighting):
+class NashMTL(AlphaFairWeighting):
     """Nash-MTL: Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya, "Multi-Task Learning
     as a Bargaining Game", ICML 2022.
 
@@ -40,23 +35,6 @@ class NashMTL(GramianWeighting):
     max_norm: float | None = hparam(
         1.0, number(gt=0) | none(), "clip the shared gradient's norm (official 1.0; None: no clipping)"
     )
-    warm_start: bool = hparam(True, boolean(), "start Newton's method from the previous weights")
-    previous: Tensor
-
-    def _build(self, tasks: TaskSet) -> None:
-        self.register_buffer("previous", torch.zeros(len(tasks), dtype=torch.float64))
-        self.residual = 0.0
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        index = self.active_index
-        rows = index.to(self.previous.device) if index is not None else None
-        init = self.previous[rows] if self.warm_start and rows is not None else None
-        w, self.residual = alpha_fair_weights(gramian, 1.0, init=init)
-        if rows is not None:
-            kept = self.previous.clone()
-            kept[rows] = w.to(kept.device)
-            self.previous = kept
-        return w
-
-    def step_extras(self) -> dict[str, Any]:
-        return {"residual": self.residual}
+        return self.fair_weights(gramian, 1.0)
