@@ -15,9 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import NonFiniteGradientError
 from mtlkit.methods.base import StepInfo, StepInputs
 from mtlkit.methods.gradient_methods import GramianWeighting, gradient_statistics
+from mtlkit.methods.min_norm import project_simplex
 
 
 class DoubleSamplingWeighting(GramianWeighting):
@@ -32,6 +34,27 @@ class DoubleSamplingWeighting(GramianWeighting):
 
     #: factor on each of the three batches' own head gradients (1: summed, 1/3: averaged)
     head_scale: float = 1.0
+    previous: Tensor
+
+    def _build(self, tasks: TaskSet) -> None:
+        # the weights carried from step to step (both methods start at 1/K)
+        self.num_tasks = len(tasks)
+        self.register_buffer("previous", torch.full((len(tasks),), 1.0 / len(tasks), dtype=torch.float64))
+
+    def carried_weights(self, gramian: Tensor) -> Tensor:
+        """The previous step's weights of the active tasks (projected onto their simplex when some
+        tasks are left out), on the Gramian's device."""
+        a = len(gramian)
+        index = self.active_index if self.active_index is not None else torch.arange(a)
+        w = self.previous[index.to(self.previous.device)].to(gramian.device)
+        return project_simplex(w) if a < self.num_tasks else w
+
+    def carry(self, w: Tensor) -> None:
+        """Keep the active tasks' new weights for the next step."""
+        index = self.active_index if self.active_index is not None else torch.arange(len(w))
+        kept = self.previous.clone()
+        kept[index.to(kept.device)] = w.to(kept)
+        self.previous = kept
 
     @property
     def batches_per_step(self) -> int:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from mtlkit.core.engine import HeadGrad
-from mtlkit.core.tasks import TaskSet
 from mtlkit.methods.double_sampling import DoubleSamplingWeighting
 from mtlkit.methods.hparams import hparam, number, one_of
 from mtlkit.methods.min_norm import project_simplex
@@ -35,21 +33,9 @@ class MoDo(DoubleSamplingWeighting):
     head_grad: HeadGrad = hparam("own", one_of("own"), "heads: the average of their own gradients")
     level = hparam("parameter", one_of("parameter"), "per-task gradients of the shared parameters")
     head_scale = 1.0 / 3.0
-    previous: Tensor
-
-    def _build(self, tasks: TaskSet) -> None:
-        self.num_tasks = len(tasks)
-        self.register_buffer("previous", torch.full((len(tasks),), 1.0 / len(tasks), dtype=torch.float64))
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        a = len(gramian)
-        index = self.active_index if self.active_index is not None else torch.arange(a)
-        rows = index.to(self.previous.device)
-        lam = self.previous[rows].to(gramian.device)
-        if a < self.num_tasks:
-            lam = project_simplex(lam)  # a sub-problem starts on its simplex
+        lam = self.carried_weights(gramian)
         lam = project_simplex(lam - self.gamma * (gramian @ lam + self.rho * lam))
-        kept = self.previous.clone()
-        kept[rows] = lam.to(kept)
-        self.previous = kept
+        self.carry(lam)
         return lam

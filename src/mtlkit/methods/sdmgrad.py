@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from mtlkit.core.engine import HeadGrad
-from mtlkit.core.tasks import TaskSet
 from mtlkit.methods.double_sampling import DoubleSamplingWeighting, cross_diagonal
 from mtlkit.methods.hparams import boolean, hparam, none, number, one_of
 from mtlkit.methods.min_norm import project_simplex
@@ -58,22 +57,14 @@ class SDMGrad(DoubleSamplingWeighting):
     )
     head_grad: HeadGrad = hparam("own", one_of("own"), "heads get their own gradient (official)")
     level = hparam("parameter", one_of("parameter"), "per-task gradients of the shared parameters")
-    previous: Tensor
 
     @property
     def batches_per_step(self) -> int:
         return 3 if self.independent_batches else 1
 
-    def _build(self, tasks: TaskSet) -> None:
-        self.num_tasks = len(tasks)
-        self.register_buffer("previous", torch.full((len(tasks),), 1.0 / len(tasks), dtype=torch.float64))
-
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         a = len(gramian)
-        index = self.active_index if self.active_index is not None else torch.arange(a)
-        rows = index.to(self.previous.device)
-        w = self.previous[rows].to(gramian.device)
-        w = project_simplex(w) if a < self.num_tasks else w  # a sub-problem starts on its simplex
+        w = self.carried_weights(gramian)
         s = (cross_diagonal(gramian) + 1e-4).sqrt().mean()
         c = gramian / s**2
         pull = float(self.lamda) / a
@@ -82,8 +73,6 @@ class SDMGrad(DoubleSamplingWeighting):
             grad = c @ (w + pull)
             buf = grad if i == 0 else self.momentum * buf + grad  # torch.optim.SGD's momentum
             w = project_simplex(w - self.lr * buf)
-        kept = self.previous.clone()
-        kept[rows] = w.to(kept)
-        self.previous = kept
+        self.carry(w)
         factor = float(self.num_tasks) if self.scale == "num_tasks" else float(self.scale)
         return factor * (w + float(self.lamda) / a) / (1.0 + float(self.lamda))
