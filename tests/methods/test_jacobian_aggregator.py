@@ -65,3 +65,14 @@ def test_rows_kept_across_steps_are_owned_only_when_declared(cls):
         torch.testing.assert_close(previous, first, atol=0, rtol=0)  # its own memory
     else:
         assert not torch.equal(previous, first)  # the engine's buffer: overwritten by the next step
+
+
+def test_all_finite_sees_nan_and_both_infinities_in_one_reduction():
+    from mtlkit.methods.gradient_methods import all_finite
+
+    x = torch.randn(4, 1000)
+    assert all_finite(x) and all_finite(torch.empty(0, 3))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[2, 517] = bad
+        assert not all_finite(y)

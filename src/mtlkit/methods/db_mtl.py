@@ -11,7 +11,7 @@ from mtlkit.core.engine import HeadGrad
 from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import ConfigError
 from mtlkit.methods.base import StepInfo, StepInputs
-from mtlkit.methods.gradient_methods import JacobianAggregator
+from mtlkit.methods.gradient_methods import JacobianAggregator, all_finite
 from mtlkit.methods.hparams import hparam, number
 from mtlkit.methods.registry import register
 
@@ -81,7 +81,7 @@ class DBMTL(JacobianAggregator):
 
     def direction(self, jacobian: Tensor, losses: Tensor) -> Tensor:
         d = jacobian.shape[1]
-        if not bool(torch.isfinite(jacobian).all()):  # fp16 overflow under a GradScaler: skip, state kept
+        if not all_finite(jacobian):  # fp16 overflow under a GradScaler: skip, state kept
             return jacobian.new_full((d,), float("nan"))
         assert self.active_index is not None
         ema = self.state_rows("ema", jacobian)

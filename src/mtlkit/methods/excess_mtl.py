@@ -10,7 +10,7 @@ from torch import Tensor
 from mtlkit.core.engine import HeadGrad
 from mtlkit.core.tasks import TaskSet
 from mtlkit.methods.base import StepInfo, StepInputs
-from mtlkit.methods.gradient_methods import JacobianAggregator
+from mtlkit.methods.gradient_methods import JacobianAggregator, all_finite
 from mtlkit.methods.hparams import hparam, number, one_of
 from mtlkit.methods.registry import register
 
@@ -106,7 +106,7 @@ class ExcessMTL(JacobianAggregator):
 
     def direction(self, jacobian: Tensor, losses: Tensor) -> Tensor:
         d = jacobian.shape[1]
-        if not bool(torch.isfinite(jacobian).all()):  # fp16 overflow under a GradScaler: skip, state kept
+        if not all_finite(jacobian):  # fp16 overflow under a GradScaler: skip, state kept
             return jacobian.new_full((d,), float("nan"))
         assert self.active_index is not None
         excess = self._excess(jacobian)

@@ -71,6 +71,15 @@ class GradientMethod(Method):
         return inputs.shared
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry is finite, in one reduction (``isfinite(t).all()`` writes a K x d mask:
+    25x slower at K = 40 on the benchmark model); NaN and infinities reach the min or the max."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def clip_factor(norm: Tensor | float, max_norm: float | None) -> Tensor | float:
     """The factor ``min(1, max_norm / norm)`` of ``torch.nn.utils.clip_grad_norm_`` (1 when
     ``max_norm`` is ``None``); ``norm`` may be a tensor (no host sync)."""
@@ -494,7 +503,9 @@ class JacobianAggregator(GradientMethod):
             jac.write_shared_flat(direction * inputs.scale)
         hw = self.head_weights(inputs.losses.to(torch.float64), inputs.active)
         heads.write(None if hw is None else torch.where(inputs.active, hw.to(inputs.active.device), 0.0))
-        norms = torch.linalg.vector_norm(rows.double(), dim=1) / inputs.scale
+        norms = (
+            torch.linalg.vector_norm(rows, dim=1).double() / inputs.scale
+        )  # (a float64 copy of J: 25x slower)
         return StepInfo(inputs.names, None, inputs.losses, level=self.level, grad_norms=norms)
 
     def _max_norm(self) -> float | None:
