@@ -106,7 +106,7 @@ def test_the_ema_follows_its_closed_form_without_bias_correction(sigma):
     b1, b2, b3 = betas
     closed = (1 - b1) * b2 * b3 * hs[0] + (1 - b2) * b3 * hs[1] + (1 - b3) * hs[2]
     torch.testing.assert_close(method.ema, closed, atol=1e-15, rtol=1e-13)
-    assert method._extra_state() == {"steps": 3}
+    assert method._family_state() == {"updates": 3}
 
 
 @settings(max_examples=40, deadline=None)
@@ -151,7 +151,7 @@ def test_a_negative_loss_is_refused_before_anything_changes_and_zero_is_fine():
     before = method.state_dict()
     with pytest.raises(NonPositiveLossError, match="t1"):
         linear_step(method, C, torch.tensor([1.0, -0.5], dtype=torch.float64))
-    assert torch.equal(method.ema, before["ema"]) and method._steps == 1
+    assert torch.equal(method.ema, before["ema"]) and method.updates == 1
     # L = 0 with a zero gradient (a solved task): h = 0, finite update
     zero = torch.zeros(2, 3, dtype=torch.float64)
     zero[0] = 1.0
@@ -198,7 +198,7 @@ def test_the_lazily_sized_state_loads_before_the_first_step_and_refuses_another_
     unstepped = DBMTL()
     unstepped.setup(["t0", "t1"])
     stepped.load_state_dict(unstepped.state_dict())  # and back to "no step taken yet"
-    assert stepped.ema.shape == (2, 0) and stepped._steps == 0
+    assert stepped.ema.shape == (2, 0) and stepped.updates == 0
     linear_step(stepped, C, b)
     with pytest.raises(EngineError, match="5 shared parameter entries"):
         linear_step(stepped, torch.ones(2, 3, dtype=torch.float64), b)

@@ -122,7 +122,7 @@ def test_tracking_is_the_closed_form_ema_with_decaying_rates():
     b = [0.6 / (1 + t) ** 0.5 for t in range(3)]
     closed = b[0] * (1 - b[1]) * (1 - b[2]) * gs[0] + b[1] * (1 - b[2]) * gs[1] + b[2] * gs[2]
     torch.testing.assert_close(method.tracking, closed, atol=1e-15, rtol=1e-13)
-    assert method._extra_state() == {"steps": 3}
+    assert method._family_state() == {"updates": 3}
 
 
 @pytest.mark.parametrize("k, d", [(3, 6), (4, 2), (5, 5)])
@@ -193,7 +193,7 @@ def test_raw_loss_tracks_loss_scaled_unit_gradients_and_refuses_negative_losses(
     state = copy.deepcopy(method.state_dict())
     with pytest.raises(NonPositiveLossError, match="t1"):
         linear_step(method, C, torch.tensor([2.0, -1.0], dtype=torch.float64))
-    assert torch.equal(method.tracking, state["tracking"]) and method._steps == 1
+    assert torch.equal(method.tracking, state["tracking"]) and method.updates == 1
     linear_step(MoCo(), C, torch.tensor([2.0, -1.0], dtype=torch.float64))  # plain MoCo takes any loss
 
 

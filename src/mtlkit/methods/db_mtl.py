@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -66,13 +64,6 @@ class DBMTL(JacobianAggregator):
 
     def _build(self, tasks: TaskSet) -> None:
         self.register_buffer("ema", torch.zeros(len(tasks), 0))
-        self._steps = 0
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {"steps": getattr(self, "_steps", 0)}
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._steps = int(state.get("steps", 0))
 
     def _step(self, inputs: StepInputs) -> StepInfo:
         # log(L + 1e-8) is defined for L >= 0; checked before any gradient or state is written
@@ -87,8 +78,8 @@ class DBMTL(JacobianAggregator):
         ema = self.state_rows("ema", jacobian)
         if len(jacobian) == 0:
             return jacobian.new_zeros(d)
-        self._steps += 1
-        beta_t = self.beta / self._steps**self.beta_sigma
+        self.updates += 1
+        beta_t = self.beta / self.updates**self.beta_sigma
         inv = (1.0 / (losses + _EPS)).to(ema.dtype)
         logs = jacobian.to(ema.dtype) * inv[:, None]  # h_k, the gradients of log(L_k + eps)
         idx = self.active_index.to(ema.device)

@@ -54,6 +54,10 @@ class GradientMethod(Method):
             self.__dict__["engine"] = GradientEngine()
         return self.engine  # type: ignore[return-value]
 
+    def _max_norm(self) -> float | None:
+        """The ``max_norm`` a subclass declares (the norm the shared update is clipped to)."""
+        return getattr(self, "max_norm", None)
+
     def _representation(self, inputs: StepInputs) -> Any:
         rep = inputs.output.representation if inputs.output is not None else None
         if rep is None:
@@ -169,9 +173,6 @@ class GramianWeighting(GradientMethod):
         self._steps = int(state.get("steps", 0))
         if "sampler" in state and hasattr(self, "_sampler"):
             self._sampler.set_state(state["sampler"])
-
-    def _max_norm(self) -> float | None:
-        return getattr(self, "max_norm", None)
 
     # -- the step ------------------------------------------------------------------------------------
     def _solve(self, gram: Tensor, inputs: StepInputs) -> Tensor:
@@ -398,6 +399,18 @@ class JacobianAggregator(GradientMethod):
     #: rows of the Jacobian (valid during :meth:`direction` only; GradDrop reads its signs)
     features: Tensor | None = None
 
+    # -- family state: the number of updates a method has taken (its schedules' t) -----------
+    def _build_family(self, tasks: TaskSet) -> None:
+        #: updates taken so far; a method counts the steps that changed its state (DB-MTL's and
+        #: MoCo's decaying step sizes), and the count is saved with the state
+        self.updates = 0
+
+    def _family_state(self) -> dict[str, Any]:
+        return {"updates": getattr(self, "updates", 0)}
+
+    def _load_family_state(self, state: dict[str, Any]) -> None:
+        self.updates = int(state.get("updates", 0))
+
     def state_rows(self, name: str, like: Tensor) -> Tensor:
         """The K x d state buffer ``name``, created in full width at the first step (in the wider
         of its placeholder's and the gradients' dtype)."""
@@ -507,6 +520,3 @@ class JacobianAggregator(GradientMethod):
             torch.linalg.vector_norm(rows, dim=1).double() / inputs.scale
         )  # (a float64 copy of J: 25x slower)
         return StepInfo(inputs.names, None, inputs.losses, level=self.level, grad_norms=norms)
-
-    def _max_norm(self) -> float | None:
-        return getattr(self, "max_norm", None)

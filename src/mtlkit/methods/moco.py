@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -97,13 +97,6 @@ class MoCo(JacobianAggregator):
         k = len(tasks)
         self.register_buffer("tracking", torch.zeros(k, 0))
         self.register_buffer("lambdas", torch.full((k,), 1.0 / k, dtype=torch.float64))
-        self._steps = 0
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {"steps": getattr(self, "_steps", 0)}
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._steps = int(state.get("steps", 0))
 
     def _step(self, inputs: StepInputs) -> StepInfo:
         if self.raw_loss:  # L_k scales the tracked gradient: a negative loss would flip it
@@ -121,8 +114,8 @@ class MoCo(JacobianAggregator):
         a = len(jacobian)
         if a == 0:
             return jacobian.new_zeros(d)
-        t = self._steps
-        self._steps += 1
+        t = self.updates
+        self.updates += 1
         beta_t = self.beta / (1 + t) ** self.beta_sigma
         gamma_t = self.gamma / (1 + t) ** self.gamma_sigma
         rows = jacobian.to(y.dtype)
