@@ -5,19 +5,18 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
 
 from mtlkit.core.engine import HeadGrad
-from mtlkit.core.tasks import TaskSet
 from mtlkit.methods.base import StepInfo, StepInputs
 from mtlkit.methods.gradient_methods import GramianWeighting
-from mtlkit.methods.hparams import hparam, none, number
+from mtlkit.methods.hparams import hparam
 from mtlkit.methods.imtl_g import IMTLG
+from mtlkit.methods.imtl_l import LearnableLossScales
 from mtlkit.methods.registry import register
 
 
 @register("imtl")
-class IMTL(IMTLG):
+class IMTL(LearnableLossScales, IMTLG):
     """IMTL, the full method of Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang, "Towards Impartial
     Multi-task Learning", ICLR 2021, as LibMTL implements it (its only IMTL class).
 
@@ -39,22 +38,11 @@ class IMTL(IMTLG):
     first); ``s`` may have its own learning rate (``lr``; LibMTL: the optimiser's).
     """
 
-    needs_setup = True
-    scales: nn.Parameter
     head_grad: HeadGrad = hparam(
         "own",
         GramianWeighting._hparams["head_grad"].check,
         "heads get their own scaled loss's gradient (LibMTL) or the IMTL-G weighted one",
     )
-    lr: float | None = hparam(
-        None, number(gt=0) | none(), "learning rate of s (None: the optimiser's, as LibMTL)"
-    )
-
-    def _build(self, tasks: TaskSet) -> None:
-        self.scales = nn.Parameter(torch.zeros(len(tasks)))
-
-    def parameter_lr(self) -> float | None:
-        return self.lr
 
     def _step(self, inputs: StepInputs) -> StepInfo:
         s = self.scales.detach()

@@ -11,16 +11,9 @@ from mtlkit.methods.loss_weighting import LossWeighting
 from mtlkit.methods.registry import register
 
 
-@register("imtl_l")
-class IMTLL(LossWeighting):
-    """IMTL-L, the loss-balancing half of Liu et al., "Towards Impartial Multi-task Learning",
-    ICLR 2021.
-
-    Each loss is replaced by ``exp(s_k) L_k - s_k`` with a learnable ``s_k`` (init 0), minimised
-    jointly with the model; at the optimum in ``s``, ``exp(s_k) L_k = 1``: every scaled loss is 1.
-    The reported weight of task k is ``exp(s_k)``. No official code was released; defaults follow
-    LibMTL (init 0, the optimiser's learning rate). ``scales`` is created by :meth:`setup`.
-    """
+class LearnableLossScales:
+    """IMTL-L's learnable log-scales ``s`` (one per task, init 0) with an optional learning rate
+    of their own; shared by IMTL-L and the IMTL hybrid."""
 
     needs_setup = True
     scales: nn.Parameter
@@ -33,6 +26,18 @@ class IMTLL(LossWeighting):
 
     def parameter_lr(self) -> float | None:
         return self.lr
+
+
+@register("imtl_l")
+class IMTLL(LearnableLossScales, LossWeighting):
+    """IMTL-L, the loss-balancing half of Liu et al., "Towards Impartial Multi-task Learning",
+    ICLR 2021.
+
+    Each loss is replaced by ``exp(s_k) L_k - s_k`` with a learnable ``s_k`` (init 0), minimised
+    jointly with the model; at the optimum in ``s``, ``exp(s_k) L_k = 1``: every scaled loss is 1.
+    The reported weight of task k is ``exp(s_k)``. No official code was released; defaults follow
+    LibMTL (init 0, the optimiser's learning rate). ``scales`` is created by :meth:`setup`.
+    """
 
     def loss_weights(self, losses: Tensor, active: Tensor) -> Tensor:
         return torch.exp(self.scales.to(losses.device))
