@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import mtlkit as mk
+from mtlkit.core.tasks import TaskLosses
 
 
 def grads(net):
@@ -113,3 +114,15 @@ def run_steps(method, tasks, net, x, y, steps, method_lr=0.0, after_scale=1.0, e
         if (i + 1) % epoch_every == 0:
             method.on_epoch_end()
     return info
+
+
+def linear_step(method, C, b=None, labelled=None):
+    """One step on ``L_k = <C_k, theta> + b_k`` at ``theta = 0`` (``b`` default ones): the task
+    gradients are exactly ``C_k`` and the losses ``b_k``. Returns ``(theta.grad, StepInfo)``."""
+    theta = torch.zeros(C.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.ones(len(C), dtype=torch.float64) if b is None else b
+    losses = {f"t{k}": C[k] @ theta + b[k] for k in range(len(C))}
+    if labelled is not None:
+        losses = TaskLosses(losses, torch.tensor(labelled))
+    info = method.backward(losses, shared=[theta])
+    return theta.grad, info

@@ -8,24 +8,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mtlkit as mk
-from mtlkit.core.tasks import TaskLosses
 from mtlkit.errors import EngineError, NonPositiveLossError
 from mtlkit.methods.db_mtl import DBMTL
 from tests.conftest import make_problem
 from tests.core.test_engine import brute_force
+from tests.methods import helpers
 from tests.methods.helpers import shared_grad
 
 EPS = 1e-8
 
 
 def linear_step(method, C, b, labelled=None):
-    """One step on L_k = <C_k, theta> + b_k at theta = 0: g_k = C_k and L_k = b_k exactly."""
-    theta = torch.zeros(C.shape[1], dtype=torch.float64, requires_grad=True)
-    losses = {f"t{k}": C[k] @ theta + b[k] for k in range(len(C))}
-    if labelled is not None:
-        losses = TaskLosses(losses, torch.tensor(labelled))
-    method.backward(losses, shared=[theta])
-    return theta.grad
+    """The shared gradient of one step with task gradients C_k and losses b_k."""
+    return helpers.linear_step(method, C, b, labelled)[0]
 
 
 def reference_direction(H):

@@ -9,24 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mtlkit as mk
-from mtlkit.core.tasks import TaskLosses
 from mtlkit.errors import NonPositiveLossError
 from mtlkit.methods.min_norm import kkt_violation, min_norm_weights, project_simplex
 from mtlkit.methods.moco import MoCo
 from tests.conftest import make_problem
 from tests.core.test_engine import brute_force
-from tests.methods.helpers import shared_grad
-
-
-def linear_step(method, C, b=None, labelled=None):
-    """One step on L_k = <C_k, theta> + b_k at theta = 0: g_k = C_k and L_k = b_k exactly."""
-    theta = torch.zeros(C.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.ones(len(C), dtype=torch.float64) if b is None else b
-    losses = {f"t{k}": C[k] @ theta + b[k] for k in range(len(C))}
-    if labelled is not None:
-        losses = TaskLosses(losses, torch.tensor(labelled))
-    info = method.backward(losses, shared=[theta])
-    return theta.grad, info
+from tests.methods.helpers import linear_step, shared_grad
 
 
 def bisection_projection(v):
