@@ -88,7 +88,7 @@ def alpha_fair_weights(
     eye = torch.eye(len(live), dtype=torch.float64, device=g.device)
     w = _newton(g + RIDGE * eye, w, alpha, tol, max_iter)
     rel = _componentwise(g, w, alpha)
-    exact, exact_rel = _finish(g, w, alpha, tol, 50)
+    exact, exact_rel = _finish(g, w, rel, alpha, tol, 50)
     if exact_rel < rel:
         w, rel = exact, exact_rel
     out[live] = w * factor
@@ -100,12 +100,14 @@ def _componentwise(g: Tensor, w: Tensor, alpha: float) -> float:
     return float((w.pow(1.0 / alpha) * (g @ w) - 1).abs().max())
 
 
-def _finish(g: Tensor, w: Tensor, alpha: float, tol: float, max_iter: int) -> tuple[Tensor, float]:
+def _finish(
+    g: Tensor, w: Tensor, rel: float, alpha: float, tol: float, max_iter: int
+) -> tuple[Tensor, float]:
     """Newton's method on ``F_k(u) = w_k^(1/alpha) (G w)_k - 1 = 0`` in ``u = log w``: the
     dimensionless form converges quadratically where the potential's Newton steps stall on
     weights that span many orders of magnitude."""
     u = torch.log(w)
-    best = _componentwise(g, w, alpha)
+    best = rel  # the componentwise error at w
     for _ in range(max_iter):
         if best <= tol:
             break

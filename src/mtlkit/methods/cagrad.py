@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from scipy.optimize import brentq
@@ -59,6 +59,12 @@ def _is_optimal(g: Tensor, b: Tensor, rho: float, w: Tensor, u: float) -> bool:
     return bool((grad >= mu - tol).all())
 
 
+def ball_radius(gram: Tensor, c: float) -> float:
+    """``rho = c ||g0||``, the radius of CAGrad's ball around the mean gradient ``g0``."""
+    mean = torch.full((gram.shape[0],), 1.0 / gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return c * math.sqrt(max(float(mean @ gram @ mean), 0.0))
+
+
 def cagrad_dual_weights(
     gram: Tensor, c: float, guess: float | None = None, init: Tensor | None = None
 ) -> tuple[Tensor, float]:
@@ -84,7 +90,7 @@ def cagrad_dual_weights(
     ones = torch.full((k,), 1.0 / k, dtype=torch.float64)
     b = g @ ones  # <g_j, g0>
     g0_sq = float(ones @ b)
-    rho = c * math.sqrt(max(g0_sq, 0.0))
+    rho = ball_radius(g, c)
     if k == 1:
         return torch.ones(1, dtype=torch.float64), math.sqrt(max(float(g[0, 0]), 0.0))
     if rho <= 0:
@@ -172,8 +178,6 @@ class CAGrad(GramianWeighting):
     previous: Tensor
 
     def _build(self, tasks: TaskSet) -> None:
-        self.num_tasks = len(tasks)
-        self.worst = 0.0
         # the previous dual solution and, last, its t = ||J^T w|| / rho (the solver's warm start)
         self.register_buffer("previous", torch.zeros(len(tasks) + 1, dtype=torch.float64))
 
@@ -187,7 +191,7 @@ class CAGrad(GramianWeighting):
         w, u = cagrad_dual_weights(gramian, float(self.c), guess=guess, init=init)
         g = gramian.detach().to("cpu", torch.float64)
         mean = torch.full((a,), 1.0 / a, dtype=torch.float64)
-        rho = float(self.c) * math.sqrt(max(float(mean @ g @ mean), 0.0))
+        rho = ball_radius(g, float(self.c))
         # J^T w = 0 at the optimum (0 is in the hull): the primal maximiser is g0 moved towards
         # 0 by the radius (d = 0 when c >= 1, optimal then); the official's 1e-8 gives noise.
         out = mean + (rho / u) * w if u > 0 else mean * max(0.0, 1.0 - float(self.c))
@@ -196,13 +200,10 @@ class CAGrad(GramianWeighting):
             kept[rows] = w.to(kept)
             kept[-1] = u / rho if rho > 0 and u > 0 else 0.0
             self.previous = kept
-        self.worst = float((g @ out).min())  # min_k <g_k, d>, before rescaling
+        self.report(worst_improvement=float((g @ out).min()))  # min_k <g_k, d>, before rescaling
         if self.rescale == 1:
             out = out / (1.0 + float(self.c) ** 2)
         elif self.rescale == 2:
             out = out / (1.0 + float(self.c))
-        factor = float(self.num_tasks) if self.scale == "num_tasks" else float(self.scale)
+        factor = float(len(self.previous) - 1) if self.scale == "num_tasks" else float(self.scale)
         return (out * factor).to(gramian.device)
-
-    def step_extras(self) -> dict[str, Any]:
-        return {"worst_improvement": self.worst}

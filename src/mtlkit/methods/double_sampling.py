@@ -38,7 +38,6 @@ class DoubleSamplingWeighting(GramianWeighting):
 
     def _build(self, tasks: TaskSet) -> None:
         # the weights carried from step to step (both methods start at 1/K)
-        self.num_tasks = len(tasks)
         self.register_buffer("previous", torch.full((len(tasks),), 1.0 / len(tasks), dtype=torch.float64))
 
     def carried_weights(self, gramian: Tensor) -> Tensor:
@@ -47,7 +46,7 @@ class DoubleSamplingWeighting(GramianWeighting):
         a = len(gramian)
         index = self.active_index if self.active_index is not None else torch.arange(a)
         w = self.previous[index.to(self.previous.device)].to(gramian.device)
-        return project_simplex(w) if a < self.num_tasks else w
+        return project_simplex(w) if a < len(self.previous) else w
 
     def carry(self, w: Tensor) -> None:
         """Keep the active tasks' new weights for the next step."""

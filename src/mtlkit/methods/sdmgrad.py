@@ -74,5 +74,5 @@ class SDMGrad(DoubleSamplingWeighting):
             buf = grad if i == 0 else self.momentum * buf + grad  # torch.optim.SGD's momentum
             w = project_simplex(w - self.lr * buf)
         self.carry(w)
-        factor = float(self.num_tasks) if self.scale == "num_tasks" else float(self.scale)
+        factor = float(len(self.previous)) if self.scale == "num_tasks" else float(self.scale)
         return factor * (w + float(self.lamda) / a) / (1.0 + float(self.lamda))
