@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -12,6 +11,7 @@ from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import ConfigError, EngineError
 from mtlkit.methods.gradient_methods import JacobianAggregator, Level
 from mtlkit.methods.hparams import boolean, hparam, none, number, numbers, one_of
+from mtlkit.methods.owned_generator import OwnedGenerator
 from mtlkit.methods.registry import register
 
 
@@ -32,7 +32,7 @@ def graddrop_mask(stat: Tensor, uniform: Tensor, eps: float = 0.0) -> Tensor:
 
 
 @register("graddrop")
-class GradDrop(JacobianAggregator):
+class GradDrop(OwnedGenerator, JacobianAggregator):
     """GradDrop: Chen, Ngiam, Huang, Luong, Kretzschmar, Chai, Anguelov, "Just Pick a Sign:
     Optimizing Deep Multitask Models with Gradient Sign Dropout", NeurIPS 2020.
 
@@ -87,21 +87,10 @@ class GradDrop(JacobianAggregator):
     )
     seed: int = hparam(0, number(ge=0, integer=True), "seed of the method's generator for the draws")
 
-    _generator: torch.Generator | None = None
-
     def _build(self, tasks: TaskSet) -> None:
         if not isinstance(self.leak, (int, float)) and len(self.leak) != len(tasks):
             raise ConfigError(f"GradDrop got {len(self.leak)} leak values for {len(tasks)} tasks.")
-        self._generator = torch.Generator().manual_seed(self.seed)
 
-    def _gen(self) -> torch.Generator:
-        if self._generator is None:
-            self._generator = torch.Generator().manual_seed(self.seed)
-        return self._generator
-
-    # The base hands direction() the flattened rows only; the paper's statistic also needs the
-    # representation itself (its sign and its batch axis), which the base reads through
-    # _representation() during the step: keep it for that step.
     def _leak(self, a: int, like: Tensor) -> Tensor:
         if isinstance(self.leak, (int, float)):
             return torch.full((a,), float(self.leak), dtype=like.dtype, device=like.device)
@@ -134,14 +123,3 @@ class GradDrop(JacobianAggregator):
         leak = self._leak(a, rows)[:, None]
         factor = leak + (1 - leak) * mask.to(rows.dtype)  # (A, features)
         return torch.einsum("abf,af->bf", rows, factor).reshape(-1)
-
-    def _extra_state(self) -> dict[str, Any]:
-        gen = self._generator
-        return {"generator": gen.get_state() if gen is not None else None}
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        saved = state.get("generator")
-        if saved is not None:
-            gen = torch.Generator()
-            gen.set_state(saved)
-            self._generator = gen

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -182,9 +182,3 @@ class GradVac(RandomOrder, GramianWeighting):
         new.diagonal().copy_(old.diagonal())  # no target for a task with itself
         self.phi_hat[held[:, None], held[None, :]] = new.to(self.phi_hat)
         return coef.sum(0)
-
-    def _extra_state(self) -> dict[str, Any]:
-        return self._generator_state()
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._load_generator_state(state)

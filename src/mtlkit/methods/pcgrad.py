@@ -11,6 +11,7 @@ from mtlkit.core.engine import HeadGrad
 from mtlkit.core.tasks import TaskSet
 from mtlkit.methods.gradient_methods import GramianWeighting
 from mtlkit.methods.hparams import boolean, hparam, number, one_of
+from mtlkit.methods.owned_generator import OwnedGenerator
 from mtlkit.methods.registry import register
 
 #: A task gradient with ``||g_j||^2 <= TINY * max_k ||g_k||^2`` is not projected on (nor, in
@@ -88,19 +89,11 @@ def pcgrad_coefficients(gramian: Tensor, orders: Tensor, *, skip_self: bool = Tr
 Reduction = Literal["sum", "mean"]
 
 
-class RandomOrder:
-    """Mixin: a method-owned generator for random visiting orders, seeded from ``seed`` when the
-    tasks are bound, whose state is part of the checkpoint (a resumed run draws the same orders;
-    the global RNG is never touched)."""
+class RandomOrder(OwnedGenerator):
+    """Mixin: random visiting orders from a method-owned generator (seeded from ``seed``; its
+    state is part of the checkpoint, so a resumed run draws the same orders)."""
 
-    seed: int
-    _generator: torch.Generator | None = None
     _drawn: Tensor | None = None
-
-    def _gen(self) -> torch.Generator:
-        if self._generator is None:
-            self._generator = torch.Generator().manual_seed(self.seed)
-        return self._generator
 
     def _orders(self, k: int) -> Tensor:
         self._drawn = orders = random_orders(k, self._gen())
@@ -111,16 +104,6 @@ class RandomOrder:
         indices among the tasks that took part in the step), enough to replay it."""
         drawn, self._drawn = self._drawn, None
         return {} if drawn is None else {"orders": drawn}
-
-    def _generator_state(self) -> dict[str, Any]:
-        gen = self._generator
-        return {"generator": gen.get_state() if gen is not None else None}
-
-    def _load_generator_state(self, state: dict[str, Any]) -> None:
-        saved = state.get("generator")
-        self._generator = None
-        if saved is not None:
-            self._gen().set_state(saved)
 
 
 @register("pcgrad")
@@ -174,9 +157,3 @@ class PCGrad(RandomOrder, GramianWeighting):
             return torch.ones(1, dtype=torch.float64, device=gramian.device)
         w = pcgrad_coefficients(gramian, self._orders(k), skip_self=self.skip_self).sum(0)
         return w / k if self.reduction == "mean" else w
-
-    def _extra_state(self) -> dict[str, Any]:
-        return self._generator_state()
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._load_generator_state(state)

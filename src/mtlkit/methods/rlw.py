@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from mtlkit.methods.hparams import hparam, none, number, one_of
 from mtlkit.methods.loss_weighting import LossWeighting
+from mtlkit.methods.owned_generator import OwnedGenerator
 from mtlkit.methods.registry import register
 
 Distribution = Literal["normal", "uniform", "dirichlet"]
 
 
 @register("rlw")
-class RLW(LossWeighting):
+class RLW(OwnedGenerator, LossWeighting):
     """Random loss weighting: Lin, Ye, Xu, Shi, Zhang, Kwok, "Reasonable Effectiveness of Random
     Weighting: A Litmus Test for Multi-Task Learning", TMLR 2022.
 
@@ -36,15 +37,6 @@ class RLW(LossWeighting):
         "seed of the method's generator; None takes one from torch's global generator at the first step",
     )
 
-    _generator: torch.Generator | None = None
-
-    def _gen(self) -> torch.Generator:
-        gen = self._generator
-        if gen is None:
-            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-            gen = self._generator = torch.Generator().manual_seed(seed)
-        return gen
-
     def loss_weights(self, losses: Tensor, active: Tensor) -> Tensor:
         k = len(losses)
         gen = self._gen()
@@ -57,15 +49,3 @@ class RLW(LossWeighting):
         logits = torch.where(active, logits.to(losses.device, non_blocking=True), -torch.inf)
         # all tasks unlabelled: softmax of all -inf is NaN -> weight 0 (no host sync needed)
         return torch.softmax(logits, dim=0).nan_to_num(0.0).to(losses.dtype)
-
-    def _extra_state(self) -> dict[str, Any]:
-        gen = self._generator
-        return {"generator": gen.get_state() if gen is not None else None}
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        saved = state.get("generator")
-        gen = None
-        if saved is not None:
-            gen = torch.Generator()
-            gen.set_state(saved)
-        self._generator = gen
