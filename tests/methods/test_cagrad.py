@@ -147,3 +147,18 @@ def test_zero_in_the_hull_with_a_large_radius_gives_the_primal_maximiser_zero():
     assert u == 0.0  # 0 is in the interior of the hull: the dual optimum is J^T w = 0
     d = J.T @ raw_direction_weights(J, 3.0)
     assert float(d.abs().max()) == 0.0  # value min_k <g_k, 0> = 0: no other point does better
+
+
+def test_zero_in_the_hull_with_a_small_radius_still_finds_the_root():
+    # 0 is in the hull (K = 6 > d = 2), so next to t = 0 the root function is noise; c < 1 puts
+    # the optimum at ||J^T w|| > 0 all the same (a hypothesis find: it used to raise in brentq)
+    J = random_jacobian(6, 2, 34)
+    G = J @ J.T
+    w, u = cagrad_dual_weights(G, 0.4)
+    g0 = J.mean(0)
+    radius = 0.4 * float(g0.norm())
+    assert u > 0
+    d = J.T @ raw_direction_weights(J, 0.4)
+    assert abs(float((d - g0).norm()) - radius) <= 1e-9 * radius
+    dual = float(w @ G @ torch.full((6,), 1 / 6, dtype=torch.float64)) + radius * u
+    assert abs(float((J @ d).min()) - dual) <= 1e-9 * float(G.diagonal().max())

@@ -76,9 +76,10 @@ def cagrad_dual_weights(
     min-norm point of the shifted hull ``{g_k + t g0}`` with ``t = u / rho`` (the exact Wolfe
     solver of :mod:`~mtlkit.methods.min_norm` on the shifted Gramian). So ``u`` is the root of
     ``h(t) = ||J^T w(t)|| - rho t``, found by Brent's method to round-off; ``h(0) >= 0`` and
-    ``h < 0`` beyond ``max_k ||g_k|| / rho``. If ``h <= 0`` already next to 0, or ``u`` is below
-    ``1e-7`` of the largest gradient norm (the precision of a norm taken from a Gramian), the
-    minimiser is the point ``J^T w = 0`` of the hull: ``u = 0``.
+    ``h < 0`` beyond ``max_k ||g_k|| / rho``. If ``h`` is nowhere clearly positive (above ``1e-7``
+    of the largest gradient norm, the precision of a norm taken from a Gramian) on a halving walk
+    down from there, or ``u`` is below that, the minimiser is the point ``J^T w = 0`` of the hull:
+    ``u = 0``.
 
     Fast path, tried first: on the support of ``w(t)`` the minimiser has a closed form
     (:func:`_face_minimiser`); majorise-minimise steps ``t <- ||J^T w(t)|| / rho`` from ``guess``
@@ -128,10 +129,21 @@ def _solve_dual(
             return face
         # A majorise-minimise step (monotone in the dual objective): the support settles fast.
         t = min(max(math.sqrt(max(float(w @ g @ w), 0.0)) / rho, lo), hi)
-    if h(lo) <= 0:
+    # Bracket a root: h(hi) < 0; walk t down from hi until h is clearly positive. Next to t = 0,
+    # h is ||J^T w|| of the min-norm point, known only to ~sqrt(eps) of the gradients' scale, so
+    # its sign there is noise when 0 is in the hull; a root may still lie further out (c < 1).
+    upper, lower = hi, None
+    t = hi
+    while t > lo:
+        t *= 0.5
+        if h(t) > 1e-7 * top:
+            lower = t
+            break
+        upper = t
+    if lower is None:  # no root with ||J^T w|| > 0: the minimiser is J^T w = 0
         w = state["w"]
         return w, math.sqrt(max(float(w @ g @ w), 0.0))
-    t = brentq(h, lo, hi, xtol=1e-300, rtol=1e-15, maxiter=200)
+    t = brentq(h, lower, upper, xtol=1e-300, rtol=1e-15, maxiter=200)
     w = weights_at(t)
     return w, math.sqrt(max(float(w @ g @ w), 0.0))
 
