@@ -6,7 +6,6 @@ import math
 from typing import Literal
 
 import torch
-from scipy.optimize import brentq
 from torch import Tensor
 
 from mtlkit.core.engine import HeadGrad
@@ -143,6 +142,8 @@ def _solve_dual(
     if lower is None:  # no root with ||J^T w|| > 0: the minimiser is J^T w = 0
         w = state["w"]
         return w, math.sqrt(max(float(w @ g @ w), 0.0))
+    from scipy.optimize import brentq  # the fallback only: importing it costs ~0.5 s at start-up
+
     t = brentq(h, lower, upper, xtol=1e-300, rtol=1e-15, maxiter=200)
     w = weights_at(t)
     return w, math.sqrt(max(float(w @ g @ w), 0.0))
