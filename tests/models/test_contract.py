@@ -3,6 +3,8 @@ is not a tree (a new model is enrolled by registering it)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -12,9 +14,12 @@ from mtlkit.errors import ModelContractError
 from tests.models.toy_models import CrossTaskHead, PerTaskRepresentation
 
 TASKS = mk.TaskSet([mk.Task("a"), mk.Task("b", loss="ce")])
+FUNNEL = mk.TaskSet([mk.Task("click", loss="bce"), mk.Task("buy", loss="bce")])
 
 
 def registered(name):
+    if mk.models.MODELS.get(name).funnel:
+        return mk.models.create(name, in_features=6, tasks=FUNNEL)
     return mk.models.create(name, in_features=6, tasks=TASKS, out_features={"b": 3})
 
 
@@ -26,15 +31,19 @@ MODELS += [
 
 
 def inputs(model):
-    return torch.randn(4, 6 if model.task_names == TASKS.names else 5)
+    if hasattr(model, "example_input") and getattr(model, "in_features", None) is not None:
+        return model.example_input(4)
+    return torch.randn(4, 5)
 
 
 @pytest.mark.parametrize("factory", MODELS)
 def test_outputs_full_output_and_single_task_forward(factory):
     model = factory()
     x = inputs(model)
+    torch.manual_seed(0)  # the same dropout masks for both calls
     out = model(x)
     assert isinstance(out, dict) and list(out) == model.task_names
+    torch.manual_seed(0)
     full = model(x, full_output=True)
     assert isinstance(full, MultiTaskOutput)
     for t in model.task_names:
@@ -69,6 +78,9 @@ def test_the_representation_separates_the_shared_part(factory):
     rep = full.representation
     reps = list(rep.values()) if isinstance(rep, dict) else [rep]
     shared = model.shared_parameters()
+    if not shared:  # soft parameter sharing: nothing is shared, nothing to separate
+        assert mk.models.MODELS.get("soft_sharing") is type(model)
+        return
     ref = torch.autograd.grad(total, shared, retain_graph=True)
     cot = torch.autograd.grad(total, reps, retain_graph=True)
     via = torch.autograd.grad(reps, shared, grad_outputs=cot)
@@ -154,3 +166,54 @@ def test_the_representation_survives_a_real_ddp_wrapper(tmp_path):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     finally:
         dist.destroy_process_group()
+
+
+def _targets(model, n):
+    tasks = FUNNEL if model.funnel else TASKS
+    if model.funnel:
+        first = (torch.rand(n, 1) < 0.5).float()
+        return tasks, {"click": first, "buy": first * (torch.rand(n, 1) < 0.5).float()}
+    return tasks, {"a": torch.randn(n, 1), "b": torch.randint(0, 3, (n,))}
+
+
+STEP_METHODS = [
+    ("ew", {}),
+    ("mgda", {}),
+    ("mgda", {"level": "representation"}),
+    ("graddrop", {"level": "parameter"}),
+    ("graddrop", {"level": "representation"}),
+    ("famo", {}),
+]
+
+
+@pytest.mark.parametrize(
+    "method", STEP_METHODS, ids=[f"{n}-{o.get('level', 'default')}" for n, o in STEP_METHODS]
+)
+@pytest.mark.parametrize("name", mk.models.available())
+def test_every_architecture_trains_with_methods_at_both_levels(name, method):
+    # a few Trainer steps through the contract: finite losses, every parameter that a loss or an
+    # auxiliary loss reaches moves; a Jacobian aggregator at the representation level needs one
+    # shared tensor and says so for per-task representations
+    torch.manual_seed(0)
+    model = registered(name)
+    x = model.example_input(16)
+    tasks, y = _targets(model, 16)
+    method_name, options = method
+    trainer = mk.Trainer(
+        model, tasks, mk.methods.create(method_name, **options), device="cpu", progress=False
+    )
+    rep = model(x, full_output=True).representation
+    per_task = not isinstance(rep, torch.Tensor) and model.shared_parameters()
+    if method_name == "graddrop" and options["level"] == "representation" and per_task:
+        with pytest.raises(mk.errors.EngineError, match="one per task"):
+            trainer.train_step((x, y))
+        return
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # soft sharing: "nothing shared" is announced once
+        for _ in range(3):
+            info = trainer.train_step((x, y))
+    assert torch.isfinite(info.losses).all()
+    moved = [not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert sum(moved) >= 0.9 * len(moved), f"{len(moved) - sum(moved)} of {len(moved)} parameters never moved"

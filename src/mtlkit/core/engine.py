@@ -240,6 +240,8 @@ class RepresentationGradients:
     features: list[Tensor]
     rep_grads: Tensor  # (K, *z.shape)
     heads: HeadGradients
+    #: the parameters the trunk backward writes (``None``: every leaf below the representation)
+    shared: list[Tensor] | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -261,7 +263,16 @@ class RepresentationGradients:
     def backward_shared(self, weights: Tensor) -> None:
         """One trunk backward with the cotangent ``sum_k w_k dL_k/dz`` (per-task representations:
         ``w_k dL_k/dz_k`` into each ``z_k``, in the same single backward); frees the graph."""
-        torch.autograd.backward(self.features, grad_tensors=self.cotangents(weights))
+        self.backward_cotangents(self.cotangents(weights))
+
+    def backward_cotangents(self, cotangents: list[Tensor]) -> None:
+        """Back-propagate one cotangent per feature tensor into the shared parameters; frees the
+        graph. Task-specific parameters below the representation (MTAN's attention, PLE's task
+        experts under a per-task representation) are left alone: their own gradient, which runs
+        through the representation, was taken with the head gradients."""
+        if self.shared is not None and not self.shared:
+            return
+        torch.autograd.backward(self.features, grad_tensors=cotangents, inputs=self.shared)
 
     def write_heads(self, weights: Tensor | None) -> None:
         self.heads.write(weights)
@@ -377,7 +388,7 @@ class GradientEngine:
                         params.append(p)
                     idx.append(index[id(p)])
                 per_task.append(idx)
-            self._verify_split(order, losses, params, per_task, exclude)
+            self._verify_split(order, losses, params, per_task)
             return params, per_task
         if task_specific is None:
             stops = {id(t.grad_fn) for t in exclude if t.grad_fn is not None}
@@ -393,7 +404,6 @@ class GradientEngine:
         losses: Sequence[Tensor],
         params: list[Tensor],
         per_task: list[list[int]],
-        exclude: Sequence[Tensor],
     ) -> None:
         key = (tuple(id(p) for p in params), tuple(tuple(idx) for idx in per_task))
         if key in self._verified_splits:
@@ -402,11 +412,11 @@ class GradientEngine:
         for task, idx in enumerate(per_task):
             for i in idx:
                 owners.setdefault(id(params[i]), set()).add(task)
-        stops = {id(t.grad_fn) for t in exclude if t.grad_fn is not None}
+        # the walk goes below a representation too: task-specific parameters may lie there
         for task, loss in enumerate(losses):
             if not loss.requires_grad:
                 continue
-            for p in reachable_leaves([loss], stops):
+            for p in reachable_leaves([loss], set()):
                 holders = owners.get(id(p))
                 if holders is not None and task not in holders:
                     listed = ", ".join(repr(names[t]) for t in sorted(holders))
@@ -544,20 +554,31 @@ class GradientEngine:
         representation: Tensor | Mapping[str, Tensor],
         names: Sequence[str] | None = None,
         task_specific: TaskParams = None,
+        shared: Sequence[Tensor] | None = None,
     ) -> RepresentationGradients:
         """K head backwards to the shared representation; the trunk graph is kept.
 
         ``representation`` is one tensor that every task reads, or ``{task: tensor}`` (per-task
         representations of one shape; task k's gradient is taken w.r.t. its own entry, and task
         k's loss must not read another task's entry).
+
+        With ``task_specific`` given as ``{task: [parameters]}`` and ``shared`` given, a
+        task-specific parameter may also lie below the representation: it gets its own gradient
+        (through the representation) with the heads, and the trunk backward writes ``shared`` only.
         """
         names = list(names) if names is not None else [str(i) for i in range(len(losses))]
+        restrict = (
+            as_param_list(shared) if shared is not None and isinstance(task_specific, Mapping) else None
+        )
         if isinstance(representation, Mapping):
-            return self._per_task_representation_gradients(losses, representation, names, task_specific)
-        _check_representation(representation, "the shared representation")
-        heads, per_task = self.task_specific_lists(names, task_specific, losses, [representation])
-        _, blocks, head_grads = self._per_task_loop(losses, [representation], heads, per_task, True)
-        return RepresentationGradients([representation], blocks[0], head_grads)
+            rep = self._per_task_representation_gradients(losses, representation, names, task_specific)
+        else:
+            _check_representation(representation, "the shared representation")
+            heads, per_task = self.task_specific_lists(names, task_specific, losses, [representation])
+            _, blocks, head_grads = self._per_task_loop(losses, [representation], heads, per_task, True)
+            rep = RepresentationGradients([representation], blocks[0], head_grads)
+        rep.shared = restrict
+        return rep
 
     def _per_task_representation_gradients(
         self,
@@ -608,8 +629,9 @@ class GradientEngine:
         representation: Tensor | Mapping[str, Tensor],
         names: Sequence[str] | None = None,
         task_specific: TaskParams = None,
+        shared: Sequence[Tensor] | None = None,
     ) -> tuple[Tensor, RepresentationGradients]:
-        rep = self.representation_gradients(losses, representation, names, task_specific)
+        rep = self.representation_gradients(losses, representation, names, task_specific, shared)
         return rep.gramian(self.chunk_bytes, self.precision), rep
 
 

@@ -80,6 +80,7 @@ class StepInfo:
         cosines: K x K pairwise cosine similarities of the task gradients (idem).
         gramian: the float64 Gramian the weights were computed from (idem).
         level: ``"loss"``, ``"parameter"`` or ``"representation"``.
+        aux_losses: the model's auxiliary losses (detached), added to the update with weight 1.
     """
 
     task_names: list[str]
@@ -90,6 +91,7 @@ class StepInfo:
     cosines: Tensor | None = None
     gramian: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    aux_losses: dict[str, Tensor] | None = None
 
     def scalars(self) -> dict[str, float]:
         """Flat ``{name: float}`` for logging (this is where the host sync happens)."""
@@ -110,6 +112,8 @@ class StepInfo:
             for i, a in enumerate(self.task_names):
                 for j in range(i + 1, len(self.task_names)):
                     out[f"cosine/{a}~{self.task_names[j]}"] = cos[i][j]
+        for name, value in (self.aux_losses or {}).items():
+            out[f"aux/{name}"] = float(value)
         return out
 
 
@@ -180,6 +184,12 @@ class StepInputs:
         if self._model is not None:
             return as_param_list(shared_parameters(self._model))
         return as_param_list(self._shared)
+
+    @property
+    def knows_shared(self) -> bool:
+        """Whether the shared parameters were given (a model or ``shared=``); the list may still be
+        empty, for a model with nothing shared (soft parameter sharing)."""
+        return self._model is not None or self._shared is not None
 
     @functools.cached_property
     def task_specific(self) -> TaskParams:
@@ -410,7 +420,9 @@ class Method(nn.Module):
         inputs = self._begin_step(losses, model, output, shared, loss_scale)
         inputs.extra = self._extra_inputs(extra_losses, model, shared, loss_scale)
         aux = self._aux_gradients(inputs, model)  # before the method's backward frees the graph
-        info = self._step(inputs)
+        info = self._dispatch(inputs)
+        if inputs.output is not None and inputs.output.aux_losses:
+            info.aux_losses = {k: v.detach() for k, v in inputs.output.aux_losses.items()}
         for p, g in aux:  # written only once the method's checks have passed
             p.grad = g if p.grad is None else p.grad.add_(g)
         self._remember_versions(inputs, model)
@@ -474,6 +486,10 @@ class Method(nn.Module):
         if probe is None and inputs._shared is not None:
             probe = inputs.shared[0] if inputs.shared else None
         self._versions = (probe, probe._version if probe is not None else 0, [p._version for p in own])
+
+    def _dispatch(self, inputs: StepInputs) -> StepInfo:
+        """Route a step to :meth:`_step` (a family may first handle special cases)."""
+        return self._step(inputs)
 
     def _step(self, inputs: StepInputs) -> StepInfo:
         raise NotImplementedError

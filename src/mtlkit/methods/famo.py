@@ -87,7 +87,7 @@ class FAMO(LossWeighting):
     def after_backward(self, inputs: StepInputs) -> None:
         if not self.max_norm:
             return
-        if not inputs.shared:
+        if not inputs.knows_shared:
             raise EngineError(
                 "FAMO clips the shared gradient (max_norm): pass the model (or shared=) to backward(), "
                 "or set max_norm=None."

@@ -3,6 +3,7 @@ Gramian (:class:`GramianWeighting`) or the gradients themselves (:class:`Jacobia
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
@@ -49,6 +50,27 @@ class GradientMethod(Method):
         None, instance_of(GradientEngine) | one_of(None), "the gradient engine", config=False
     )
 
+    def _dispatch(self, inputs: StepInputs) -> StepInfo:
+        if inputs.knows_shared and not inputs.shared:
+            return self._nothing_shared_step(inputs)
+        return self._step(inputs)
+
+    def _nothing_shared_step(self, inputs: StepInputs) -> StepInfo:
+        """A model with no shared parameter (soft parameter sharing): there is nothing to combine,
+        so every task's parameters get their own gradient, whatever the method."""
+        if not self.__dict__.get("_warned_nothing_shared"):
+            self.__dict__["_warned_nothing_shared"] = True
+            warnings.warn(
+                f"{type(self).__name__}: the model has no shared parameters, so there is nothing to "
+                "combine; every task's parameters get their own gradient (as with EW).",
+                stacklevel=4,
+            )
+        live = [v for k, v in enumerate(inputs.values) if v.requires_grad and bool(inputs.active[k])]
+        if live:
+            torch.stack(live).sum().backward()
+        w = inputs.active.to(torch.float64)
+        return StepInfo(inputs.names, w, inputs.losses, level=self.level, extras={"nothing_shared": True})
+
     def _engine(self) -> GradientEngine:
         if self.engine is None:
             self.__dict__["engine"] = GradientEngine()
@@ -68,7 +90,7 @@ class GradientMethod(Method):
         return rep
 
     def _shared(self, inputs: StepInputs) -> list[Tensor]:
-        if not inputs.shared:
+        if not inputs.knows_shared:
             raise EngineError(
                 f"{type(self).__name__} needs the shared parameters: pass the model (or shared=) to backward()."
             )
@@ -287,7 +309,11 @@ class GramianWeighting(GradientMethod):
         rep = jac = None
         if self.level == "representation":
             gram, rep = engine.representation_gramian(
-                inputs.values, self._representation(inputs), inputs.names, inputs.task_specific
+                inputs.values,
+                self._representation(inputs),
+                inputs.names,
+                inputs.task_specific,
+                self._shared(inputs),
             )
         else:
             gram, jac = engine.parameter_gramian(
@@ -468,9 +494,12 @@ class JacobianAggregator(GradientMethod):
             if isinstance(z, Mapping):
                 raise EngineError(
                     f"{type(self).__name__}(level='representation') needs one shared representation "
-                    "tensor; this model returns one per task. Use level='parameter'."
+                    "tensor; this model returns one per task. Use level='parameter' (or, for the "
+                    "gated-expert models, representation='stacked')."
                 )
-            rep = engine.representation_gradients(inputs.values, z, inputs.names, inputs.task_specific)
+            rep = engine.representation_gradients(
+                inputs.values, z, inputs.names, inputs.task_specific, self._shared(inputs)
+            )
             rows = rep.rep_grads.reshape(len(inputs.names), -1)
             if self.keeps_gradients:
                 rows = rows.clone()
@@ -505,7 +534,7 @@ class JacobianAggregator(GradientMethod):
         if rep is not None:
             cotangent = (direction * inputs.scale).to(rows.dtype).view(rep.features[0].shape)
             if max_norm is None:
-                torch.autograd.backward(rep.features[0], grad_tensors=cotangent)
+                rep.backward_cotangents([cotangent])
             else:
                 clipped_trunk_backward(
                     rep.features, [cotangent], self._shared(inputs), max_norm, inputs.scale

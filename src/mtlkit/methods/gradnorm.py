@@ -118,7 +118,7 @@ class GradNorm(LossWeighting):
 
     def _layer_params(self, inputs: StepInputs) -> list[Tensor]:
         if self.layer == "all":
-            if not inputs.shared:
+            if not inputs.knows_shared:
                 raise EngineError("GradNorm(layer='all') needs the model (or shared=) in backward().")
             return inputs.shared
         if self._layer is None:

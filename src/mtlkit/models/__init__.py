@@ -4,9 +4,17 @@ from typing import Any
 
 from torch import nn
 
+from mtlkit.models.aitm import AITM
 from mtlkit.models.base import MODELS, MultiTaskModel, MultiTaskModule, MultiTaskOutput, mlp
+from mtlkit.models.cross_stitch import CrossStitch
+from mtlkit.models.dselect_k import DSelectK
+from mtlkit.models.esmm import ESMM
+from mtlkit.models.home import HoME
 from mtlkit.models.mmoe import MMoE
+from mtlkit.models.mtan import MTAN
+from mtlkit.models.ple import CGC, PLE
 from mtlkit.models.shared_bottom import SharedBottom
+from mtlkit.models.soft_sharing import SoftSharing
 
 
 def create(name: str, **kwargs: Any) -> nn.Module:
@@ -20,12 +28,21 @@ def available() -> list[str]:
 
 
 __all__ = [
+    "AITM",
+    "CGC",
+    "ESMM",
     "MODELS",
+    "MTAN",
+    "PLE",
+    "CrossStitch",
+    "DSelectK",
+    "HoME",
     "MMoE",
     "MultiTaskModel",
     "MultiTaskModule",
     "MultiTaskOutput",
     "SharedBottom",
+    "SoftSharing",
     "available",
     "create",
     "mlp",

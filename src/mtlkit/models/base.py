@@ -7,8 +7,9 @@ representation, and the model names its shared and task-specific parameters.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from mtlkit.core.contract import MultiTaskModel, MultiTaskOutput
@@ -96,6 +97,9 @@ class MultiTaskModule(nn.Module):
     shared representation) and names its modules (:meth:`shared_modules`, :meth:`task_modules`).
     """
 
+    #: whether the tasks must be the ordered binary steps of a conversion funnel (ESMM, AITM)
+    funnel: ClassVar[bool] = False
+
     def __init__(self, tasks: TaskSet | Sequence[Task] | Sequence[str]) -> None:
         super().__init__()
         self.task_names = task_names(tasks)
@@ -137,6 +141,19 @@ class MultiTaskModule(nn.Module):
         at which GradNorm (Chen et al., ICML 2018) measures the task gradient norms."""
         weights = [getattr(m, "weight", None) for m in self.last_shared_layers()]
         return [w for w in weights if isinstance(w, nn.Parameter) and w.requires_grad]
+
+    def routing_statistics(self) -> dict[str, float]:
+        """Scalars about the last forward's routing (gate weights, expert usage) for the logs;
+        empty for models without gates."""
+        return {}
+
+    def example_input(self, batch: int = 4) -> Tensor:
+        """A random input batch of the shape the model reads (for tests and benchmarks)."""
+        shape = getattr(self, "in_features", None)
+        if shape is None:
+            raise NotImplementedError(f"{type(self).__name__} does not say what input it reads.")
+        dims = (shape,) if isinstance(shape, int) else tuple(shape)
+        return torch.randn(batch, *dims)
 
     def _selected(self, task: str | None) -> list[str]:
         if task is None:

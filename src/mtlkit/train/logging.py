@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mtlkit.core.contract import unwrap
 from mtlkit.train.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -105,6 +106,13 @@ class RunLogger:
             self._tb = None
 
 
+def model_statistics(model: Any) -> dict[str, float]:
+    """``model/<name>``: what the model reports about its last forward (gate weights, expert
+    usage, attention masks; ``routing_statistics()``), so expert collapse shows in the logs."""
+    stats = getattr(unwrap(model), "routing_statistics", None)
+    return {f"model/{k}": float(v) for k, v in stats().items()} if callable(stats) else {}
+
+
 class LoggingCallback(Callback):
     """Writes ``run.json`` at the start of :meth:`~mtlkit.train.Trainer.fit`, a ``steps.csv`` row
     every ``log_every`` steps (losses, weights, gradient norms and cosines, lr), an ``epochs.csv``
@@ -128,6 +136,7 @@ class LoggingCallback(Callback):
             return
         scalars = info.scalars()
         scalars["lr"] = trainer.learning_rate()
+        scalars.update(model_statistics(trainer.model))
         self.logger.log_step(trainer.step, trainer.epoch + 1, scalars)
 
     def on_epoch_end(
