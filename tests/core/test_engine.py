@@ -260,3 +260,31 @@ def test_owned_jacobians_are_not_overwritten_by_the_next_call():
     engine.jacobian(list(tasks.losses(net(x * 3), y).values()), net.shared_parameters())
     torch.testing.assert_close(first.rows(), kept, atol=0, rtol=0)
     assert not torch.equal(reused.rows()[:, :5], kept[:, :5])  # the engine's own buffer was reused
+
+
+def test_task_specific_parameters_below_a_per_task_representation_get_their_own_gradient_once():
+    # the toy's gates are task-specific and lie below each task's representation (as PLE's task
+    # experts or MTAN's attention): with the split and the shared list given, the trunk backward
+    # writes the shared parameters only, and each gate gets its own (or weighted) gradient once
+    from tests.models.toy_models import PerTaskRepresentation
+
+    tasks, net, x, y = _toy(PerTaskRepresentation)
+    w = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    out = net(x, full_output=True)
+    losses = tasks.losses(out.predictions, y)
+    objective = sum(wk * v for wk, v in zip(w, losses.values(), strict=True))
+    shared = net.shared_parameters()
+    ref_shared = torch.autograd.grad(objective, shared, retain_graph=True)
+    ref_heads = {
+        t: torch.autograd.grad(losses[t], net.task_parameters()[t], retain_graph=True) for t in tasks.names
+    }
+    _, rep = GradientEngine().representation_gramian(
+        list(losses.values()), out.representation, tasks.names, net.task_parameters(), shared
+    )
+    rep.backward_shared(w)
+    rep.write_heads(None)
+    for p, r in zip(shared, ref_shared, strict=True):
+        torch.testing.assert_close(p.grad, r, atol=1e-12, rtol=0)
+    for t in tasks.names:
+        for p, r in zip(net.task_parameters()[t], ref_heads[t], strict=True):
+            torch.testing.assert_close(p.grad, r, atol=1e-12, rtol=0)

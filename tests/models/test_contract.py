@@ -217,3 +217,49 @@ def test_every_architecture_trains_with_methods_at_both_levels(name, method):
     moved = [not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)]
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert sum(moved) >= 0.9 * len(moved), f"{len(moved) - sum(moved)} of {len(moved)} parameters never moved"
+
+
+@pytest.mark.parametrize("name", mk.models.available())
+def test_single_task_forward_runs_nothing_only_other_tasks_own(name):
+    # forward(x, task=t) computes what t needs: no module that only other tasks own is called
+    model = registered(name)
+    specific = model.task_parameters()
+    calls: list[str] = []
+    hooks = []
+    for mod_name, module in model.named_modules():
+        own = {id(p) for p in module.parameters(recurse=False)}
+        if own:
+            hooks.append(module.register_forward_hook(lambda *_, n=mod_name: calls.append(n)))
+    try:
+        for t in model.task_names:
+            mine = {id(p) for p in specific[t]}
+            others = {id(p) for u, ps in specific.items() if u != t for p in ps} - mine
+            calls.clear()
+            model(model.example_input(3), task=t)
+            ran = {n for n in calls}
+            for mod_name, module in model.named_modules():
+                own = {id(p) for p in module.parameters(recurse=False)}
+                if own and own <= others:
+                    assert mod_name not in ran, (
+                        f"forward(task={t!r}) ran {mod_name}, which only other tasks own"
+                    )
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_routing_statistics_and_auxiliary_losses_reach_the_step_logs(tmp_path):
+    import csv
+
+    torch.manual_seed(0)
+    model = mk.models.create("dselect_k", in_features=6, tasks=TASKS, num_experts=5, out_features={"b": 3})
+    x = torch.randn(32, 6)
+    y = {"a": torch.randn(32, 1), "b": torch.randint(0, 3, (32,))}
+    trainer = mk.Trainer(
+        model, TASKS, "ew", device="cpu", progress=False, log_dir=tmp_path, log_every=1, tensorboard=False
+    )
+    trainer.fit([(x, y)] * 2, epochs=1)
+    with open(tmp_path / "steps.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and float(rows[-1]["model/gate/a/max"]) > 0
+    assert float(rows[-1]["aux/dselect_reachable/a"]) > 0

@@ -132,6 +132,7 @@ class AITM(MultiTaskModule):
         self.inputs.check(x, type(self).__name__)
         e = self.embedding(self.inputs(x)[0])
         last = max(self.task_names.index(t) for t in tasks)
+        calibrate = self.calibration > 0 and len(tasks) == len(self.task_names)
         logits: dict[str, Tensor] = {}
         fused: Tensor | None = None
         for t in self.task_names[: last + 1]:
@@ -141,9 +142,10 @@ class AITM(MultiTaskModule):
             else:
                 fused, w = self.ait[t](own, self.transfers[t](fused))
                 self.last_attention[t] = w.detach()
-            logits[t] = self.heads[t](fused)
+            if t in tasks:
+                logits[t] = self.heads[t](fused)
         aux = None
-        if self.calibration > 0 and len(logits) == len(self.task_names):
+        if calibrate:
             probs = [torch.sigmoid(logits[t]) for t in self.task_names]
             gaps = torch.stack([(b - a).clamp_min(0).mean() for a, b in itertools.pairwise(probs)])
             aux = {"aitm_calibrator": self.calibration * gaps.sum()}
