@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.mtlkit-installed
 
-.PHONY: setup demo test test-slow lint format bench bench-aggregators bench-census clean
+.PHONY: setup demo test test-slow lint format bench bench-aggregators bench-census bench-architectures clean
 
 # The pinned CPU torch goes in first, so the package's `torch>=2.2` installs nothing more.
 $(STAMP): pyproject.toml
@@ -50,6 +50,10 @@ bench-aggregators: setup
 
 bench-census: setup
 	$(BIN)/python benchmarks/census_weightings.py --epochs 10 --workers 2 --out benchmarks/results/census_weightings.md
+
+bench-architectures: setup
+	$(BIN)/python benchmarks/census_architectures.py --epochs 10 --workers 2 --out benchmarks/results/census_architectures.md
+	$(BIN)/python benchmarks/mmoe_synthetic_gap.py --epochs 30 --workers 2 --out benchmarks/results/mmoe_synthetic_gap.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

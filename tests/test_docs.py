@@ -69,3 +69,12 @@ def test_the_multi_batch_loop_runs(options):
     exec(compile(block[0], "docs/aggregators.md", "exec"), namespace)
     assert torch.isfinite(namespace["info"].weights).all()
     assert all(p.grad is not None for p in model.shared_parameters())
+
+
+def test_every_model_is_in_the_architecture_table_and_the_example_runs():
+    text = (DOCS / "architectures.md").read_text()
+    table = text.split("## The gated-expert family")[0]
+    for name in mk.models.available():
+        assert f"| `{name}` |" in table, name
+    code = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    exec(compile(code, "docs/architectures.md", "exec"), {})

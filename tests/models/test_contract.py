@@ -263,3 +263,17 @@ def test_routing_statistics_and_auxiliary_losses_reach_the_step_logs(tmp_path):
         rows = list(csv.DictReader(f))
     assert rows and float(rows[-1]["model/gate/a/max"]) > 0
     assert float(rows[-1]["aux/dselect_reachable/a"]) > 0
+
+
+def test_a_non_finite_auxiliary_loss_is_refused_before_anything_changes():
+    model = mk.models.create("dselect_k", in_features=6, tasks=TASKS, num_experts=5, out_features={"b": 3})
+    x = torch.randn(8, 6)
+    y = {"a": torch.randn(8, 1), "b": torch.randint(0, 3, (8,))}
+    out = model(x, full_output=True)
+    aux = dict(out.aux_losses)
+    aux["dselect_reachable/a"] = aux["dselect_reachable/a"] * float("nan")
+    with pytest.raises(mk.errors.NonFiniteLossError, match="dselect_reachable/a"):
+        mk.methods.create("mgda").backward(
+            TASKS.losses(out.predictions, y), model, out._replace(aux_losses=aux)
+        )
+    assert all(p.grad is None for p in model.parameters())

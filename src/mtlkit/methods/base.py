@@ -462,7 +462,13 @@ class Method(nn.Module):
         aux = inputs.output.aux_losses if inputs.output is not None else None
         if not aux:
             return []
-        total = torch.stack([v.reshape(()) for v in aux.values()]).sum() * inputs.scale
+        values = torch.stack([v.reshape(()) for v in aux.values()])
+        if not bool(torch.isfinite(values).all()):
+            bad = [k for k, v in aux.items() if not bool(torch.isfinite(v).all())]
+            raise NonFiniteLossError(
+                f"The model's auxiliary loss(es) {bad} are not finite; nothing was updated."
+            )
+        total = values.sum() * inputs.scale
         if not total.requires_grad:
             return []
         params: list[Tensor]

@@ -101,8 +101,9 @@ class GradNorm(LossWeighting):
             self._layer = [p for p in last() if p.requires_grad]
             if not self._layer:
                 raise ConfigError(
-                    f"GradNorm(layer='last'): {type(model).__name__}'s last shared layer has no trainable "
-                    "weight (frozen?). Pass layer= with trainable shared parameters."
+                    f"GradNorm(layer='last'): {type(model).__name__} has no trainable last shared layer "
+                    "(frozen, or a model that shares nothing such as soft parameter sharing). Pass "
+                    "layer= with trainable parameters every task reaches."
                 )
         elif isinstance(self.layer, str) and self.layer != "all":
             prefix = self.layer

@@ -132,9 +132,15 @@ class MultiTaskModule(nn.Module):
         }
 
     def last_shared_layers(self) -> list[nn.Module]:
-        """The last weight-carrying layer of each shared module (override where the shared part
-        has parallel branches, as MMoE does for its experts)."""
-        return [last_weight_layer(m) for m in self.shared_modules()]
+        """The last weight-carrying layer of each shared module that has one (override where the
+        shared part has parallel branches, as MMoE does for its experts)."""
+        layers = []
+        for m in self.shared_modules():
+            try:
+                layers.append(last_weight_layer(m))
+            except TaskError:
+                continue  # a module without weight matrices (an input stage without a stem)
+        return layers
 
     def last_shared_parameters(self) -> list[nn.Parameter]:
         """The weight matrices of :meth:`last_shared_layers`: the "last shared layer of weights"
