@@ -122,3 +122,53 @@ def test_single_category_default_and_errors():
         mk.models.HoME(10, TASKS, task_gate_input="v")
     with pytest.raises(ConfigError, match=">= 0"):
         mk.models.HoME(10, TASKS, num_task=-1)
+
+
+def _skewed_training(normalised: bool, seed: int) -> dict[str, float]:
+    """HoME with four shared experts per level whose output layers start at scales 0.1, 1, 10,
+    100 (the spec's collapse diagnostic), trained 30 epochs with EW on the MMoE synthetic data."""
+    data = mk.data.load_mmoe_synthetic(n_train=4000, n_val=500, n_test=500, correlation=0.5, seed=seed)
+    torch.manual_seed(seed)
+    model = mk.models.HoME(
+        100,
+        data.tasks,
+        num_meta_shared=4,
+        num_meta_category=0,
+        num_shared=4,
+        num_category=0,
+        num_task=0,
+        expert_dims=[16],
+        tower_dims=[8],
+        feature_gate_rank=None,
+        self_gate=False,
+        normalised_experts=normalised,
+    )
+    with torch.no_grad():
+        for group in (model.meta_shared, model.shared):
+            for i, e in enumerate(group):
+                layer = [m for m in e.expert.body if isinstance(m, torch.nn.Linear)][-1]
+                layer.weight.mul_(10.0 ** (i - 1))
+                layer.bias.mul_(10.0 ** (i - 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    trainer = mk.Trainer(model, data.tasks, "ew", optimizer, device="cpu", progress=False)
+    trainer.fit(mk.data.loader(data.train, 128, shuffle=True), epochs=30)
+    model(data.train.inputs[:2000])
+    return model.routing_statistics()
+
+
+@pytest.mark.slow
+def test_normalised_experts_do_not_collapse_where_relu_experts_do():
+    # HoME's first anomaly on skewed expert scales: ReLU experts output many exact zeros and
+    # their gates concentrate more; BatchNorm + Swish experts output none
+    relu = [_skewed_training(False, s) for s in range(5)]
+    norm = [_skewed_training(True, s) for s in range(5)]
+
+    def zeros(stats):
+        return max(v for k, v in stats.items() if k.endswith("/zeros"))
+
+    def gate_max(stats):
+        return max(v for k, v in stats.items() if k.startswith("gate/y") and k.endswith("/max"))
+
+    assert all(zeros(s) > 0.3 for s in relu)
+    assert all(zeros(s) == 0 for s in norm)
+    assert sum(map(gate_max, relu)) > sum(map(gate_max, norm))

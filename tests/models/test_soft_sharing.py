@@ -57,8 +57,8 @@ def fit_exactly(strength: float, penalty: str) -> tuple[mk.models.SoftSharing, t
         losses = sum((full.predictions[t] - y[t]).pow(2).mean() for t in TASKS.names)
         return losses + sum(full.aux_losses.values()) if full.aux_losses else losses
 
-    grad = torch.func.grad(objective)(flat)
-    hess = torch.func.hessian(objective)(flat)
+    grad = torch.autograd.functional.jacobian(objective, flat)
+    hess = torch.autograd.functional.hessian(objective, flat)
     theta = flat - torch.linalg.solve(hess, grad)
     with torch.no_grad():
         offset = 0
