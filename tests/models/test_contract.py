@@ -277,3 +277,22 @@ def test_a_non_finite_auxiliary_loss_is_refused_before_anything_changes():
             TASKS.losses(out.predictions, y), model, out._replace(aux_losses=aux)
         )
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", mk.models.available())
+def test_a_registered_models_task_specific_parameters_are_reached_by_their_task_only(name):
+    # the library's rule: what several tasks read is shared (the method combines their gradients
+    # on it); a task's own parameters are listed under it alone and no other task's loss reaches them
+    from mtlkit.core.engine import reachable_leaves
+
+    model = registered(name)
+    specific = model.task_parameters()
+    owner: dict[int, str] = {}
+    for t, params in specific.items():
+        for p in params:
+            assert id(p) not in owner, f"a parameter is listed under {owner[id(p)]!r} and {t!r}"
+            owner[id(p)] = t
+    out = model(model.example_input(4))
+    for t in model.task_names:
+        for p in reachable_leaves([out[t].sum()], set()):
+            assert owner.get(id(p), t) == t, f"task {t!r} reaches a parameter of task {owner[id(p)]!r}"

@@ -109,3 +109,11 @@ def test_esmm_learns_cvr_from_the_entire_space_on_a_synthetic_funnel():
     pos, neg = score[truth == 1], score[truth == 0]
     auc = (pos[:, None] > neg[None, :]).double().mean()
     assert auc > 0.7
+
+
+def test_product_logit_keeps_its_gradient_for_large_logits():
+    a = torch.tensor([40.0, 60.0], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([40.0, 60.0], dtype=torch.float64)
+    (g,) = torch.autograd.grad(product_logit(a, b).sum(), a)
+    # d logit(p) / da = sigmoid(-a) / (1 - p) = 1/2 when a = b is large
+    torch.testing.assert_close(g, torch.full((2,), 0.5, dtype=torch.float64))

@@ -61,11 +61,16 @@ def test_hierarchy_mask_isolates_categories():
             assert zero(grads(out[t].sum(), params)) == (c != CATEGORIES[t])
     # the meta-level category experts are read by every task, through the global branch
     assert not zero(grads(out["c"].sum(), model.meta_category["watch"].parameters()))
-    # and the split lists category parameters under the tasks of that category only
+    # the split: a category of two tasks is shared (the method combines a's and b's gradients
+    # on it); a one-task category belongs to its task
+    shared = {id(p) for p in model.shared_parameters()}
     specific = model.task_parameters()
-    watch = {id(p) for p in model.category["watch"].parameters()}
-    assert watch <= {id(p) for p in specific["a"]} and watch <= {id(p) for p in specific["b"]}
-    assert watch.isdisjoint(id(p) for p in specific["c"])
+    watch = {
+        id(p) for p in [*model.category["watch"].parameters(), *model.meta_branches["watch"].parameters()]
+    }
+    interact = {id(p) for p in model.category["interact"].parameters()}
+    assert watch <= shared and interact <= {id(p) for p in specific["c"]}
+    assert interact.isdisjoint(id(p) for t in ("a", "b") for p in specific[t])
 
 
 @pytest.mark.parametrize("self_gate", [True, False])
@@ -107,6 +112,7 @@ def test_degradation_counts_the_tasks_that_use_a_shared_expert():
             model.task_branches[t].gate.bias.copy_(torch.tensor([bias, 0.0, 0.0]))
     model(torch.randn(8, 10))
     stats = model.routing_statistics()
+    assert stats["gate/task/a/shared0"] > 0.99
     assert stats["degradation/shared0/tasks"] == 1
     assert stats["degradation/shared0/top_share"] > 0.99
 

@@ -111,3 +111,9 @@ def test_image_models_check_their_inputs():
         mk.models.CrossStitch(1, TASKS, alpha_self=1.5)
     with pytest.raises(ConfigError, match=r"C or \(C, H, W\)"):
         mk.models.MTAN((8, 8), TASKS)
+
+
+def test_cross_stitch_single_task_forward_returns_that_tasks_representation():
+    model = mk.models.CrossStitch(1, TASKS, channels=(4, 8), out_features={"b": 10})
+    full = model(torch.randn(2, 1, 8, 8), task="c", full_output=True)
+    assert list(full.predictions) == ["c"] and list(full.representation) == ["c"]

@@ -13,7 +13,7 @@ from mtlkit.core.tasks import Task, TaskSet
 from mtlkit.errors import ConfigError, TaskError
 from mtlkit.models.base import ACTIVATIONS, MultiTaskModule, MultiTaskOutput, mlp, register
 from mtlkit.models.funnel import check_funnel_tasks
-from mtlkit.models.gating import ExpertInputs
+from mtlkit.models.gating import ExpertInputs, shared_cut
 
 
 def tower(width: int, dims: Sequence[int], activation: str, dropout: Sequence[float]) -> nn.Sequential:
@@ -74,9 +74,12 @@ class AITM(MultiTaskModule):
         calibration: the calibrator's weight alpha (0: off).
         activation: hidden activation.
 
-    Step s's tower, transfer layer and AIT are read by steps s, s+1, ... (through the transfer),
-    so they are listed under each of those tasks; the heads are each step's own. The
-    representation is the shared embedding.
+    What is shared: the embedding, and every step's tower, transfer layer and AIT but the last
+    step's (step s feeds steps s+1, ... through the transfer); the heads and the last step's
+    modules are each task's own. The representation is the embedding and the fused
+    representations of every step but the last, concatenated. Departure: one AIT module per step
+    (the official multi-step code shares one across steps; the same model for two steps), so that
+    nothing shared is read above the representation.
     """
 
     funnel = True
@@ -117,39 +120,56 @@ class AITM(MultiTaskModule):
         self.last_attention: dict[str, Tensor] = {}
 
     def shared_modules(self) -> Iterable[nn.Module]:
-        return [self.embedding]
-
-    def task_modules(self, task: str) -> Iterable[nn.Module]:
-        upto = self.task_names[: self.task_names.index(task) + 1]
-        mods: list[nn.Module] = [self.heads[task]]
-        for s in upto:
+        mods: list[nn.Module] = [self.embedding]
+        for s in self.task_names[:-1]:  # every step but the last feeds the steps after it
             mods.append(self.towers[s])
             if s in self.ait:
                 mods += [self.transfers[s], self.ait[s]]
         return mods
 
+    def task_modules(self, task: str) -> Iterable[nn.Module]:
+        mods: list[nn.Module] = [self.heads[task]]
+        if task == self.task_names[-1]:
+            mods.append(self.towers[task])
+            if task in self.ait:
+                mods += [self.transfers[task], self.ait[task]]
+        return mods
+
     def forward_tasks(self, x: Tensor, tasks: list[str]) -> MultiTaskOutput:
         self.inputs.check(x, type(self).__name__)
+        self.last_attention.clear()
         e = self.embedding(self.inputs(x)[0])
-        last = max(self.task_names.index(t) for t in tasks)
-        calibrate = self.calibration > 0 and len(tasks) == len(self.task_names)
-        logits: dict[str, Tensor] = {}
-        fused: Tensor | None = None
-        for t in self.task_names[: last + 1]:
+        names = self.task_names
+        last = max(names.index(t) for t in tasks)
+        # steps before the last one are read by every later step: they are shared, and their
+        # fused representations form the shared tensor with the embedding
+        fused: list[Tensor] = []
+        for t in names[: min(last + 1, len(names) - 1)]:
             own = self.towers[t](e)
-            if fused is None:
-                fused = own
+            if not fused:
+                fused.append(own)
             else:
-                fused, w = self.ait[t](own, self.transfers[t](fused))
+                f, w = self.ait[t](own, self.transfers[t](fused[-1]))
                 self.last_attention[t] = w.detach()
-            if t in tasks:
-                logits[t] = self.heads[t](fused)
+                fused.append(f)
+        z, views = shared_cut([e, *fused])
+        e, fused = views[0], views[1:]
+        if last == len(names) - 1:
+            t = names[-1]
+            own = self.towers[t](e)
+            if fused:
+                f, w = self.ait[t](own, self.transfers[t](fused[-1]))
+                self.last_attention[t] = w.detach()
+                fused.append(f)
+            else:
+                fused.append(own)
+        logits = {t: self.heads[t](fused[names.index(t)]) for t in tasks}
         aux = None
-        if calibrate:
-            probs = [torch.sigmoid(logits[t]) for t in self.task_names]
+        if self.calibration > 0 and self.training and len(tasks) == len(names):
+            probs = [torch.sigmoid(logits[t]) for t in names]
             gaps = torch.stack([(b - a).clamp_min(0).mean() for a, b in itertools.pairwise(probs)])
             aux = {"aitm_calibrator": self.calibration * gaps.sum()}
-        return MultiTaskOutput({t: logits[t] for t in tasks}, e, aux)
+        return MultiTaskOutput(logits, z, aux)
 
     def routing_statistics(self) -> dict[str, float]:
         """``transfer/<task>``: the mean attention weight on the transferred information."""

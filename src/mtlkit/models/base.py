@@ -97,7 +97,8 @@ class MultiTaskModule(nn.Module):
     shared representation) and names its modules (:meth:`shared_modules`, :meth:`task_modules`).
     """
 
-    #: whether the tasks must be the ordered binary steps of a conversion funnel (ESMM, AITM)
+    #: whether the tasks must be the ordered binary steps of a conversion funnel (ESMM, AITM);
+    #: the registry-driven tests read it to build suitable tasks
     funnel: ClassVar[bool] = False
 
     def __init__(self, tasks: TaskSet | Sequence[Task] | Sequence[str]) -> None:

@@ -50,8 +50,10 @@ class CrossStitch(MultiTaskModule):
     The paper trains the alphas with a larger learning rate than the columns;
     :meth:`cross_stitch_parameters` returns them for an optimiser parameter group.
 
-    What is shared: every column below the last unit, and the alphas, reach every task's loss
-    (through the mixing); each column's last stage and head are its task's own. The
+    What is shared: every column below the last unit reaches every task's loss through the
+    mixing, and so do the alphas below the last unit; the last unit's row t reaches task t only,
+    but the unit is one tensor and is counted as shared. Each column's last stage and head are
+    its task's own. The
     representation is per task: the mixed features a column's last stage reads. With alpha = I
     the columns are independent and a task's loss has exactly zero gradient on other columns.
 
@@ -115,11 +117,10 @@ class CrossStitch(MultiTaskModule):
         names = self.task_names
         h = torch.stack([self.column(t)[0](x) for t in names])  # (T, B, C, H, W)
         for stage, alpha in enumerate(self.alphas):
-            # per pair: (T, T) -> one weight per column; per channel: (T, T, C)
-            a = alpha[:, :, None, :, None, None] if alpha.dim() == 3 else alpha[:, :, None, None, None, None]
-            h = (a * h[None]).sum(1)
+            # per pair: (T, T), one weight per column; per channel: (T, T, C)
+            h = torch.einsum("tsc,sbchw->tbchw" if alpha.dim() == 3 else "ts,sbchw->tbchw", alpha, h)
             if stage + 1 < len(self.alphas):
                 h = torch.stack([self.column(t)[stage + 1](h[i]) for i, t in enumerate(names)])
-        mixed = {t: h[names.index(t)] for t in names}
+        mixed = {t: h[names.index(t)] for t in tasks}
         out = {t: self.heads[t](self.column(t)[-1](mixed[t])) for t in tasks}
         return MultiTaskOutput(out, mixed)

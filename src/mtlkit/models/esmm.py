@@ -10,7 +10,7 @@ from mtlkit.core.tasks import Task, TaskSet
 from mtlkit.errors import TaskError
 from mtlkit.models.base import MultiTaskModule, MultiTaskOutput, mlp, register
 from mtlkit.models.funnel import check_funnel_tasks, product_logit
-from mtlkit.models.gating import ExpertInputs
+from mtlkit.models.gating import ExpertInputs, shared_cut
 
 
 @register("esmm")
@@ -37,8 +37,9 @@ class ESMM(MultiTaskModule):
             use [16, 8]).
         activation, dropout, batch_norm: layer options.
 
-    The CTR tower is read by both tasks (CTCVR multiplies pCTR in), so it is listed under both;
-    the CVR tower belongs to CTCVR. The representation is the shared embedding.
+    What is shared: the embedding and the CTR tower (CTCVR multiplies pCTR in, so both tasks read
+    it); the CVR tower is CTCVR's own. The representation is the embedding and the CTR logit,
+    concatenated.
     """
 
     funnel = True
@@ -66,21 +67,22 @@ class ESMM(MultiTaskModule):
         self.click, self.conversion = self.task_names
 
     def shared_modules(self) -> Iterable[nn.Module]:
-        return [self.embedding]
+        return [self.embedding, self.ctr_tower]
 
     def task_modules(self, task: str) -> Iterable[nn.Module]:
-        return [self.ctr_tower] if task == self.click else [self.ctr_tower, self.cvr_tower]
+        return [self.cvr_tower] if task == self.conversion else []
 
     def forward_tasks(self, x: Tensor, tasks: list[str]) -> MultiTaskOutput:
         self.inputs.check(x, type(self).__name__)
         e = self.embedding(self.inputs(x)[0])
-        a = self.ctr_tower(e)
+        # the CTR logit is read by both tasks: it is part of the shared representation
+        z, (e, a) = shared_cut([e, self.ctr_tower(e)])
         out = {}
         if self.click in tasks:
             out[self.click] = a
         if self.conversion in tasks:
             out[self.conversion] = product_logit(a, self.cvr_tower(e))
-        return MultiTaskOutput(out, e)
+        return MultiTaskOutput(out, z)
 
     def conversion_rate(self, x: Tensor) -> Tensor:
         """The post-click conversion logit ``b`` (``sigmoid(b)`` = pCVR)."""

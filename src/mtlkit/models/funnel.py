@@ -41,11 +41,9 @@ def check_funnel_tasks(
 
 
 def product_logit(a: Tensor, b: Tensor) -> Tensor:
-    """``logit(sigmoid(a) * sigmoid(b))`` computed in log space: ``log p = logsigmoid(a) +
-    logsigmoid(b)`` and ``log(1 - p)`` by the stable ``log1mexp``. Clamped just below p = 1 so
-    the logit stays finite."""
-    log_p = (F.logsigmoid(a) + F.logsigmoid(b)).clamp(max=-1e-12)
-    log_1mp = torch.where(
-        log_p > -0.6931471805599453, torch.log(-torch.expm1(log_p)), torch.log1p(-torch.exp(log_p))
-    )
-    return log_p - log_1mp
+    """``logit(sigmoid(a) * sigmoid(b))`` in log space, exact and finite for any logits:
+    ``log p = logsigmoid(a) + logsigmoid(b)`` and, since ``1 - p = sigmoid(-a) + sigmoid(a)
+    sigmoid(-b)``, ``log(1 - p) = logaddexp(logsigmoid(-a), logsigmoid(a) + logsigmoid(-b))``."""
+    log_a, log_b = F.logsigmoid(a), F.logsigmoid(b)
+    log_1mp = torch.logaddexp(F.logsigmoid(-a), log_a + F.logsigmoid(-b))
+    return log_a + log_b - log_1mp

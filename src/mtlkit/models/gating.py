@@ -94,8 +94,8 @@ def shared_cut(parts: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
     if len(parts) == 1:
         return parts[0], [parts[0]]
     batch = parts[0].shape[0]
-    sizes = [p[0].numel() for p in parts]
-    z = torch.cat([p.reshape(batch, -1) for p in parts], dim=1)
+    sizes = [math.prod(p.shape[1:]) for p in parts]
+    z = torch.cat([p.reshape(batch, n) for p, n in zip(parts, sizes, strict=True)], dim=1)
     views = [v.view(p.shape) for v, p in zip(torch.split(z, sizes, dim=1), parts, strict=True)]
     return z, views
 

@@ -138,9 +138,15 @@ class HoME(MultiTaskModule):
         normalised_experts: ``False`` gives ReLU experts without BatchNorm (the ablation).
         task_gate_input: ``"branch"`` (m_cat(t)) or ``"input"`` (v).
 
-    The representation is one tensor: the meta experts' and the task-level shared experts'
-    outputs (flattened and concatenated); category- and task-level parameters are above it.
-    Category parameters are listed under every task of their category.
+    What is shared: the meta level, the global branch and the task-level shared experts reach
+    every task; a category's branch and experts reach the tasks of that category, so they are
+    shared when it holds several tasks (the method combines those tasks' gradients on them) and
+    its one task's own otherwise. The representation is one tensor (flattened and concatenated):
+    the meta experts' outputs, the task-level shared experts' outputs, and each shared category's
+    m_c and expert outputs; everything above it is one task's own.
+
+    Each expert has a BatchNorm, so training needs batches of two or more (``drop_last=True``
+    avoids a last batch of one).
     """
 
     def __init__(
@@ -208,7 +214,12 @@ class HoME(MultiTaskModule):
                 for c in self.category_names
             }
         )
-        self.meta_global = Branch(d, num_meta_shared + C * num_meta_category, num_meta_shared, self_gate)
+        # the global meta branch feeds only the task-level shared experts
+        self.meta_global = (
+            Branch(d, num_meta_shared + C * num_meta_category, num_meta_shared, self_gate)
+            if num_shared
+            else None
+        )
         self.meta_branches = nn.ModuleDict(
             {
                 c: Branch(d, num_meta_shared + num_meta_category, num_meta_category, self_gate)
@@ -234,21 +245,34 @@ class HoME(MultiTaskModule):
             {t: mlp(h, tower_dims, activation, dropout, out_features=outs[t]) for t in self.task_names}
         )
         self.last_gates: dict[str, Tensor] = {}
+        self._meta_gates: dict[str, Tensor] = {}  # per category
+        self._global_gate: Tensor | None = None
         self._last_outputs: dict[str, Tensor] = {}
 
     # -- the parameter split ------------------------------------------------------------------
+    def members(self, category: str) -> list[str]:
+        """The tasks of ``category``."""
+        return [t for t in self.task_names if self.categories[t] == category]
+
+    def shared_category(self, category: str) -> bool:
+        """A category of several tasks is shared: its branch and experts reach each of them."""
+        return len(self.members(category)) > 1
+
     def shared_modules(self) -> Iterable[nn.Module]:
-        return [self.meta_shared, self.meta_category, self.meta_global, self.shared]
+        mods: list[nn.Module] = [self.meta_shared, self.meta_category, self.shared]
+        if self.meta_global is not None:
+            mods.append(self.meta_global)
+        for c in self.category_names:
+            if self.shared_category(c):
+                mods += [self.meta_branches[c], self.category[c]]
+        return mods
 
     def task_modules(self, task: str) -> Iterable[nn.Module]:
         c = self.categories[task]
-        return [
-            self.meta_branches[c],
-            self.category[c],
-            self.task_experts[task],
-            self.task_branches[task],
-            self.towers[task],
-        ]
+        mods = [self.task_experts[task], self.task_branches[task], self.towers[task]]
+        if not self.shared_category(c):
+            mods += [self.meta_branches[c], self.category[c]]
+        return mods
 
     def last_shared_layers(self) -> list[nn.Module]:
         experts = list(self.shared) or list(self.meta_shared)
@@ -258,80 +282,105 @@ class HoME(MultiTaskModule):
         return cast(nn.ModuleList, sets[key])
 
     # -- forward ------------------------------------------------------------------------------
+    def _category(self, c: str, v: Tensor, meta: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Category c's meta branch output m_c and its task-level experts' outputs."""
+        n_ms, n_mc = self.counts["meta_shared"], self.counts["meta_category"]
+        start = n_ms + self.category_names.index(c) * n_mc
+        own = meta[:, start : start + n_mc]
+        visible = torch.cat([meta[:, :n_ms], own], dim=1)
+        m_c, gate = self.meta_branches[c](v, visible, own if n_mc else None)
+        self._meta_gates[c] = gate.detach()
+        experts = [e(m_c) for e in self._experts(self.category, c)]
+        self._last_outputs.update((f"category_{c}{i}", o.detach()) for i, o in enumerate(experts))
+        return m_c, (torch.stack(experts, dim=1) if experts else None)
+
     def forward_tasks(self, x: Tensor, tasks: list[str]) -> MultiTaskOutput:
         self.inputs.check(x, type(self).__name__)
         v, _ = self.inputs(x)
         record = self._last_outputs
         record.clear()
+        self.last_gates.clear()
+        self._meta_gates.clear()
+        self._global_gate = None
         meta_names = [f"meta_shared{i}" for i in range(len(self.meta_shared))]
         meta_outs = [e(v) for e in self.meta_shared]
         for c in self.category_names:
             meta_names += [f"meta_{c}{i}" for i in range(self.counts["meta_category"])]
             meta_outs += [e(v) for e in self._experts(self.meta_category, c)]
-        meta = torch.stack(meta_outs, dim=1)  # (B, n_meta, h)
-        n_ms = len(self.meta_shared)
-        m_s, gate = self.meta_global(v, meta, meta[:, :n_ms] if n_ms else None)
-        self.last_gates["meta_global"] = gate.detach()
-        shared = torch.stack([e(m_s) for e in self.shared], dim=1) if len(self.shared) else None
-        parts = [meta] + ([shared] if shared is not None else [])
-        z, views = shared_cut(parts)
-        meta = views[0]
-        shared = views[1] if shared is not None else None
         record.update((n, o.detach()) for n, o in zip(meta_names, meta_outs, strict=True))
-        offsets, start = {}, n_ms
-        for c in self.category_names:
-            offsets[c] = start
-            start += self.counts["meta_category"]
-        n_mc = self.counts["meta_category"]
-        m: dict[str, Tensor] = {}
-        cat_outs: dict[str, Tensor | None] = {}
-        for c in dict.fromkeys(self.categories[t] for t in tasks):
-            own = meta[:, offsets[c] : offsets[c] + n_mc]
-            visible = torch.cat([meta[:, :n_ms], own], dim=1)
-            m[c], gate = self.meta_branches[c](v, visible, own if n_mc else None)
-            self.last_gates[f"meta_{c}"] = gate.detach()
-            experts = [e(m[c]) for e in self._experts(self.category, c)]
-            record.update((f"category_{c}{i}", o.detach()) for i, o in enumerate(experts))
-            cat_outs[c] = torch.stack(experts, dim=1) if experts else None
+        meta = torch.stack(meta_outs, dim=1)  # (B, n_meta, h)
+        n_ms = self.counts["meta_shared"]
+        parts = [meta]
+        shared: Tensor | None = None
+        if self.meta_global is not None:
+            m_s, gate = self.meta_global(v, meta, meta[:, :n_ms] if n_ms else None)
+            self._global_gate = gate.detach()
+            shared = torch.stack([e(m_s) for e in self.shared], dim=1)
+            parts.append(shared)
+        # below the representation: everything several tasks read (shared categories included)
+        needed = list(dict.fromkeys(self.categories[t] for t in tasks))
+        below = [c for c in needed if self.shared_category(c)]
+        branch: dict[str, tuple[Tensor, Tensor | None]] = {c: self._category(c, v, meta) for c in below}
+        for c in below:
+            m_c, experts = branch[c]
+            parts += [m_c] + ([experts] if experts is not None else [])
+        z, views = shared_cut(parts)
+        meta, rest = views[0], views[1:]
+        if shared is not None:
+            shared, rest = rest[0], rest[1:]
+        for c in below:  # the task branches read views of the cut
+            experts = branch[c][1]
+            branch[c] = (rest[0], rest[1] if experts is not None else None)
+            rest = rest[2:] if experts is not None else rest[1:]
+        for c in needed:
+            if c not in branch:  # a one-task category: above the representation
+                branch[c] = self._category(c, v, meta)
         if shared is not None:
             record.update((f"shared{i}", shared[:, i].detach()) for i in range(shared.shape[1]))
         out = {}
         for t in tasks:
-            c = self.categories[t]
-            own_list = [e(m[c]) for e in self._experts(self.task_experts, t)]
+            m_c, cat_out = branch[self.categories[t]]
+            own_list = [e(m_c) for e in self._experts(self.task_experts, t)]
             record.update((f"{t}{i}", o.detach()) for i, o in enumerate(own_list))
             mine = torch.stack(own_list, dim=1) if own_list else None
-            visible = torch.cat([s for s in (shared, cat_outs[c], mine) if s is not None], dim=1)
-            u = m[c] if self.task_gate_input == "branch" else v
+            visible = torch.cat([s for s in (shared, cat_out, mine) if s is not None], dim=1)
+            u = m_c if self.task_gate_input == "branch" else v
             zt, gate = self.task_branches[t](u, visible, mine)
             self.last_gates[t] = gate.detach()
             out[t] = self.towers[t](zt)
         return MultiTaskOutput(out, z)
 
     # -- diagnostics ----------------------------------------------------------------------------
-    def gate_expert_names(self, key: str) -> list[str]:
-        """The experts a gate's weights refer to, in order."""
-        n_ms, n_mc = self.counts["meta_shared"], self.counts["meta_category"]
-        meta_shared = [f"meta_shared{i}" for i in range(n_ms)]
-        if key == "meta_global":
-            return meta_shared + [f"meta_{c}{i}" for c in self.category_names for i in range(n_mc)]
-        if key.startswith("meta_"):
-            c = key.removeprefix("meta_")
-            return meta_shared + [f"meta_{c}{i}" for i in range(n_mc)]
-        c = self.categories[key]
+    def gate_expert_names(self, task: str) -> list[str]:
+        """The experts task ``task``'s gate weights refer to, in order."""
+        c = self.categories[task]
         return (
             [f"shared{i}" for i in range(self.counts["shared"])]
             + [f"category_{c}{i}" for i in range(self.counts["category"])]
-            + [f"{key}{i}" for i in range(self.counts["task"])]
+            + [f"{task}{i}" for i in range(self.counts["task"])]
         )
 
     def routing_statistics(self) -> dict[str, float]:
         """Gate statistics, and HoME's three anomalies (see the class docstring)."""
-        names = {key: self.gate_expert_names(key) for key in self.last_gates}
-        stats = softmax_gate_statistics(self.last_gates, names)
+        n_ms, n_mc = self.counts["meta_shared"], self.counts["meta_category"]
+        meta_shared = [f"meta_shared{i}" for i in range(n_ms)]
+        names: dict[str, list[str]] = {}
+        gates: dict[str, Tensor] = {}
+        for c, g in self._meta_gates.items():
+            gates[f"meta/{c}"] = g
+            names[f"meta/{c}"] = meta_shared + [f"meta_{c}{i}" for i in range(n_mc)]
+        if self._global_gate is not None:  # (a category named "global" shares its log names)
+            gates["meta/global"] = self._global_gate
+            names["meta/global"] = meta_shared + [
+                f"meta_{c}{i}" for c in self.category_names for i in range(n_mc)
+            ]
+        for t, g in self.last_gates.items():
+            gates[f"task/{t}"] = g
+            names[f"task/{t}"] = self.gate_expert_names(t)
+        stats = softmax_gate_statistics(gates, names)
         stats.update(zero_fraction(self._last_outputs.items()))
         n_s, n_c = self.counts["shared"], self.counts["category"]
-        tasks = [t for t in self.task_names if t in self.last_gates]
+        tasks = list(self.last_gates)
         means = {
             t: self.last_gates[t].double().reshape(-1, self.last_gates[t].shape[-1]).mean(0) for t in tasks
         }
@@ -340,11 +389,12 @@ class HoME(MultiTaskModule):
             stats[f"underfitting/{t}/shared"] = float(g[:n_s].sum())
             stats[f"underfitting/{t}/category"] = float(g[n_s : n_s + n_c].sum())
             stats[f"underfitting/{t}/own"] = float(g[n_s + n_c :].sum())
-        for i in range(n_s):
-            shares = torch.stack([means[t][i] for t in tasks]) if tasks else torch.zeros(0)
-            if not len(shares):
-                continue
+        if tasks:
             uniform = 0.5 / means[tasks[0]].numel()
-            stats[f"degradation/shared{i}/tasks"] = float((shares >= uniform).sum())
-            stats[f"degradation/shared{i}/top_share"] = float(shares.max() / shares.sum().clamp_min(1e-300))
+            for i in range(n_s):
+                shares = torch.stack([means[t][i] for t in tasks])
+                stats[f"degradation/shared{i}/tasks"] = float((shares >= uniform).sum())
+                stats[f"degradation/shared{i}/top_share"] = float(
+                    shares.max() / shares.sum().clamp_min(1e-300)
+                )
         return stats

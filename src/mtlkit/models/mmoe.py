@@ -118,6 +118,7 @@ class MMoE(MultiTaskModule):
             z = experts
         aux: dict[str, Tensor] = {}
         mixed = {}
+        self.last_gates.clear()
         for t in tasks:
             gate = self._gate(t, gate_in, aux)
             self.last_gates[t] = gate.detach()

@@ -63,7 +63,8 @@ class MTAN(MultiTaskModule):
     prediction (NYUv2, CityScapes) with attention in the decoder too; this is the encoder half on
     a small convolutional backbone (three stages of two conv blocks by default) with pooled heads,
     for image-level tasks (MultiMNIST, Multi-Fashion). The attention modules, their inputs and
-    the shared attention-side blocks are as in the official encoder.
+    the shared attention-side blocks are as in the official encoder, except that the last stage's
+    task features are max-pooled too (the official encoder does not pool after its last stage).
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class MTAN(MultiTaskModule):
         self.heads = nn.ModuleDict(
             {t: pooled_head(nxt[-1], tower_dims, outs[t], activation) for t in self.task_names}
         )
+        #: per task, the mean attention mask of every stage in the last forward
         self.last_masks: dict[str, list[Tensor]] = {}
 
     def shared_modules(self) -> Iterable[nn.Module]:
@@ -117,13 +119,14 @@ class MTAN(MultiTaskModule):
             stages.append((p, q))
             h = self.pool(q)
         features = {}
+        self.last_masks.clear()
         for t in tasks:
             f: Tensor | None = None
             masks = []
             attention = cast(nn.ModuleList, self.attention[t])
             for j, (p, q) in enumerate(stages):
                 mask = attention[j](p if f is None else torch.cat([p, f], dim=1))
-                masks.append(mask.detach())
+                masks.append(mask.detach().mean())
                 f = self.pool(self.attention_blocks[j](mask * q))
             assert f is not None
             features[t] = f

@@ -176,7 +176,10 @@ class PLE(MultiTaskModule):
                 for t in self.task_names
             }
         )
+        #: the last level's gate weights per task (B, own + shared experts), from the last forward
         self.last_gates: dict[str, Tensor] = {}
+        #: per level below the last: the task gates' and the shared gate's weights
+        self._lower_gates: list[tuple[dict[str, Tensor], Tensor]] = []
 
     def level(self, j: int) -> ExtractionLevel:
         return cast(ExtractionLevel, self.levels[j])
@@ -209,6 +212,8 @@ class PLE(MultiTaskModule):
     # -- forward ------------------------------------------------------------------------------
     def forward_tasks(self, x: Tensor, tasks: list[str]) -> MultiTaskOutput:
         self.inputs.check(x, type(self).__name__)
+        self.last_gates.clear()
+        self._lower_gates.clear()
         expert_in, gate_in = self.inputs(x)
         task_in = dict.fromkeys(self.task_names, expert_in)
         task_gate_in = dict.fromkeys(self.task_names, gate_in)
@@ -222,13 +227,14 @@ class PLE(MultiTaskModule):
             # feeds only the tasks' own last level)
             gated = self.task_names if j < last - 1 else tasks
             outs = {}
+            task_gates: dict[str, Tensor] = {}
             for t in gated:
                 outs[t], gate = mix(level.gate_of(t)(task_gate_in[t]), self._cat(own[t], shared))
-                self.last_gates[f"level{j + 1}/{t}"] = gate.detach()
+                task_gates[t] = gate.detach()
             every = self._cat(*[own[t] for t in self.task_names], shared)
             assert level.shared_gate is not None
             shared_in, gate = mix(level.shared_gate(shared_gate_in), every)
-            self.last_gates[f"level{j + 1}/shared"] = gate.detach()
+            self._lower_gates.append((task_gates, gate.detach()))
             task_in = task_gate_in = outs
             shared_gate_in = shared_in
         level = self.level(last)
@@ -240,7 +246,7 @@ class PLE(MultiTaskModule):
         for t in tasks:
             mine = self._stack(level.experts_of(t), task_in[t])
             mixed[t], gate = mix(level.gate_of(t)(task_gate_in[t]), self._cat(mine, shared))
-            self.last_gates[f"level{last + 1}/{t}" if self.num_levels > 1 else t] = gate.detach()
+            self.last_gates[t] = gate.detach()
         rep: Tensor | dict[str, Tensor] | None = dict(mixed) if self.representation == "per_task" else z
         return MultiTaskOutput({t: self.towers[t](mixed[t]) for t in tasks}, rep)
 
@@ -281,17 +287,35 @@ class PLE(MultiTaskModule):
         return torch.cat([s for s in stacks if s is not None], dim=1)
 
     def routing_statistics(self) -> dict[str, float]:
-        names: dict[str, list[str]] = {}
+        """Gate statistics per task gate (``gate/<task>/...``; with several levels
+        ``gate/level<j>/<task>/...`` and ``gate/level<j>/shared/...`` for the shared gates)."""
         shared = [f"shared{i}" for i in range(self.num_shared_experts)]
-        for key in self.last_gates:
-            task = key.rsplit("/", 1)[-1]
-            if task == "shared":
-                names[key] = [
-                    f"{t}{i}" for t in self.task_names for i in range(self.num_task_experts[t])
-                ] + shared
-            else:
-                names[key] = [f"{task}{i}" for i in range(self.num_task_experts[task])] + shared
-        return softmax_gate_statistics(self.last_gates, names)
+
+        def own(task: str) -> list[str]:
+            return [f"{task}{i}" for i in range(self.num_task_experts[task])] + shared
+
+        every = [f"{t}{i}" for t in self.task_names for i in range(self.num_task_experts[t])] + shared
+        stats: dict[str, float] = {}
+        for j, (task_gates, shared_gate) in enumerate(self._lower_gates):
+            stats.update(
+                softmax_gate_statistics(
+                    {f"level{j + 1}/{t}": g for t, g in task_gates.items()},
+                    {f"level{j + 1}/{t}": own(t) for t in task_gates},
+                )
+            )
+            stats.update(
+                softmax_gate_statistics(
+                    {f"level{j + 1}/shared": shared_gate}, {f"level{j + 1}/shared": every}
+                )
+            )
+        prefix = f"level{self.num_levels}/" if self.num_levels > 1 else ""
+        stats.update(
+            softmax_gate_statistics(
+                {f"{prefix}{t}": g for t, g in self.last_gates.items()},
+                {f"{prefix}{t}": own(t) for t in self.last_gates},
+            )
+        )
+        return stats
 
 
 @register("cgc")

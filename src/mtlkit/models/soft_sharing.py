@@ -58,8 +58,8 @@ class SoftSharing(MultiTaskModule):
         coupled: ``"hidden"`` (every layer but the output layer; the default, since outputs may
             differ in size) or ``"all"`` (every ``Linear``; outputs must have one size).
 
-    The penalty is returned as the auxiliary loss ``soft_sharing`` (the method adds it with
-    weight 1). Nothing is shared in the contract's sense: every network is its task's own, so a
+    The penalty is returned as the auxiliary loss ``soft_sharing`` in training mode (the method
+    adds it with weight 1). Nothing is shared in the contract's sense: every network is its task's own, so a
     gradient method has nothing to combine and each network gets its own gradient. The
     representation is per task, each network's last hidden layer.
     """
@@ -123,6 +123,6 @@ class SoftSharing(MultiTaskModule):
         out = {t: self.outputs[t](hidden[t]) for t in tasks}
         aux = None
         groups = self.coupled_groups()
-        if self.strength > 0 and groups and len(self.task_names) > 1:
+        if self.training and self.strength > 0 and groups and len(self.task_names) > 1:
             aux = {"soft_sharing": self.strength * coupling_penalty(groups, self.penalty)}
         return MultiTaskOutput(out, hidden if self.bodies[tasks[0]] else None, aux)
