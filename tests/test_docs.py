@@ -78,3 +78,11 @@ def test_every_model_is_in_the_architecture_table_and_the_example_runs():
         assert f"| `{name}` |" in table, name
     code = re.findall(r"```python\n(.*?)```", text, re.S)[0]
     exec(compile(code, "docs/architectures.md", "exec"), {})
+
+
+def test_every_merging_method_is_in_the_merging_table_and_the_example_runs():
+    text = (DOCS / "merging.md").read_text()
+    for name in mk.merging.available():
+        assert f"| `{name}` |" in text, name
+    code = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    exec(compile(code, "docs/merging.md", "exec"), {})

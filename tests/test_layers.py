@@ -14,6 +14,7 @@ LAYER = {
     "data": 1,
     "metrics": 1,
     "train": 2,
+    "merging": 2,
     "cli": 3,
 }
 

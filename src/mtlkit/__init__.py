@@ -5,7 +5,7 @@
 >>> method = mk.methods.create("mgda")
 """
 
-from mtlkit import data, errors, methods, metrics, models, train
+from mtlkit import data, errors, merging, methods, metrics, models, train
 from mtlkit.core.contract import MultiTaskOutput
 from mtlkit.core.engine import GradientEngine
 from mtlkit.core.tasks import Batch, Task, TaskLosses, TaskSet
@@ -24,6 +24,7 @@ __all__ = [
     "__version__",
     "data",
     "errors",
+    "merging",
     "methods",
     "metrics",
     "models",

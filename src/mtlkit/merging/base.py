@@ -1,0 +1,94 @@
+"""The merging-method contract: what a method needs, at which granularity it works, and the
+per-tensor (or whole-model) computation it implements."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from mtlkit.core.registry import Registry
+from mtlkit.errors import ConfigError
+
+MERGERS: Registry[Merger] = Registry("merging method")
+register = MERGERS.register
+
+#: what a method may need beyond the weights
+REQUIREMENTS = ("activations", "fisher", "unlabeled_batches")
+#: the dtype every merge computes in (float32 inputs then give exact identities, e.g. theta_0 + tau)
+COMPUTE_DTYPE = torch.float64
+
+#: ``load(name) -> tensor`` of one model, for methods that look at the whole model first
+Loader = Callable[[str], Tensor]
+
+
+class Merger:
+    """Base class of merging methods.
+
+    A subclass sets ``requires`` (data beyond the weights; none for data-free methods),
+    ``granularity`` (``"tensor"``: each tensor is merged from the same tensor of every model, so
+    the merge streams one tensor at a time; ``"model"``: a first pass over the whole model is
+    needed, e.g. TIES's global trim), ``uses_pretrained``, and implements :meth:`merge_tensor`
+    (and :meth:`prepare` for model granularity). Tensors arrive in float64 on the CPU.
+    """
+
+    requires: ClassVar[frozenset[str]] = frozenset()
+    uses_pretrained: ClassVar[bool] = True
+
+    @property
+    def granularity(self) -> str:
+        """``"tensor"`` (streams one tensor at a time) or ``"model"`` (a pass over the model first)."""
+        return "tensor"
+
+    def params(self) -> dict[str, Any]:
+        """The method's settings, for the result and its model card."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def prepare(self, names: Sequence[str], pretrained: Loader | None, experts: Sequence[Loader]) -> None:
+        """A pass over the merged tensors before :meth:`merge_tensor` (model granularity)."""
+
+    def merge_tensor(self, name: str, pretrained: Tensor | None, experts: Sequence[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+
+def check_weights(weights: Sequence[float] | None, count: int, method: str) -> list[float]:
+    """Per-expert weights: given (one per expert, finite) or all 1."""
+    if weights is None:
+        return [1.0] * count
+    out = [float(w) for w in weights]
+    if len(out) != count:
+        raise ConfigError(f"{method}: {len(out)} weights for {count} experts.")
+    if not all(abs(w) < float("inf") for w in out):
+        raise ConfigError(f"{method}: weights must be finite, got {out}.")
+    return out
+
+
+def check_fraction(value: float, what: str, method: str, low_open: bool = False) -> float:
+    v = float(value)
+    ok = (0.0 < v <= 1.0) if low_open else (0.0 <= v <= 1.0)
+    if not ok:
+        interval = "(0, 1]" if low_open else "[0, 1]"
+        raise ConfigError(f"{method}: {what} must be in {interval}, got {value}.")
+    return v
+
+
+def tensor_seed(seed: int, name: str, index: int) -> int:
+    """A seed for tensor ``name`` of expert ``index``: random choices do not depend on the order
+    in which tensors are processed (streamed or in memory give the same result)."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode()) * 131 + index) % (2**63 - 1)
+
+
+__all__ = [
+    "COMPUTE_DTYPE",
+    "MERGERS",
+    "REQUIREMENTS",
+    "Loader",
+    "Merger",
+    "check_fraction",
+    "check_weights",
+    "register",
+    "tensor_seed",
+]

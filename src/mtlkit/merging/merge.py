@@ -1,0 +1,226 @@
+"""``merge(pretrained, experts, method)``: checks the models against each other, then merges
+tensor by tensor (data-free per-tensor methods hold about experts + 2 tensors at a time)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mtlkit.errors import ConfigError, NonFiniteLossError, ShapeMismatchError
+from mtlkit.merging.base import COMPUTE_DTYPE, MERGERS, Merger
+from mtlkit.merging.sources import TensorSource, is_batchnorm_statistic, is_mergeable, open_source
+
+BATCHNORM_RULES = ("merge", "average", "pretrained")
+
+
+@dataclass
+class MergeResult:
+    """A merged model's tensors and how they were made.
+
+    Attributes:
+        state_dict: the merged tensors (tied weights share one tensor, as in the sources).
+        method: the registry name of the method; ``params`` its settings.
+        experts: the experts' names, in order; ``pretrained``: whether one was used.
+        notes: what the merge did beyond the method (copied integer tensors, BatchNorm rule).
+        seconds: wall time of the merge.
+    """
+
+    state_dict: dict[str, Tensor]
+    method: str
+    params: dict[str, Any]
+    experts: list[str]
+    pretrained: bool
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def load_into(self, model: nn.Module, strict: bool = True) -> nn.Module:
+        """Load the merged tensors into ``model`` (an instance of the experts' architecture)."""
+        model.load_state_dict(self.state_dict, strict=strict)
+        return model
+
+
+def _check_finite(t: Tensor, name: str, where: str) -> None:
+    if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
+        raise NonFiniteLossError(
+            f"Tensor {name!r} in {where} has NaN or infinite values; nothing was merged."
+        )
+
+
+def _check_compatible(names: list[str], base: TensorSource | None, experts: list[TensorSource]) -> None:
+    """Same keys, shapes and dtypes everywhere, before anything is computed."""
+    reference = base if base is not None else experts[0]
+    ref_keys = set(reference.keys())
+    for src in [*experts, *([] if base is None else [base])]:
+        keys = set(src.keys())
+        if keys != ref_keys:
+            missing, extra = sorted(ref_keys - keys), sorted(keys - ref_keys)
+            raise ShapeMismatchError(
+                f"{src.label} does not match {reference.label}: missing tensors {missing[:5]}, "
+                f"unexpected tensors {extra[:5]}."
+            )
+    for name in names:
+        shape, dtype = reference.shape(name), reference.dtype(name)
+        for src in experts:
+            if src.shape(name) != shape:
+                raise ShapeMismatchError(
+                    f"Tensor {name!r} has shape {src.shape(name)} in {src.where(name)} but {shape} in "
+                    f"{reference.where(name)}: the models do not share one architecture."
+                )
+            if torch.is_floating_point(torch.empty((), dtype=src.dtype(name))) != torch.is_floating_point(
+                torch.empty((), dtype=dtype)
+            ):
+                raise ShapeMismatchError(
+                    f"Tensor {name!r} is floating in one model and not in another ({src.where(name)})."
+                )
+
+
+def merge(
+    pretrained: Any,
+    experts: Mapping[str, Any],
+    method: str | Merger = "task_arithmetic",
+    *,
+    batchnorm: str = "merge",
+    **options: Any,
+) -> MergeResult:
+    """Merge ``experts`` (``{name: model, state dict, safetensors file or shard folder}``) that were
+    fine-tuned from ``pretrained`` (same kinds; ``None`` for methods that do not use it).
+
+    Args:
+        method: a registry name (``mk.merging.available()``) with its ``options``, or a
+            :class:`Merger` instance.
+        batchnorm: what happens to normalisation running statistics (``running_mean``,
+            ``running_var``): ``"merge"`` (the method treats them as any tensor), ``"average"``
+            (their plain mean) or ``"pretrained"`` (kept from the pretrained model). None of these
+            is right in general; recompute them on data after merging when the experts have
+            BatchNorm (:func:`mtlkit.merging.recalibrate_batchnorm`).
+
+    Floating tensors are merged in float64 and cast back to the pretrained (else the first
+    expert's) dtype; integer and boolean tensors are copied from the pretrained model (else the
+    first expert); tensors tied in the sources are merged once and stay tied. Differing keys,
+    shapes or kinds and non-finite values raise before anything is returned.
+    """
+    start = time.perf_counter()
+    if batchnorm not in BATCHNORM_RULES:
+        raise ConfigError(f"batchnorm must be one of {BATCHNORM_RULES}, got {batchnorm!r}.")
+    if isinstance(method, Merger):
+        if options:
+            raise ConfigError("Pass options to the method's constructor when giving a Merger instance.")
+        merger, method_name = method, type(method).__name__
+    else:
+        merger, method_name = MERGERS.create(method, **options), MERGERS.normalise(method)
+    if not experts:
+        raise ConfigError("merge needs at least one expert.")
+    if merger.requires:
+        raise ConfigError(
+            f"{method_name} needs {sorted(merger.requires)}, which this entry point does not take yet."
+        )
+    sources = [open_source(obj, f"expert {name!r}") for name, obj in experts.items()]
+    base = open_source(pretrained, "the pretrained model") if pretrained is not None else None
+    if base is None and merger.uses_pretrained:
+        raise ConfigError(f"{method_name} works on task vectors: give the pretrained model.")
+    reference = base if base is not None else sources[0]
+    names = reference.keys()
+    _check_compatible(names, base, sources)
+    aliases = reference.aliases()
+    kinds = {n: is_mergeable(torch.empty((), dtype=reference.dtype(n))) for n in names}
+    merged_names = [
+        n
+        for n in names
+        if kinds[n] and n not in aliases and not (batchnorm != "merge" and is_batchnorm_statistic(n))
+    ]
+
+    def loader(src: TensorSource) -> Any:
+        return lambda n: src.load(n)
+
+    if merger.granularity == "model":
+        merger.prepare(merged_names, loader(base) if base is not None else None, [loader(s) for s in sources])
+    out: dict[str, Tensor] = {}
+    notes = []
+    for name in names:
+        if name in aliases:
+            continue
+        ref = reference.load(name)
+        if not kinds[name]:
+            out[name] = ref.clone()
+            continue
+        tensors = [s.load(name) for s in sources]
+        for t, s in zip(tensors, sources, strict=True):
+            _check_finite(t, name, s.where(name))
+        if base is not None:
+            _check_finite(ref, name, base.where(name))
+        if batchnorm != "merge" and is_batchnorm_statistic(name):
+            value = (
+                ref
+                if batchnorm == "pretrained" and base is not None
+                else torch.stack([t.to(COMPUTE_DTYPE) for t in tensors]).mean(0)
+            )
+            out[name] = value.to(ref.dtype).clone()
+            continue
+        merged = merger.merge_tensor(
+            name,
+            ref.to(COMPUTE_DTYPE) if base is not None else None,
+            [t.to(COMPUTE_DTYPE) for t in tensors],
+        )
+        if not bool(torch.isfinite(merged).all()):
+            raise NonFiniteLossError(
+                f"{method_name} produced non-finite values for {name!r}; nothing was merged."
+            )
+        out[name] = merged.to(ref.dtype)
+    for name, first in aliases.items():
+        out[name] = out[first]
+    copied = [n for n in names if not kinds[n]]
+    if copied:
+        notes.append(f"{len(copied)} integer/boolean tensor(s) copied from {reference.label}.")
+    if aliases:
+        notes.append(f"{len(aliases)} tied tensor(s) merged once.")
+    if any(is_batchnorm_statistic(n) for n in names):
+        notes.append(f"BatchNorm running statistics: {batchnorm}.")
+    return MergeResult(
+        out,
+        method_name,
+        merger.params(),
+        list(experts),
+        base is not None,
+        notes,
+        time.perf_counter() - start,
+    )
+
+
+def available() -> list[str]:
+    """Names of every registered merging method."""
+    return MERGERS.available()
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Any, forward: Any = None) -> nn.Module:
+    """Recompute every BatchNorm layer's running statistics of a merged ``model`` from ``batches``
+    (inputs, or ``(inputs, targets)`` pairs): the statistics are reset and re-estimated as a
+    cumulative average over the batches in training mode; the model's mode and the layers'
+    momenta are restored afterwards."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+    model.train()
+    seen = 0
+    try:
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            (forward or model)(x)
+            seen += 1
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    if seen == 0:
+        raise ConfigError("recalibrate_batchnorm got no batches.")
+    return model
