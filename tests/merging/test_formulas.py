@@ -144,6 +144,13 @@ def test_dare_l1_rescale_restores_each_tensors_l1_norm():
         ("ties", {}),
         ("ties", {"trim_scope": "per_tensor", "sign_rule": "count", "aggregate": "max"}),
         ("dare", {"combine": "ties"}),
+        ("breadcrumbs", {}),
+        ("metagpt", {}),
+        ("metagpt", {"norms": "tensor"}),
+        ("tsv", {}),
+        ("iso_c", {}),
+        ("iso_cts", {}),
+        ("model_stock", {}),
     ],
 )
 def test_merges_are_invariant_to_the_order_of_the_experts(method, options):
@@ -154,7 +161,7 @@ def test_merges_are_invariant_to_the_order_of_the_experts(method, options):
             break
         out = mk.merging.merge(base, {k: experts[k] for k in order}, method, **options).state_dict
         for k in ref:
-            torch.testing.assert_close(out[k], ref[k], atol=1e-6, rtol=0)
+            torch.testing.assert_close(out[k], ref[k], atol=1e-5, rtol=0)
 
 
 def test_integer_buffers_are_copied_and_dtypes_kept():
@@ -186,9 +193,9 @@ def test_tied_weights_are_merged_once_and_stay_tied():
     assert model[0].weight.data_ptr() == model[1].weight.data_ptr()
 
 
-@pytest.mark.parametrize("method", ["average", "task_arithmetic", "ties", "dare"])
+@pytest.mark.parametrize("method", mk.merging.available())
 def test_streaming_from_safetensors_equals_the_in_memory_merge_bit_for_bit(tmp_path, method):
-    base, experts = family(3)
+    base, experts = family(2 if method == "slerp" else 3)
 
     def plain(sd):  # safetensors stores no aliases; BatchNorm's counter is an int64 tensor
         return {k: v.contiguous() for k, v in sd.items()}

@@ -3,20 +3,33 @@ safetensors checkpoint (``merge(pretrained, experts, method=...) -> MergeResult`
 
 from mtlkit.merging.average import WeightAveraging
 from mtlkit.merging.base import MERGERS, Merger
+from mtlkit.merging.breadcrumbs import Breadcrumbs
 from mtlkit.merging.dare import DARE
+from mtlkit.merging.isotropic import IsoC, IsoCTS
 from mtlkit.merging.merge import MergeResult, available, merge, recalibrate_batchnorm
+from mtlkit.merging.metagpt import MetaGPT
+from mtlkit.merging.model_stock import ModelStock
+from mtlkit.merging.slerp import SLERP
 from mtlkit.merging.sources import MemorySource, SafetensorsSource, TensorSource, open_source
 from mtlkit.merging.task_arithmetic import TaskArithmetic
 from mtlkit.merging.ties import TIES
+from mtlkit.merging.tsv import TSVMerge
 
 __all__ = [
     "DARE",
     "MERGERS",
+    "SLERP",
     "TIES",
+    "Breadcrumbs",
+    "IsoC",
+    "IsoCTS",
     "MemorySource",
     "MergeResult",
     "Merger",
+    "MetaGPT",
+    "ModelStock",
     "SafetensorsSource",
+    "TSVMerge",
     "TaskArithmetic",
     "TensorSource",
     "WeightAveraging",

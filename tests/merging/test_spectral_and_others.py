@@ -1,0 +1,138 @@
+"""Breadcrumbs, MetaGPT, TSV-M, Iso-C/CTS, SLERP and Model Stock: their defining identities."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mtlkit as mk
+from mtlkit.errors import ConfigError
+from mtlkit.merging.breadcrumbs import breadcrumb_mask
+from mtlkit.merging.isotropic import common_split
+
+
+def vectors(tasks: int, shape=(6, 4), seed: int = 0) -> tuple[dict, dict]:
+    gen = torch.Generator().manual_seed(seed)
+    base = {
+        "w": torch.randn(shape, generator=gen, dtype=torch.float64),
+        "b": torch.randn(shape[0], generator=gen, dtype=torch.float64),
+    }
+    experts = {
+        f"t{i}": {k: v + torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in base.items()}
+        for i in range(tasks)
+    }
+    return base, experts
+
+
+def merged_tau(base, experts, method, **options):
+    out = mk.merging.merge(base, experts, method, **options).state_dict
+    return {k: out[k] - base[k] for k in base}
+
+
+def test_breadcrumbs_drops_the_smallest_and_largest_magnitudes():
+    tau = torch.tensor([0.1, -5.0, 0.3, 2.0, -0.2, 1.0, 0.05, 4.0, -3.0, 0.6])
+    keep = breadcrumb_mask(tau, bottom=0.2, top=0.1)
+    assert keep.tolist() == [False, False, True, True, True, True, False, True, True, True]
+    base, experts = vectors(3)
+    plain = merged_tau(base, experts, "breadcrumbs", bottom=0.0, top=0.0, scaling=0.5)
+    ta = merged_tau(base, experts, "task_arithmetic", scaling=0.5)
+    for k in base:
+        torch.testing.assert_close(plain[k], ta[k])
+    with pytest.raises(ConfigError, match="leave something"):
+        mk.merging.merge(base, experts, "breadcrumbs", bottom=0.6, top=0.5)
+
+
+@pytest.mark.parametrize("norms", ["model", "tensor"])
+def test_metagpt_weights_task_vectors_by_their_squared_norms(norms):
+    base, experts = vectors(2)
+    experts["t1"] = {k: base[k] + 3 * (v - base[k]) for k, v in experts["t0"].items()}  # 3x the first
+    tau = merged_tau(base, experts, "metagpt", norms=norms)
+    # lambda = (1, 9) / 10, so tau_m = (0.1 + 0.9 * 3) tau_0 = 2.8 tau_0
+    for k in base:
+        torch.testing.assert_close(tau[k], 2.8 * (experts["t0"][k] - base[k]))
+    one = merged_tau(base, {"t0": experts["t0"]}, "metagpt", norms=norms)
+    for k in base:
+        torch.testing.assert_close(one[k], experts["t0"][k] - base[k])
+
+
+def test_tsv_with_one_task_keeps_its_task_vector():
+    base, experts = vectors(1)
+    tau = merged_tau(base, experts, "tsv")
+    for k in base:
+        torch.testing.assert_close(tau[k], experts["t0"][k] - base[k])
+
+
+def test_tsv_keeps_r_over_t_directions_per_task_in_orthonormal_stacks():
+    base, experts = vectors(2, shape=(8, 6))
+    tau = merged_tau(base, experts, "tsv")["w"]
+    # rank 6, two tasks: 3 directions each, decorrelated: the merged update has rank <= 6
+    assert torch.linalg.matrix_rank(tau) <= 6
+    # non-matrices take the mean task vector
+    torch.testing.assert_close(
+        merged_tau(base, experts, "tsv")["b"], sum(e["b"] - base["b"] for e in experts.values()) / 2
+    )
+
+
+def test_iso_c_flattens_the_spectrum_of_the_summed_task_vector():
+    base, experts = vectors(3)
+    tau = merged_tau(base, experts, "iso_c")["w"]
+    total = sum(e["w"] - base["w"] for e in experts.values())
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    got = torch.linalg.svdvals(tau)
+    torch.testing.assert_close(got, torch.full_like(got, float(s.mean())))
+    torch.testing.assert_close(tau, s.mean() * u @ vh)
+
+
+def test_iso_cts_has_a_flat_spectrum_and_is_iso_c_with_only_common_directions():
+    base, experts = vectors(3, shape=(10, 8))
+    tau = merged_tau(base, experts, "iso_cts")["w"]
+    sv = torch.linalg.svdvals(tau)
+    torch.testing.assert_close(sv, torch.full_like(sv, float(sv[0])))
+    only_common = merged_tau(base, experts, "iso_cts", common_fraction=1.0)
+    iso_c = merged_tau(base, experts, "iso_c")
+    for k in base:
+        torch.testing.assert_close(only_common[k], iso_c[k])
+    assert common_split(8, 3, 0.8) == (5, 1)  # int(6.4) = 6, then 2 left round to 3: 5 common
+    assert common_split(768, 8, 0.8) == (616, 19)
+
+
+def test_slerp_ends_and_angle():
+    a = {"w": torch.tensor([1.0, 0.0], dtype=torch.float64)}
+    b = {"w": torch.tensor([0.0, 2.0], dtype=torch.float64)}
+    assert torch.equal(mk.merging.merge(None, {"a": a, "b": b}, "slerp", t=0.0).state_dict["w"], a["w"])
+    torch.testing.assert_close(
+        mk.merging.merge(None, {"a": a, "b": b}, "slerp", t=1.0).state_dict["w"], b["w"]
+    )
+    mid = mk.merging.merge(None, {"a": a, "b": b}, "slerp", t=0.5).state_dict["w"]
+    # 90 degrees: weights sin(45)/sin(90) on each unnormalised tensor
+    torch.testing.assert_close(mid, torch.tensor([math.sqrt(0.5), 2 * math.sqrt(0.5)], dtype=torch.float64))
+    parallel = mk.merging.merge(None, {"a": a, "b": {"w": 3 * a["w"]}}, "slerp", t=0.5).state_dict["w"]
+    torch.testing.assert_close(parallel, 2 * a["w"])
+    with pytest.raises(ConfigError, match="exactly two"):
+        mk.merging.merge(None, vectors(3)[1], "slerp")
+
+
+def test_model_stock_moves_toward_the_average_by_the_task_vectors_angle():
+    base = {"w": torch.zeros(2, dtype=torch.float64)}
+    same = {
+        "a": {"w": torch.tensor([1.0, 1.0], dtype=torch.float64)},
+        "b": {"w": torch.tensor([2.0, 2.0], dtype=torch.float64)},
+    }
+    torch.testing.assert_close(
+        mk.merging.merge(base, same, "model_stock").state_dict["w"],
+        torch.tensor([1.5, 1.5], dtype=torch.float64),
+    )
+    orth = {
+        "a": {"w": torch.tensor([1.0, 0.0], dtype=torch.float64)},
+        "b": {"w": torch.tensor([0.0, 1.0], dtype=torch.float64)},
+    }
+    torch.testing.assert_close(mk.merging.merge(base, orth, "model_stock").state_dict["w"], base["w"])
+    # cos = 0.5, k = 2: t = 1 / 1.5 = 2/3 of the average
+    half = {
+        "a": {"w": torch.tensor([1.0, 0.0], dtype=torch.float64)},
+        "b": {"w": torch.tensor([0.5, math.sqrt(0.75)], dtype=torch.float64)},
+    }
+    avg = (half["a"]["w"] + half["b"]["w"]) / 2
+    torch.testing.assert_close(mk.merging.merge(base, half, "model_stock").state_dict["w"], 2 / 3 * avg)
