@@ -136,3 +136,38 @@ def test_model_stock_moves_toward_the_average_by_the_task_vectors_angle():
     }
     avg = (half["a"]["w"] + half["b"]["w"]) / 2
     torch.testing.assert_close(mk.merging.merge(base, half, "model_stock").state_dict["w"], 2 / 3 * avg)
+
+
+def test_della_keeps_large_entries_more_often_and_is_unbiased_with_exact_rescale():
+    from mtlkit.merging.della import keep_probabilities
+
+    tau = torch.tensor([[0.1, -3.0, 2.0], [5.0, 0.2, -1.0]], dtype=torch.float64)
+    p = keep_probabilities(tau, 0.5, 0.1)
+    torch.testing.assert_close(p, torch.tensor([[0.4, 0.6, 0.5], [0.6, 0.4, 0.5]], dtype=torch.float64))
+    base = {"w": torch.zeros(4000, dtype=torch.float64)}
+    t = torch.randn(4000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    runs = [mk.merging.merge(base, {"e": {"w": t}}, "della", seed=s).state_dict["w"] for s in range(30)]
+    mean = torch.stack(runs).mean(0)
+    assert abs(float(mean.sum() - t.sum())) < 0.03 * float(t.abs().sum())
+    with pytest.raises(ConfigError, match="density - epsilon"):
+        mk.merging.merge(base, {"e": {"w": t}}, "della", density=0.1, epsilon=0.2)
+
+
+def test_wudi_is_exact_for_one_task_and_lowers_its_loss():
+    from mtlkit.merging.wudi import wudi_loss
+
+    base, experts = vectors(1)
+    tau = merged_tau(base, experts, "wudi")
+    torch.testing.assert_close(tau["w"], experts["t0"]["w"] - base["w"])
+    assert torch.equal(tau["b"], torch.zeros_like(tau["b"]))  # not 2-D: the pretrained value
+    base, experts = vectors(3)
+    taus = [e["w"] - base["w"] for e in experts.values()]
+    start = float(wudi_loss(torch.stack(taus).sum(0), taus))
+    merged = merged_tau(base, experts, "wudi", steps=200, lr=1e-2)["w"]
+    assert float(wudi_loss(merged, taus)) < 0.5 * start
+    mean = merged_tau(base, experts, "wudi", steps=0, others="mean")
+    torch.testing.assert_close(
+        mean["b"], sum(taus_b := [e["b"] - base["b"] for e in experts.values()]) / len(taus_b)
+    )
+    only = merged_tau(base, experts, "wudi", select=r"^b$", steps=0)
+    assert torch.equal(only["w"], torch.zeros_like(only["w"]))  # not selected: the pretrained value

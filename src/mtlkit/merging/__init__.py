@@ -5,6 +5,7 @@ from mtlkit.merging.average import WeightAveraging
 from mtlkit.merging.base import MERGERS, Merger
 from mtlkit.merging.breadcrumbs import Breadcrumbs
 from mtlkit.merging.dare import DARE
+from mtlkit.merging.della import DELLA
 from mtlkit.merging.isotropic import IsoC, IsoCTS
 from mtlkit.merging.merge import MergeResult, available, merge, recalibrate_batchnorm
 from mtlkit.merging.metagpt import MetaGPT
@@ -14,12 +15,15 @@ from mtlkit.merging.sources import MemorySource, SafetensorsSource, TensorSource
 from mtlkit.merging.task_arithmetic import TaskArithmetic
 from mtlkit.merging.ties import TIES
 from mtlkit.merging.tsv import TSVMerge
+from mtlkit.merging.wudi import WUDI
 
 __all__ = [
     "DARE",
+    "DELLA",
     "MERGERS",
     "SLERP",
     "TIES",
+    "WUDI",
     "Breadcrumbs",
     "IsoC",
     "IsoCTS",
