@@ -171,3 +171,35 @@ def test_wudi_is_exact_for_one_task_and_lowers_its_loss():
     )
     only = merged_tau(base, experts, "wudi", select=r"^b$", steps=0)
     assert torch.equal(only["w"], torch.zeros_like(only["w"]))  # not selected: the pretrained value
+
+
+def test_emr_rebuilds_each_expert_exactly_when_the_tasks_never_conflict():
+    base = {"w": torch.zeros(6, dtype=torch.float32), "n": torch.tensor(3)}
+    a = {"w": torch.tensor([1.5, -2.0, 0.0, 0.0, 0.0, 0.25]), "n": torch.tensor(7)}
+    b = {"w": torch.tensor([0.0, 0.0, 3.0, -0.5, 0.0, 0.0]), "n": torch.tensor(9)}
+    result = mk.merging.merge(base, {"a": a, "b": b}, "emr")
+    for name, expert in (("a", a), ("b", b)):
+        sd = result.for_task(name)
+        assert torch.equal(sd["w"], expert["w"]) and sd["w"].dtype == torch.float32
+        assert sd["n"] == 3  # integer tensors as in the merged model
+    assert result.extras["modulators"].scales == {"a": 1.0, "b": 1.0}
+    with pytest.raises(ConfigError, match="No modulator"):
+        result.for_task("c")
+    with pytest.raises(ConfigError, match="one model for every task"):
+        mk.merging.merge(base, {"a": a, "b": b}, "task_arithmetic").for_task("a")
+
+
+def test_emr_elects_the_largest_agreeing_magnitude_and_rescales_by_mean_magnitudes():
+    base = {"w": torch.zeros(3, dtype=torch.float64)}
+    a = {"w": torch.tensor([2.0, 1.0, -1.0], dtype=torch.float64)}
+    b = {"w": torch.tensor([1.0, -3.0, -2.0], dtype=torch.float64)}
+    result = mk.merging.merge(base, {"a": a, "b": b}, "emr")
+    # sums 3, -2, -3: signs +, -, -; unified = (2, -3, -2)
+    assert result.state_dict["w"].tolist() == [2.0, -3.0, -2.0]
+    mods = result.extras["modulators"]
+    assert [m.tolist() for m in mods.masks["w"]] == [[True, False, True], [True, True, True]]
+    # r_a = mean(2, 1, 1) / mean(2, 0, 2) = (4/3) / (4/3); r_b = (6/3) / (7/3)
+    assert mods.scales["a"] == pytest.approx(1.0) and mods.scales["b"] == pytest.approx(6 / 7)
+    torch.testing.assert_close(
+        result.for_task("b")["w"], 6 / 7 * torch.tensor([2.0, -3.0, -2.0], dtype=torch.float64)
+    )

@@ -6,6 +6,7 @@ from mtlkit.merging.base import MERGERS, Merger
 from mtlkit.merging.breadcrumbs import Breadcrumbs
 from mtlkit.merging.dare import DARE
 from mtlkit.merging.della import DELLA
+from mtlkit.merging.emr import EMR, TaskModulators
 from mtlkit.merging.isotropic import IsoC, IsoCTS
 from mtlkit.merging.merge import MergeResult, available, merge, recalibrate_batchnorm
 from mtlkit.merging.metagpt import MetaGPT
@@ -20,6 +21,7 @@ from mtlkit.merging.wudi import WUDI
 __all__ = [
     "DARE",
     "DELLA",
+    "EMR",
     "MERGERS",
     "SLERP",
     "TIES",
@@ -35,6 +37,7 @@ __all__ = [
     "SafetensorsSource",
     "TSVMerge",
     "TaskArithmetic",
+    "TaskModulators",
     "TensorSource",
     "WeightAveraging",
     "available",

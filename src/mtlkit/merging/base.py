@@ -53,6 +53,11 @@ class Merger:
     def merge_tensor(self, name: str, pretrained: Tensor | None, experts: Sequence[Tensor]) -> Tensor:
         raise NotImplementedError
 
+    def finish(self, experts: Sequence[str]) -> dict[str, Any]:
+        """What the method returns beyond the merged tensors (EMR's per-task modulators), once
+        every tensor is merged; placed in ``MergeResult.extras``."""
+        return {}
+
 
 def check_weights(weights: Sequence[float] | None, count: int, method: str) -> list[float]:
     """Per-expert weights: given (one per expert, finite) or all 1."""

@@ -37,6 +37,15 @@ class MergeResult:
     pretrained: bool
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def for_task(self, task: str) -> dict[str, Tensor]:
+        """The tensors of the model for ``task``, for methods that keep per-task modulators
+        (EMR: the task-routed model); other methods have one model for every task."""
+        modulators = self.extras.get("modulators")
+        if modulators is None:
+            raise ConfigError(f"{self.method} builds one model for every task; use state_dict.")
+        return modulators.state_dict_for(task, self.state_dict)
 
     def load_into(self, model: nn.Module, strict: bool = True) -> nn.Module:
         """Load the merged tensors into ``model`` (an instance of the experts' architecture)."""
@@ -180,6 +189,7 @@ def merge(
         notes.append(f"{len(aliases)} tied tensor(s) merged once.")
     if any(is_batchnorm_statistic(n) for n in names):
         notes.append(f"BatchNorm running statistics: {batchnorm}.")
+    extras = merger.finish(list(experts))
     return MergeResult(
         out,
         method_name,
@@ -188,6 +198,7 @@ def merge(
         base is not None,
         notes,
         time.perf_counter() - start,
+        extras,
     )
 
 
