@@ -11,6 +11,7 @@ from mtlkit.merging.isotropic import IsoC, IsoCTS
 from mtlkit.merging.merge import MergeResult, available, merge, recalibrate_batchnorm
 from mtlkit.merging.metagpt import MetaGPT
 from mtlkit.merging.model_stock import ModelStock
+from mtlkit.merging.search import ScalingSearch, select_scaling
 from mtlkit.merging.slerp import SLERP
 from mtlkit.merging.sources import MemorySource, SafetensorsSource, TensorSource, open_source
 from mtlkit.merging.task_arithmetic import TaskArithmetic
@@ -35,6 +36,7 @@ __all__ = [
     "MetaGPT",
     "ModelStock",
     "SafetensorsSource",
+    "ScalingSearch",
     "TSVMerge",
     "TaskArithmetic",
     "TaskModulators",
@@ -44,4 +46,5 @@ __all__ = [
     "merge",
     "open_source",
     "recalibrate_batchnorm",
+    "select_scaling",
 ]
