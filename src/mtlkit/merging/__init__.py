@@ -6,6 +6,7 @@ from mtlkit.merging.base import MERGERS, Merger
 from mtlkit.merging.breadcrumbs import Breadcrumbs
 from mtlkit.merging.dare import DARE
 from mtlkit.merging.della import DELLA
+from mtlkit.merging.diagnostics import TaskVectorDiagnostics, diagnose
 from mtlkit.merging.emr import EMR, TaskModulators
 from mtlkit.merging.isotropic import IsoC, IsoCTS
 from mtlkit.merging.merge import MergeResult, available, merge, recalibrate_batchnorm
@@ -40,9 +41,11 @@ __all__ = [
     "TSVMerge",
     "TaskArithmetic",
     "TaskModulators",
+    "TaskVectorDiagnostics",
     "TensorSource",
     "WeightAveraging",
     "available",
+    "diagnose",
     "merge",
     "open_source",
     "recalibrate_batchnorm",
