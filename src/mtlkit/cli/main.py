@@ -83,6 +83,38 @@ def train(
 
 
 @app.command()
+def mergers() -> None:
+    """List the model-merging methods."""
+    from mtlkit.merging import MERGERS
+
+    _list(MERGERS)
+
+
+@app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="YAML merge configuration (mtlkit's or mergekit's).")],
+    output: Annotated[
+        str | None, typer.Option("--out", help="Override the output .safetensors path.")
+    ] = None,
+) -> None:
+    """Merge fine-tuned models as configured and write the result as safetensors with a model card.
+
+    mtlkit's format names ``method`` ({name, options}), ``pretrained``, ``experts`` ({name: path})
+    and ``output``; a mergekit config (``merge_method``, ``base_model``, ``models``) for a
+    data-free method is translated. Checkpoints are safetensors files or folders of shards.
+    """
+    from mtlkit.merging import merge as run_merge
+    from mtlkit.merging.config import load_merge_config
+
+    cfg = load_merge_config(config)
+    result = run_merge(cfg.pretrained, cfg.experts, cfg.method, batchnorm=cfg.batchnorm, **cfg.options)
+    path = result.save(output or cfg.output)
+    typer.echo(
+        f"{cfg.method} merge of {len(cfg.experts)} experts in {result.seconds:.1f} s: {path} (card {path.with_suffix('.md')})"
+    )
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/demo"),
     epochs: Annotated[int, typer.Option(help="Epochs per run.")] = 3,

@@ -3,12 +3,16 @@ tensor by tensor (data-free per-tensor methods hold about experts + 2 tensors at
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mtlkit.errors import ConfigError, NonFiniteLossError, ShapeMismatchError
@@ -46,6 +50,51 @@ class MergeResult:
         if modulators is None:
             raise ConfigError(f"{self.method} builds one model for every task; use state_dict.")
         return modulators.state_dict_for(task, self.state_dict)
+
+    def save(self, path: str | Path, scores: Mapping[str, Any] | None = None) -> Path:
+        """Write the merged tensors to ``path`` (safetensors, atomically: a temporary file renamed
+        into place) and a model card next to it (``<stem>.md``: method, settings, sources, notes and
+        the ``scores`` given). Tied tensors are written as copies."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ConfigError(f"{path}: merged models are written as .safetensors files.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, Tensor] = {}
+        seen: set[int] = set()
+        for name, t in self.state_dict.items():
+            t = t.detach().cpu()
+            key = id(t) if t.numel() == 0 else t.untyped_storage().data_ptr()
+            tensors[name] = t.clone().contiguous() if key in seen else t.contiguous()
+            seen.add(key)
+        metadata = {"mtlkit_method": self.method, "mtlkit_params": json.dumps(self.params, default=str)}
+        tmp = path.with_suffix(".safetensors.tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+        card = path.with_suffix(".md")
+        card_tmp = card.with_suffix(".md.tmp")
+        card_tmp.write_text(self.model_card(scores))
+        os.replace(card_tmp, card)
+        return path
+
+    def model_card(self, scores: Mapping[str, Any] | None = None) -> str:
+        lines = [
+            "# Merged model",
+            "",
+            f"Made by mtlkit's `{self.method}` merge in {self.seconds:.1f} s.",
+            "",
+            "| setting | value |",
+            "|---|---|",
+            *(f"| {k} | {v} |" for k, v in self.params.items()),
+            "",
+            f"Pretrained model used: {'yes' if self.pretrained else 'no'}. Experts, in order: "
+            + ", ".join(f"`{e}`" for e in self.experts)
+            + ".",
+        ]
+        if self.notes:
+            lines += ["", *(f"- {n}" for n in self.notes)]
+        if scores:
+            lines += ["", "| score | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in scores.items())]
+        return "\n".join(lines) + "\n"
 
     def load_into(self, model: nn.Module, strict: bool = True) -> nn.Module:
         """Load the merged tensors into ``model`` (an instance of the experts' architecture)."""
