@@ -12,6 +12,7 @@ from mtlkit.merging.isotropic import IsoC, IsoCTS
 from mtlkit.merging.merge import MergeResult, available, merge, recalibrate_batchnorm
 from mtlkit.merging.metagpt import MetaGPT
 from mtlkit.merging.model_stock import ModelStock
+from mtlkit.merging.regmean import RegMean
 from mtlkit.merging.search import ScalingSearch, select_scaling
 from mtlkit.merging.slerp import SLERP
 from mtlkit.merging.sources import MemorySource, SafetensorsSource, TensorSource, open_source
@@ -36,6 +37,7 @@ __all__ = [
     "Merger",
     "MetaGPT",
     "ModelStock",
+    "RegMean",
     "SafetensorsSource",
     "ScalingSearch",
     "TSVMerge",

@@ -4,11 +4,11 @@ per-tensor (or whole-model) computation it implements."""
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mtlkit.core.registry import Registry
 from mtlkit.errors import ConfigError
@@ -52,6 +52,11 @@ class Merger:
 
     def merge_tensor(self, name: str, pretrained: Tensor | None, experts: Sequence[Tensor]) -> Tensor:
         raise NotImplementedError
+
+    def collect(self, index: int, name: str, module: nn.Module, batches: Iterable[Any]) -> None:
+        """For data-aware methods: run expert ``index`` (in eval mode) on its task's batches and
+        keep what the merge needs (Gram matrices, Fisher information)."""
+        raise NotImplementedError(f"{type(self).__name__} declares requirements but collects nothing.")
 
     def finish(self, experts: Sequence[str]) -> dict[str, Any]:
         """What the method returns beyond the merged tensors (EMR's per-task modulators), once

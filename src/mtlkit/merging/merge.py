@@ -3,10 +3,11 @@ tensor by tensor (data-free per-tensor methods hold about experts + 2 tensors at
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,12 +138,47 @@ def _check_compatible(names: list[str], base: TensorSource | None, experts: list
                 )
 
 
+def _collect(
+    merger: Merger,
+    method_name: str,
+    experts: Mapping[str, Any],
+    sources: list[TensorSource],
+    data: Mapping[str, Iterable[Any]] | None,
+    model: nn.Module | None,
+) -> None:
+    """Run each expert on its task's data for a data-aware method (``Merger.collect``)."""
+    if data is None:
+        raise ConfigError(f"{method_name} needs data: pass data={{expert: batches}} of each task's inputs.")
+    missing = [name for name in experts if name not in data]
+    if missing:
+        raise ConfigError(f"{method_name}: no data for expert(s) {missing}.")
+    for index, ((name, obj), src) in enumerate(zip(experts.items(), sources, strict=True)):
+        if isinstance(obj, nn.Module):
+            module = obj
+        elif model is not None:
+            module = copy.deepcopy(model)
+            module.load_state_dict({k: src.load(k) for k in src})
+        else:
+            raise ConfigError(
+                f"{method_name} runs the experts on data: give them as nn.Modules, or pass model= (an "
+                "instance of their architecture) to load expert tensors into."
+            )
+        was_training = module.training
+        module.eval()
+        try:
+            merger.collect(index, name, module, data[name])
+        finally:
+            module.train(was_training)
+
+
 def merge(
     pretrained: Any,
     experts: Mapping[str, Any],
     method: str | Merger = "task_arithmetic",
     *,
     batchnorm: str = "merge",
+    data: Mapping[str, Iterable[Any]] | None = None,
+    model: nn.Module | None = None,
     **options: Any,
 ) -> MergeResult:
     """Merge ``experts`` (``{name: model, state dict, safetensors file or shard folder}``) that were
@@ -151,6 +187,11 @@ def merge(
     Args:
         method: a registry name (``mk.merging.available()``) with its ``options``, or a
             :class:`Merger` instance.
+        data: for data-aware methods (``Merger.requires``), ``{expert: batches}`` of that
+            expert's task inputs (a batch is an input tensor, or a tuple whose first item is it;
+            labels are not needed unless the method says so).
+        model: an instance of the experts' architecture, for data-aware methods when the
+            experts are given as tensors or files (each expert is loaded into a copy of it).
         batchnorm: what happens to normalisation running statistics (``running_mean``,
             ``running_var``): ``"merge"`` (the method treats them as any tensor), ``"average"``
             (their plain mean) or ``"pretrained"`` (kept from the pretrained model). None of these
@@ -173,10 +214,6 @@ def merge(
         merger, method_name = MERGERS.create(method, **options), MERGERS.normalise(method)
     if not experts:
         raise ConfigError("merge needs at least one expert.")
-    if merger.requires:
-        raise ConfigError(
-            f"{method_name} needs {sorted(merger.requires)}, which this entry point does not take yet."
-        )
     sources = [open_source(obj, f"expert {name!r}") for name, obj in experts.items()]
     base = open_source(pretrained, "the pretrained model") if pretrained is not None else None
     if base is None and merger.uses_pretrained:
@@ -195,6 +232,8 @@ def merge(
     def loader(src: TensorSource) -> Any:
         return lambda n: src.load(n)
 
+    if merger.requires:
+        _collect(merger, method_name, experts, sources, data, model)
     if merger.granularity == "model":
         merger.prepare(merged_names, loader(base) if base is not None else None, [loader(s) for s in sources])
     out: dict[str, Tensor] = {}
