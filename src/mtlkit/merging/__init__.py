@@ -8,6 +8,7 @@ from mtlkit.merging.dare import DARE
 from mtlkit.merging.della import DELLA
 from mtlkit.merging.diagnostics import TaskVectorDiagnostics, diagnose
 from mtlkit.merging.emr import EMR, TaskModulators
+from mtlkit.merging.fisher import FisherMerging
 from mtlkit.merging.isotropic import IsoC, IsoCTS
 from mtlkit.merging.merge import MergeResult, available, merge, recalibrate_batchnorm
 from mtlkit.merging.metagpt import MetaGPT
@@ -30,6 +31,7 @@ __all__ = [
     "TIES",
     "WUDI",
     "Breadcrumbs",
+    "FisherMerging",
     "IsoC",
     "IsoCTS",
     "MemorySource",
