@@ -79,3 +79,35 @@ def test_regmean_on_expert_files_with_a_model_template(tmp_path):
         mk.merging.merge(None, models, "regmean")
     with pytest.raises(ConfigError, match="no data for expert"):
         mk.merging.merge(None, models, "regmean", data={"t0": data["t0"]})
+
+
+def test_regmean_plusplus_takes_later_layers_grams_on_the_merged_models_activations():
+    models, data = experts_and_data()
+    plus = mk.merging.merge(None, models, "regmean_plusplus", alpha=1.0, ridge=0.0, data=data).state_dict
+    plain = mk.merging.merge(None, models, "regmean", alpha=1.0, ridge=0.0, data=data).state_dict
+    # the first layer reads the raw inputs in both
+    torch.testing.assert_close(plus["0.weight"], plain["0.weight"], atol=1e-10, rtol=1e-10)
+    # the last layer: least squares on the merged first layer's activations
+    first = nn.Linear(5, 4).double()
+    first.load_state_dict({"weight": plus["0.weight"], "bias": plus["0.bias"]})
+    xs = [torch.tanh(first(torch.cat(data[n]))).detach() for n in models]
+    a = torch.cat([x / x.shape[0] ** 0.5 for x in xs])
+    b = torch.cat(
+        [
+            x @ models[n].state_dict()["2.weight"].T / x.shape[0] ** 0.5
+            for x, n in zip(xs, models, strict=True)
+        ]
+    )
+    torch.testing.assert_close(plus["2.weight"], torch.linalg.lstsq(a, b).solution.T, atol=1e-9, rtol=1e-9)
+    assert not torch.allclose(plus["2.weight"], plain["2.weight"])
+    with pytest.raises(ConfigError, match="nn.Sequential"):
+
+        class Wrapped(nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                return self.inner(x)
+
+        mk.merging.merge(None, {n: Wrapped(m) for n, m in models.items()}, "regmean_plusplus", data=data)

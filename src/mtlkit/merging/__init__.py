@@ -13,7 +13,7 @@ from mtlkit.merging.isotropic import IsoC, IsoCTS
 from mtlkit.merging.merge import MergeResult, available, merge, recalibrate_batchnorm
 from mtlkit.merging.metagpt import MetaGPT
 from mtlkit.merging.model_stock import ModelStock
-from mtlkit.merging.regmean import RegMean
+from mtlkit.merging.regmean import RegMean, RegMeanPlusPlus
 from mtlkit.merging.search import ScalingSearch, select_scaling
 from mtlkit.merging.slerp import SLERP
 from mtlkit.merging.sources import MemorySource, SafetensorsSource, TensorSource, open_source
@@ -40,6 +40,7 @@ __all__ = [
     "MetaGPT",
     "ModelStock",
     "RegMean",
+    "RegMeanPlusPlus",
     "SafetensorsSource",
     "ScalingSearch",
     "TSVMerge",

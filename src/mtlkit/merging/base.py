@@ -58,6 +58,14 @@ class Merger:
         keep what the merge needs (Gram matrices, Fisher information)."""
         raise NotImplementedError(f"{type(self).__name__} declares requirements but collects nothing.")
 
+    def collect_all(
+        self, names: Sequence[str], modules: Sequence[nn.Module], data: Sequence[Iterable[Any]]
+    ) -> None:
+        """Every expert at once (for methods whose statistics depend on all of them, such as
+        RegMean++); by default :meth:`collect` for each in turn."""
+        for index, (name, module, batches) in enumerate(zip(names, modules, data, strict=True)):
+            self.collect(index, name, module, batches)
+
     def finish(self, experts: Sequence[str]) -> dict[str, Any]:
         """What the method returns beyond the merged tensors (EMR's per-task modulators), once
         every tensor is merged; placed in ``MergeResult.extras``."""

@@ -152,23 +152,27 @@ def _collect(
     missing = [name for name in experts if name not in data]
     if missing:
         raise ConfigError(f"{method_name}: no data for expert(s) {missing}.")
-    for index, ((name, obj), src) in enumerate(zip(experts.items(), sources, strict=True)):
+    modules = []
+    for obj, src in zip(experts.values(), sources, strict=True):
         if isinstance(obj, nn.Module):
-            module = obj
+            modules.append(obj)
         elif model is not None:
             module = copy.deepcopy(model)
             module.load_state_dict({k: src.load(k) for k in src})
+            modules.append(module)
         else:
             raise ConfigError(
                 f"{method_name} runs the experts on data: give them as nn.Modules, or pass model= (an "
                 "instance of their architecture) to load expert tensors into."
             )
-        was_training = module.training
-        module.eval()
-        try:
-            merger.collect(index, name, module, data[name])
-        finally:
-            module.train(was_training)
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        merger.collect_all(list(experts), modules, [data[name] for name in experts])
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
 
 
 def merge(
