@@ -26,4 +26,7 @@ class WeightAveraging(Merger):
         total = sum(w)
         if total == 0:
             raise ValueError("average: the expert weights sum to 0.")
-        return torch.stack([wi * e for wi, e in zip(w, experts, strict=True)]).sum(0) / total
+        acc = torch.zeros_like(experts[0])
+        for wi, e in zip(w, experts, strict=True):
+            acc.add_(e, alpha=wi)
+        return acc.div_(total)

@@ -249,24 +249,20 @@ def merge(
         if not kinds[name]:
             out[name] = ref.clone()
             continue
-        tensors = [s.load(name) for s in sources]
-        for t, s in zip(tensors, sources, strict=True):
+        tensors = []
+        for s in sources:  # each converted as it is read: one copy per expert stays resident
+            t = s.load(name)
             _check_finite(t, name, s.where(name))
+            tensors.append(t.to(COMPUTE_DTYPE))
+            del t
         if base is not None:
             _check_finite(ref, name, base.where(name))
         if batchnorm != "merge" and is_batchnorm_statistic(name):
-            value = (
-                ref
-                if batchnorm == "pretrained" and base is not None
-                else torch.stack([t.to(COMPUTE_DTYPE) for t in tensors]).mean(0)
-            )
+            value = ref if batchnorm == "pretrained" and base is not None else torch.stack(tensors).mean(0)
             out[name] = value.to(ref.dtype).clone()
             continue
-        merged = merger.merge_tensor(
-            name,
-            ref.to(COMPUTE_DTYPE) if base is not None else None,
-            [t.to(COMPUTE_DTYPE) for t in tensors],
-        )
+        merged = merger.merge_tensor(name, ref.to(COMPUTE_DTYPE) if base is not None else None, tensors)
+        del tensors
         if not bool(torch.isfinite(merged).all()):
             raise NonFiniteLossError(
                 f"{method_name} produced non-finite values for {name!r}; nothing was merged."

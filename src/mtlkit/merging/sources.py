@@ -160,10 +160,13 @@ class SafetensorsSource(TensorSource):
         return list(self.files)
 
     def load(self, name: str) -> Tensor:
+        # a short-lived handle: pages read through a long-lived memory map stay resident, so a
+        # merge that kept one open per file would end up holding every file in memory
         file = self.files[name]
         try:
-            return self._open(file).get_tensor(name)
-        except SafetensorError as exc:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                return handle.get_tensor(name).clone()
+        except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{file}: tensor {name!r} cannot be read: {exc}") from exc
 
     def shape(self, name: str) -> tuple[int, ...]:

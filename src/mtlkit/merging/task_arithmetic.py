@@ -30,5 +30,7 @@ class TaskArithmetic(Merger):
     def merge_tensor(self, name: str, pretrained: Tensor | None, experts: Sequence[Tensor]) -> Tensor:
         assert pretrained is not None
         w = check_weights(self.weights, len(experts), "task_arithmetic")
-        tau = torch.stack([wi * (e - pretrained) for wi, e in zip(w, experts, strict=True)]).sum(0)
-        return pretrained + self.scaling * tau
+        tau = torch.zeros_like(pretrained)
+        for wi, e in zip(w, experts, strict=True):  # accumulated: one temporary, not T
+            tau.add_(e - pretrained, alpha=wi)
+        return tau.mul_(self.scaling).add_(pretrained)
