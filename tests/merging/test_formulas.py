@@ -271,3 +271,21 @@ def test_batchnorm_recalibration_recomputes_the_statistics():
     hidden = torch.cat([model[0](b) for b in batches])
     torch.testing.assert_close(model[1].running_mean, hidden.mean(0).detach(), atol=1e-5, rtol=0)
     assert not model.training and model[1].momentum == 0.1
+
+
+@pytest.mark.parametrize("method", DATA_FREE)
+def test_merging_never_modifies_the_callers_tensors(method):
+    base, experts = family(2 if method == "slerp" else 3)
+    base = {k: v.double() if torch.is_floating_point(v) else v for k, v in base.items()}
+    experts = {
+        n: {k: v.double() if torch.is_floating_point(v) else v for k, v in sd.items()}
+        for n, sd in experts.items()
+    }
+    before = {n: {k: v.clone() for k, v in sd.items()} for n, sd in experts.items()}
+    base_before = {k: v.clone() for k, v in base.items()}
+    mk.merging.merge(base, experts, method)
+    for n, sd in experts.items():
+        for k, v in sd.items():
+            assert torch.equal(v, before[n][k]), (n, k)
+    for k, v in base.items():
+        assert torch.equal(v, base_before[k]), k

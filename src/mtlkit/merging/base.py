@@ -32,7 +32,9 @@ class Merger:
     ``granularity`` (``"tensor"``: each tensor is merged from the same tensor of every model, so
     the merge streams one tensor at a time; ``"model"``: a first pass over the whole model is
     needed, e.g. TIES's global trim), ``uses_pretrained``, and implements :meth:`merge_tensor`
-    (and :meth:`prepare` for model granularity). Tensors arrive in float64 on the CPU.
+    (and :meth:`prepare` for model granularity). Tensors arrive in float64 on the CPU; the
+    experts' tensors are fresh copies the method may overwrite (to save memory), the pretrained
+    tensor must be left as it is.
     """
 
     requires: ClassVar[frozenset[str]] = frozenset()

@@ -56,20 +56,23 @@ class DARE(Merger):
         self.weights = None if weights is None else [float(w) for w in weights]
 
     def drop(self, name: str, index: int, tau: Tensor) -> Tensor:
+        """Drop and rescale ``tau`` in place."""
         gen = torch.Generator().manual_seed(tensor_seed(self.seed, name, index))
-        keep = torch.rand(tau.shape, generator=gen, dtype=torch.float64) >= self.drop_rate
-        dropped = torch.where(keep, tau, torch.zeros_like(tau))
+        before = float(tau.abs().sum()) if self.rescale == "l1" else 0.0
+        tau.masked_fill_(torch.rand(tau.shape, generator=gen, dtype=torch.float64) < self.drop_rate, 0.0)
         if self.rescale == "exact":
-            return dropped / (1.0 - self.drop_rate)
-        kept_l1 = float(dropped.abs().sum())
-        return dropped * (float(tau.abs().sum()) / kept_l1) if kept_l1 > 0 else dropped
+            return tau.div_(1.0 - self.drop_rate)
+        kept_l1 = float(tau.abs().sum())
+        return tau.mul_(before / kept_l1) if kept_l1 > 0 else tau
 
     def merge_tensor(self, name: str, pretrained: Tensor | None, experts: Sequence[Tensor]) -> Tensor:
         assert pretrained is not None
         w = check_weights(self.weights, len(experts), "dare")
-        taus = [self.drop(name, i, e - pretrained) for i, e in enumerate(experts)]
+        taus = [self.drop(name, i, e.sub_(pretrained)) for i, e in enumerate(experts)]  # the experts are ours
         if self.combine == "ties":
             merged = elect_and_merge(taus, w, self.sign_rule, "disjoint_mean")
         else:
-            merged = torch.stack([wi * t for wi, t in zip(w, taus, strict=True)]).sum(0)
-        return pretrained + self.scaling * merged
+            merged = torch.zeros_like(pretrained)
+            for wi, t in zip(w, taus, strict=True):
+                merged.add_(t, alpha=wi)
+        return merged.mul_(self.scaling).add_(pretrained)

@@ -253,7 +253,7 @@ def merge(
         for s in sources:  # each converted as it is read: one copy per expert stays resident
             t = s.load(name)
             _check_finite(t, name, s.where(name))
-            tensors.append(t.to(COMPUTE_DTYPE))
+            tensors.append(t.to(COMPUTE_DTYPE, copy=True))  # the method may overwrite it
             del t
         if base is not None:
             _check_finite(ref, name, base.where(name))

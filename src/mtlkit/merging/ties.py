@@ -29,26 +29,40 @@ def keep_threshold(magnitudes: Tensor, density: float) -> float:
 def elect_and_merge(
     taus: Sequence[Tensor], weights: Sequence[float], sign_rule: str, aggregate: str
 ) -> Tensor:
-    """TIES steps 2 and 3 on (already trimmed) task vectors of one tensor."""
-    stacked = torch.stack([w * t for w, t in zip(weights, taus, strict=True)])  # (T, ...)
+    """TIES steps 2 and 3 on (already trimmed) task vectors of one tensor, one task at a time:
+    a few tensors of working memory besides the task vectors, never a T-fold stack."""
+    scaled = [t if w == 1.0 else t * w for w, t in zip(weights, taus, strict=True)]
     if sign_rule == "mass":
-        elected = torch.sign(stacked.sum(0))
+        total = torch.zeros_like(scaled[0])
+        for t in scaled:
+            total.add_(t)
         # a coordinate whose mass cancels exactly takes the sign of the tensor's total mass
-        fallback = 1.0 if float(stacked.sum()) >= 0 else -1.0
-        elected = torch.where(elected == 0, torch.full_like(elected, fallback), elected)
-    else:  # majority of signs, ties to +1 (mergekit's "count")
-        votes = torch.sign(stacked).sum(0)
-        elected = torch.where(votes >= 0, 1.0, -1.0).to(stacked.dtype)
-    agree = (torch.sign(stacked) == elected) & (stacked != 0)
-    kept = torch.where(agree, stacked, torch.zeros_like(stacked))
-    if aggregate == "disjoint_sum":
-        return kept.sum(0)
+        positive = total > 0 if float(total.sum()) < 0 else total >= 0
+        del total
+    else:  # the majority of signs, ties to + (mergekit's "count")
+        votes = torch.zeros(scaled[0].shape, dtype=torch.int64)
+        for t in scaled:
+            votes.add_((t > 0).to(torch.int64)).sub_((t < 0).to(torch.int64))
+        positive = votes >= 0
+        del votes
+    out = torch.zeros_like(scaled[0])
     if aggregate == "max":
-        idx = kept.abs().argmax(0, keepdim=True)
-        return kept.gather(0, idx).squeeze(0)
-    w = torch.tensor(weights, dtype=stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
-    divisor = (agree * w.abs()).sum(0)
-    return torch.where(divisor > 0, kept.sum(0) / divisor.clamp_min(1e-300), torch.zeros_like(divisor))
+        best = torch.zeros_like(scaled[0])
+        for t in scaled:
+            agree = torch.where(positive, t > 0, t < 0)
+            better = agree & (t.abs() > best)
+            out = torch.where(better, t, out)
+            best = torch.where(better, t.abs(), best)
+        return out
+    divisor = torch.zeros_like(scaled[0]) if aggregate == "disjoint_mean" else None
+    for w, t in zip(weights, scaled, strict=True):
+        agree = torch.where(positive, t > 0, t < 0)
+        out.add_(torch.where(agree, t, torch.zeros((), dtype=t.dtype)))
+        if divisor is not None:
+            divisor.add_(agree.to(t.dtype), alpha=abs(w))
+    if divisor is None:
+        return out
+    return torch.where(divisor > 0, out / divisor.clamp_min(1e-300), torch.zeros((), dtype=out.dtype))
 
 
 @register("ties")
@@ -119,6 +133,7 @@ class TIES(Merger):
         self._thresholds = thresholds
 
     def trim(self, tau: Tensor, index: int) -> Tensor:
+        """Zero (in place) all but the kept entries of ``tau``."""
         if self.trim_scope == "global":
             if self._thresholds is None:
                 raise ConfigError(
@@ -127,10 +142,10 @@ class TIES(Merger):
             threshold = self._thresholds[index]
         else:
             threshold = keep_threshold(tau.abs(), self.density) if tau.numel() else float("inf")
-        return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+        return tau.masked_fill_(tau.abs() < threshold, 0.0)
 
     def merge_tensor(self, name: str, pretrained: Tensor | None, experts: Sequence[Tensor]) -> Tensor:
         assert pretrained is not None
         w = check_weights(self.weights, len(experts), "ties")
-        taus = [self.trim(e - pretrained, i) for i, e in enumerate(experts)]
-        return pretrained + self.scaling * elect_and_merge(taus, w, self.sign_rule, self.aggregate)
+        taus = [self.trim(e.sub_(pretrained), i) for i, e in enumerate(experts)]  # the experts are ours
+        return elect_and_merge(taus, w, self.sign_rule, self.aggregate).mul_(self.scaling).add_(pretrained)
