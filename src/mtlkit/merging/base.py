@@ -49,6 +49,9 @@ class Merger:
         """The method's settings, for the result and its model card."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
+    def begin(self) -> None:
+        """Called when a merge starts: drop any state of an earlier (possibly failed) merge."""
+
     def prepare(self, names: Sequence[str], pretrained: Loader | None, experts: Sequence[Loader]) -> None:
         """A pass over the merged tensors before :meth:`merge_tensor` (model granularity)."""
 

@@ -30,11 +30,17 @@ class TaskModulators:
             raise ConfigError(f"No modulator for task {task!r}; tasks are {list(self.scales)}.")
         index = list(self.scales).index(task)
         out = dict(merged)
+        tied: dict[int, list[str]] = {}
+        for key, value in merged.items():
+            tied.setdefault(id(value), []).append(key)
         for name, tau in self.unified.items():
             base = self.pretrained[name]
             mask = self.masks[name][index]
-            task_tensor = base + self.scales[task] * torch.where(mask, tau, torch.zeros_like(tau))
-            out[name] = task_tensor.to(merged[name].dtype)
+            task_tensor = (base + self.scales[task] * torch.where(mask, tau, torch.zeros_like(tau))).to(
+                merged[name].dtype
+            )
+            for alias in tied[id(merged[name])]:  # tied tensors stay tied
+                out[alias] = task_tensor
         return out
 
 
@@ -62,6 +68,9 @@ class EMR(Merger):
 
     def params(self) -> dict[str, Any]:
         return {}
+
+    def begin(self) -> None:
+        self._mods, self._own, self._masked = TaskModulators(), [], []
 
     def merge_tensor(self, name: str, pretrained: Tensor | None, experts: Sequence[Tensor]) -> Tensor:
         assert pretrained is not None

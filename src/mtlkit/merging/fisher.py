@@ -80,6 +80,9 @@ class FisherMerging(Merger):
         self.chunk, self.output, self.seed = int(chunk), output, int(seed)
         self._fishers: dict[str, list[Tensor | None]] = {}
 
+    def begin(self) -> None:
+        self._fishers = {}
+
     def params(self) -> dict[str, Any]:
         keys = ("fisher", "max_examples", "floor", "normalize", "weights", "chunk", "output", "seed")
         return {k: getattr(self, k) for k in keys}

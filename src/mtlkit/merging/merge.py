@@ -218,6 +218,9 @@ def merge(
         merger, method_name = MERGERS.create(method, **options), MERGERS.normalise(method)
     if not experts:
         raise ConfigError("merge needs at least one expert.")
+    if batchnorm == "pretrained" and pretrained is None:
+        raise ConfigError("batchnorm='pretrained' needs the pretrained model.")
+    merger.begin()
     sources = [open_source(obj, f"expert {name!r}") for name, obj in experts.items()]
     base = open_source(pretrained, "the pretrained model") if pretrained is not None else None
     if base is None and merger.uses_pretrained:
@@ -267,7 +270,7 @@ def merge(
             raise NonFiniteLossError(
                 f"{method_name} produced non-finite values for {name!r}; nothing was merged."
             )
-        out[name] = merged.to(ref.dtype)
+        out[name] = merged.to(ref.dtype, copy=True)  # never the caller's tensor
     for name, first in aliases.items():
         out[name] = out[first]
     copied = [n for n in names if not kinds[n]]

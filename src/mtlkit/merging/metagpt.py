@@ -43,6 +43,9 @@ class MetaGPT(Merger):
     def granularity(self) -> str:
         return "model" if self.norms == "model" else "tensor"
 
+    def begin(self) -> None:
+        self._coefficients = None
+
     def prepare(self, names: Sequence[str], pretrained: Loader | None, experts: Sequence[Loader]) -> None:
         if self.norms != "model":
             return

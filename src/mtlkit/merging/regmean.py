@@ -102,6 +102,9 @@ class RegMean(Merger):
     def params(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "ridge": self.ridge, "max_batches": self.max_batches}
 
+    def begin(self) -> None:
+        self._grams = {}
+
     def collect(self, index: int, name: str, module: nn.Module, batches: Iterable[Any]) -> None:
         inputs = first_inputs(batches, self.max_batches)
         if not inputs:
@@ -144,6 +147,10 @@ class RegMeanPlusPlus(RegMean):
         super().__init__(alpha, ridge, max_batches)
         self._merged: dict[str, Tensor] = {}
 
+    def begin(self) -> None:
+        super().begin()
+        self._merged = {}
+
     def collect_all(
         self, names: Sequence[str], modules: Sequence[nn.Module], data: Sequence[Iterable[Any]]
     ) -> None:
@@ -157,7 +164,7 @@ class RegMeanPlusPlus(RegMean):
         experts = [copy.deepcopy(m).to(COMPUTE_DTYPE).eval() for m in modules]
         blocks = [list(m.children()) for m in experts]
         merged = copy.deepcopy(experts[0])
-        for b, block in enumerate(merged.children()):
+        for b, (child, block) in enumerate(merged.named_children()):
             grams = [linear_grams(blocks[t][b], inputs[t]) for t in range(len(experts))]
             new_state = {}
             for key in block.state_dict():
@@ -169,7 +176,7 @@ class RegMeanPlusPlus(RegMean):
                 else:
                     new_state[key] = values[0]
             block.load_state_dict(new_state)
-            self._merged.update({f"{b}.{k}": v for k, v in new_state.items()})
+            self._merged.update({f"{child}.{k}": v for k, v in new_state.items()})
             with torch.no_grad():
                 inputs = [[block(x) for x in xs] for xs in inputs]
 

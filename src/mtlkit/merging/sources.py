@@ -153,7 +153,10 @@ class SafetensorsSource(TensorSource):
             try:
                 handles[file] = safe_open(str(file), framework="pt", device="cpu")
             except (SafetensorError, OSError, ValueError) as exc:
-                raise CheckpointError(f"{file} is not a readable safetensors file: {exc}") from exc
+                raise CheckpointError(
+                    f"{file} is not a readable safetensors file ({exc}); mtlkit reads weights from safetensors "
+                    "only (convert a PyTorch checkpoint with safetensors.torch.save_file)."
+                ) from exc
         return handles[file]
 
     def keys(self) -> list[str]:
@@ -169,11 +172,18 @@ class SafetensorsSource(TensorSource):
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{file}: tensor {name!r} cannot be read: {exc}") from exc
 
+    def _slice(self, name: str) -> Any:
+        file = self.files[name]
+        try:
+            return self._open(file).get_slice(name)
+        except SafetensorError as exc:
+            raise CheckpointError(f"{self.label}: {file} does not hold tensor {name!r} ({exc}).") from exc
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self.files[name]).get_slice(name).get_shape())
+        return tuple(self._slice(name).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
-        code = self._open(self.files[name]).get_slice(name).get_dtype()
+        code = self._slice(name).get_dtype()
         if code not in SAFETENSORS_DTYPES:
             raise CheckpointError(
                 f"{self.files[name]}: tensor {name!r} has dtype {code}, which mtlkit cannot merge."

@@ -116,6 +116,9 @@ class TIES(Merger):
     def granularity(self) -> str:
         return "model" if self.trim_scope == "global" else "tensor"
 
+    def begin(self) -> None:
+        self._thresholds = None
+
     def prepare(self, names: Sequence[str], pretrained: Loader | None, experts: Sequence[Loader]) -> None:
         if self.trim_scope != "global":
             return
