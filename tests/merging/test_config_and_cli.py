@@ -80,38 +80,89 @@ def test_our_config_and_the_cli(tmp_path):
     assert "scaling | 0.5 |" in (tmp_path / "merged" / "model.md").read_text()
 
 
-def test_a_mergekit_config_is_translated(tmp_path):
+def mergekit_file(tmp_path, name, config):
+    (tmp_path / name).write_text(yaml.safe_dump(config))
+    return load_merge_config(tmp_path / name)
+
+
+def test_a_mergekit_config_is_translated_with_mergekits_semantics(tmp_path):
     write_family(tmp_path, tasks=2)
-    mergekit = {
+    dare = {
         "merge_method": "dare_ties",
         "base_model": "base.safetensors",
         "models": [
+            {"model": "base.safetensors"},  # mergekit configs often list the base too
             {"model": "task0.safetensors", "parameters": {"weight": 0.7, "density": 0.4}},
             {"model": "task1.safetensors", "parameters": {"weight": 0.3, "density": 0.4}},
         ],
-        "parameters": {"lambda": 0.9},
+        "parameters": {"lambda": 0.9, "int8_mask": True},
+        "dtype": "float16",
     }
-    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(mergekit))
-    cfg = load_merge_config(tmp_path / "mk.yaml")
-    assert cfg.method == "dare" and cfg.source == "mergekit"
+    cfg = mergekit_file(tmp_path, "dare.yaml", dare)
+    assert cfg.method == "dare" and cfg.source == "mergekit" and list(cfg.experts) == ["task0", "task1"]
+    # dare_ties sums the agreeing values unless normalize: true (mergekit's default is false)
     assert cfg.options == {
         "combine": "ties",
         "rescale": "l1",
         "weights": [0.7, 0.3],
+        "aggregate": "disjoint_sum",
         "scaling": 0.9,
         "drop_rate": pytest.approx(0.6),
     }
-    assert list(cfg.experts) == ["task0", "task1"]
-    mergekit["merge_method"] = "nuslerp"
-    (tmp_path / "mk2.yaml").write_text(yaml.safe_dump(mergekit))
+    assert any("dtype" in n for n in cfg.notes)
+    # without density nothing is sparsified; a model's parameter wins over the global one
+    ties = {
+        "merge_method": "ties",
+        "base_model": "base.safetensors",
+        "models": [
+            {"model": "task0.safetensors", "parameters": {"weight": 2.0}},
+            {"model": "task1.safetensors"},
+        ],
+        "parameters": {"weight": 0.5},
+    }
+    cfg = mergekit_file(tmp_path, "ties.yaml", ties)
+    assert cfg.options["density"] == 1.0 and cfg.options["weights"] == [2.0, 0.5]
+    assert cfg.options["aggregate"] == "disjoint_mean" and cfg.options["scaling"] == 1.0
+    ta = {**ties, "merge_method": "task_arithmetic", "parameters": {"normalize": True}}
+    assert mergekit_file(tmp_path, "ta.yaml", ta).options["weights"] == [2.0 / 3.0, 1.0 / 3.0]
+    slerp = {
+        "merge_method": "slerp",
+        "base_model": "task0.safetensors",
+        "models": [{"model": "task0.safetensors"}, {"model": "task1.safetensors"}],
+        "parameters": {"t": 0.3},
+    }
+    cfg = mergekit_file(tmp_path, "slerp.yaml", slerp)
+    assert cfg.pretrained is None and list(cfg.experts) == ["task0", "task1"] and cfg.options == {"t": 0.3}
+    result = mk.merging.merge(cfg.pretrained, cfg.experts, cfg.method, **cfg.options)
+    assert set(result.state_dict) == set(load_file(str(tmp_path / "task0.safetensors")))
+
+
+def test_mergekit_configs_that_cannot_be_honoured_are_refused(tmp_path):
+    write_family(tmp_path, tasks=2)
+    base = {"merge_method": "ties", "base_model": "base.safetensors"}
+    two = [{"model": "task0.safetensors"}, {"model": "task1.safetensors"}]
     with pytest.raises(UnknownNameError, match="merge_method"):
-        load_merge_config(tmp_path / "mk2.yaml")
-    mergekit["merge_method"] = "ties"
-    mergekit["models"][1]["parameters"]["density"] = 0.5
-    (tmp_path / "mk3.yaml").write_text(yaml.safe_dump(mergekit))
+        mergekit_file(tmp_path, "a.yaml", {**base, "merge_method": "nuslerp", "models": two})
+    uneven = [
+        {"model": "task0.safetensors", "parameters": {"density": 0.4}},
+        {"model": "task1.safetensors", "parameters": {"density": 0.5}},
+    ]
     with pytest.raises(ConfigError, match="one 'density' for every model"):
-        load_merge_config(tmp_path / "mk3.yaml")
-    mergekit["models"][1]["parameters"] = {"weight": 1.0, "density": 0.4, "int8_mask": True}
-    (tmp_path / "mk4.yaml").write_text(yaml.safe_dump(mergekit))
-    with pytest.raises(ConfigError, match="int8_mask"):
-        load_merge_config(tmp_path / "mk4.yaml")
+        mergekit_file(tmp_path, "b.yaml", {**base, "models": uneven})
+    with pytest.raises(ConfigError, match="gradient or a filter"):
+        mergekit_file(tmp_path, "c.yaml", {**base, "models": two, "parameters": {"density": [0.2, 0.8]}})
+    with pytest.raises(ConfigError, match="slices"):
+        mergekit_file(tmp_path, "d.yaml", {**base, "slices": [], "models": two})
+    with pytest.raises(ConfigError, match="'rescale'"):
+        mergekit_file(tmp_path, "e.yaml", {**base, "models": two, "parameters": {"rescale": True}})
+
+
+def test_mergekit_breadcrumbs_keeps_mergekits_counts():
+    from mtlkit.merging.breadcrumbs import breadcrumb_mask
+
+    tau = torch.arange(1, 101, dtype=torch.float64)
+    keep = breadcrumb_mask(tau, 0.0, 0.01, density=0.9)
+    assert int(keep.sum()) == 90 and not keep[-1] and not keep[:9].any()
+    assert bool(breadcrumb_mask(tau, 0.0, 0.01, density=1.0).all())
+    crowded = breadcrumb_mask(tau, 0.0, 0.2, density=0.9)  # both do not fit: fewer from the top
+    assert int(crowded.sum()) == 90 and not crowded[-10:].any()

@@ -107,6 +107,8 @@ def merge(
     from mtlkit.merging.config import load_merge_config
 
     cfg = load_merge_config(config)
+    for note in cfg.notes:
+        typer.echo(f"note: {note}")
     result = run_merge(cfg.pretrained, cfg.experts, cfg.method, batchnorm=cfg.batchnorm, **cfg.options)
     path = result.save(output or cfg.output)
     typer.echo(

@@ -28,6 +28,7 @@ class MergeConfig:
     options: dict[str, Any] = field(default_factory=dict)
     batchnorm: str = "merge"
     source: str = "mtlkit"
+    notes: list[str] = field(default_factory=list)
 
 
 def load_merge_config(path: str | Path) -> MergeConfig:
@@ -73,97 +74,137 @@ def from_ours(raw: dict[str, Any], path: Path) -> MergeConfig:
     )
 
 
-#: mergekit method -> (mtlkit method, fixed options)
-MERGEKIT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "linear": ("average", {}),
-    "task_arithmetic": ("task_arithmetic", {}),
-    "ties": ("ties", {"trim_scope": "per_tensor"}),
-    "dare_linear": ("dare", {"combine": "task_arithmetic", "rescale": "l1"}),
-    "dare_ties": ("dare", {"combine": "ties", "rescale": "l1"}),
-    "breadcrumbs": ("breadcrumbs", {}),
-    "della": ("della", {"rescale": "l1"}),
-    "slerp": ("slerp", {}),
-    "model_stock": ("model_stock", {}),
+#: mergekit method -> (mtlkit method, fixed options, mergekit's default ``normalize``)
+MERGEKIT_METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "linear": ("average", {}, True),
+    "task_arithmetic": ("task_arithmetic", {}, False),
+    "ties": ("ties", {"trim_scope": "per_tensor", "sign_rule": "mass"}, True),
+    "dare_linear": ("dare", {"combine": "task_arithmetic", "rescale": "l1"}, False),
+    "dare_ties": ("dare", {"combine": "ties", "rescale": "l1"}, False),
+    "breadcrumbs": ("breadcrumbs", {}, False),
+    "della": ("della", {"rescale": "l1"}, True),
+    "slerp": ("slerp", {}, False),
+    "model_stock": ("model_stock", {}, False),
 }
+#: mergekit parameters mtlkit translates, and top-level keys that do not change the weights
+PARAMETERS = {"weight", "density", "lambda", "epsilon", "gamma", "t", "normalize", "int8_mask"}
+NOT_WEIGHTS = {"dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template"}
+TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "output", *NOT_WEIGHTS}
+
+
+def _scalar(value: Any, key: str, path: Path) -> Any:
+    if isinstance(value, (list, dict)):
+        raise ConfigError(
+            f"{path}: parameter {key!r} is a gradient or a filter ({type(value).__name__}); mtlkit takes one value."
+        )
+    return value
 
 
 def from_mergekit(raw: dict[str, Any], path: Path) -> MergeConfig:
-    """Translate a mergekit config. Per-model ``weight`` becomes ``weights``; per-model
-    ``density`` (one value for every model, since mtlkit's methods take one) becomes the method's
-    density or drop rate; ``lambda`` the scaling (mergekit's default 1.0); ``epsilon``, ``gamma``
-    and ``t`` carry over. Anything else is refused by name rather than ignored."""
+    """Translate a mergekit config with mergekit's semantics: a model's parameter wins over the
+    global one, which wins over mergekit's default (``density`` 1, i.e. no sparsification;
+    ``lambda`` 1; ``epsilon`` 0.15; ``gamma`` 0.01; ``normalize`` per method); per-model
+    ``weight`` becomes ``weights``; ``normalize`` picks the disjoint mean or sum (TIES-style
+    methods) or normalises the weights (task-arithmetic ones). mtlkit takes one ``density`` (and
+    ``epsilon``, ``gamma``) for every model. Gradients and filters, unknown parameters and unknown
+    keys are refused by name; keys that do not change the weights (``dtype``, tokenizer settings)
+    are noted in ``MergeConfig.notes``."""
     method = str(raw["merge_method"])
     if method not in MERGEKIT_METHODS:
         raise unknown_name("mergekit merge_method", method, MERGEKIT_METHODS)
-    name, options = MERGEKIT_METHODS[method]
-    options = dict(options)
+    unknown_keys = set(raw) - TOP_LEVEL
+    if unknown_keys:
+        raise ConfigError(f"{path}: mergekit key(s) {sorted(unknown_keys)} have no mtlkit counterpart.")
+    name, fixed, default_normalize = MERGEKIT_METHODS[method]
     models = raw.get("models") or []
     if not isinstance(models, list) or not models:
         raise ConfigError(f"{path}: models must be a list of {{model: path, parameters: {{...}}}}.")
-    experts: dict[str, str] = {}
-    per_model: dict[str, list[Any]] = {}
+    glob = {k: _scalar(v, k, path) for k, v in (raw.get("parameters") or {}).items()}
+    base = _path(raw.get("base_model"), path)
+    entries: list[tuple[str, dict[str, Any]]] = []
     for entry in models:
         model = entry.get("model") if isinstance(entry, dict) else entry
         if not isinstance(model, str):
             raise ConfigError(f"{path}: every entry of models needs a model path.")
-        experts[Path(model).stem or model] = str(_path(model, path))
-        for key, value in ((entry.get("parameters") or {}) if isinstance(entry, dict) else {}).items():
-            per_model.setdefault(key, []).append(value)
-    base = raw.get("base_model")
-    if base is not None and str(_path(base, path)) in experts.values():
-        experts = {k: v for k, v in experts.items() if v != str(_path(base, path))}
-    params = dict(raw.get("parameters") or {})
-    for key, values in per_model.items():
-        if len(values) != len(models) and key != "weight":
-            raise ConfigError(f"{path}: parameter {key!r} is given for some models only.")
-        params.setdefault(key, values if key == "weight" else values[0])
-        if key != "weight" and len(set(map(str, values))) > 1:
-            raise ConfigError(f"{path}: mtlkit takes one {key!r} for every model, got {values}.")
-    translated = _translate(method, name, params, path)
-    options.update(translated)
-    unknown = set(params) - TRANSLATED_KEYS
-    if unknown:
-        raise ConfigError(f"{path}: mergekit parameter(s) {sorted(unknown)} have no mtlkit counterpart.")
-    return MergeConfig(
+        params = (entry.get("parameters") or {}) if isinstance(entry, dict) else {}
+        entries.append((str(_path(model, path)), {k: _scalar(v, k, path) for k, v in params.items()}))
+    for key in {k for _, p in entries for k in p} | set(glob):
+        if key not in PARAMETERS:
+            raise ConfigError(f"{path}: mergekit parameter {key!r} has no mtlkit counterpart.")
+    pretrained: str | None = base
+    if name == "slerp":  # the base is the interpolation's start (t = 0)
+        if base is None:
+            raise ConfigError(f"{path}: slerp needs base_model (its t = 0 end).")
+        others = [e for e in entries if e[0] != base]
+        entries = [(base, next((p for m, p in entries if m == base), {})), *others]
+        pretrained = None
+    elif name == "average":  # linear uses every listed model and no base
+        pretrained = None
+    else:
+        entries = [e for e in entries if e[0] != base]
+    if not entries:
+        raise ConfigError(f"{path}: no models to merge besides the base.")
+
+    def value(params: dict[str, Any], key: str, default: Any) -> Any:
+        return params.get(key, glob.get(key, default))
+
+    experts: dict[str, str] = {}
+    for file, _ in entries:
+        stem = Path(file).stem if Path(file).suffix else Path(file).name
+        label, n = stem, 2
+        while label in experts:
+            label, n = f"{stem}_{n}", n + 1
+        experts[label] = file
+    options = dict(fixed)
+    weights = [float(value(p, "weight", 1.0)) for _, p in entries]
+    normalize = bool(value({}, "normalize", default_normalize))
+    for key, default in (("density", 1.0), ("epsilon", 0.15), ("gamma", 0.01)):
+        values = {float(value(p, key, default)) for _, p in entries}
+        if len(values) > 1:
+            raise ConfigError(f"{path}: mtlkit takes one {key!r} for every model, got {sorted(values)}.")
+    density = float(value(entries[0][1], "density", 1.0))
+    if name == "slerp":
+        options["t"] = float(value({}, "t", 0.5))
+    elif name == "average":
+        if not normalize:
+            raise ConfigError(
+                f"{path}: linear with normalize: false (a plain weighted sum) is not supported."
+            )
+        options["weights"] = weights
+    elif name == "model_stock":
+        pass
+    else:
+        options["scaling"] = float(value({}, "lambda", 1.0))
+        consensus = name == "ties" or (name == "dare" and fixed["combine"] == "ties") or name == "della"
+        if consensus:
+            options["weights"] = weights
+            options["aggregate"] = "disjoint_mean" if normalize else "disjoint_sum"
+        else:
+            total = sum(weights)
+            options["weights"] = [w / total for w in weights] if normalize and total else weights
+        if name == "ties":
+            options["density"] = density
+        elif name == "dare":
+            options["drop_rate"] = 1.0 - density
+        elif name == "della":
+            options["density"] = density
+            options["epsilon"] = float(value(entries[0][1], "epsilon", 0.15))
+        elif name == "breadcrumbs":
+            options["density"] = density
+            options["top"] = float(value(entries[0][1], "gamma", 0.01))
+    cfg = MergeConfig(
         name,
-        str(_path(base, path)) if base is not None else None,
+        pretrained,
         experts,
         str(_path(raw.get("output", "merged.safetensors"), path)),
         options,
         source="mergekit",
     )
-
-
-TRANSLATED_KEYS = {"weight", "density", "lambda", "epsilon", "gamma", "t", "normalize"}
-
-
-def _translate(method: str, name: str, params: dict[str, Any], path: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if "weight" in params and name not in ("slerp", "model_stock"):
-        weights = params["weight"]
-        out["weights"] = [float(w) for w in (weights if isinstance(weights, list) else [weights])]
-    if "lambda" in params:
-        out["scaling"] = float(params["lambda"])
-    elif name in ("task_arithmetic", "ties", "dare", "breadcrumbs", "della"):
-        out["scaling"] = 1.0  # mergekit's default lambda
-    if "density" in params:
-        density = float(params["density"])
-        if name == "ties":
-            out["density"] = density
-        elif name == "dare":
-            out["drop_rate"] = 1.0 - density
-        elif name == "della":
-            out["density"] = density
-        elif name == "breadcrumbs":
-            gamma = float(params.get("gamma", 0.01))
-            out["top"], out["bottom"] = gamma, max(0.0, 1.0 - density - gamma)
-    if "epsilon" in params:
-        out["epsilon"] = float(params["epsilon"])
-    if "t" in params:
-        out["t"] = float(params["t"])
-    if params.get("normalize") is False and name == "ties":
-        out["aggregate"] = "disjoint_sum"
-    return out
+    cfg.notes = [
+        f"{k} is not applied: mtlkit keeps each tensor's dtype and merges weights only"
+        for k in NOT_WEIGHTS & set(raw)
+    ]
+    return cfg
 
 
 def check_method_options(method: str, options: dict[str, Any]) -> None:

@@ -25,7 +25,8 @@ class DARE(Merger):
     (``rescale="exact"``, the paper's). ``rescale="l1"`` instead restores each tensor's L1 norm
     (mergekit's choice; a silent difference between the two libraries). The rescaled vectors are
     then merged by Task Arithmetic (``combine="task_arithmetic"``) or by TIES's sign election and
-    disjoint mean without its magnitude trim (``combine="ties"``, mergekit's ``dare_ties``).
+    disjoint merge without its magnitude trim (``combine="ties"``; ``aggregate`` chooses the
+    disjoint mean, the paper's, or sum, mergekit's ``dare_ties`` default).
 
     Defaults: drop rate 0.5 and scaling 0.3 (FusionBench's DARE+TA; the paper drops up to 0.9-0.99
     for language-model fine-tunes). The masks come from ``seed``, the tensor's name and the
@@ -41,7 +42,11 @@ class DARE(Merger):
         sign_rule: str = "mass",
         seed: int = 0,
         weights: Sequence[float] | None = None,
+        aggregate: str = "disjoint_mean",
     ) -> None:
+        if aggregate not in ("disjoint_mean", "disjoint_sum"):
+            raise unknown_name("aggregate", aggregate, ("disjoint_mean", "disjoint_sum"))
+        self.aggregate = aggregate
         if combine not in COMBINES:
             raise unknown_name("combine", combine, COMBINES)
         if rescale not in RESCALES:
@@ -70,7 +75,7 @@ class DARE(Merger):
         w = check_weights(self.weights, len(experts), "dare")
         taus = [self.drop(name, i, e.sub_(pretrained)) for i, e in enumerate(experts)]  # the experts are ours
         if self.combine == "ties":
-            merged = elect_and_merge(taus, w, self.sign_rule, "disjoint_mean")
+            merged = elect_and_merge(taus, w, self.sign_rule, self.aggregate)
         else:
             merged = torch.zeros_like(pretrained)
             for wi, t in zip(w, taus, strict=True):

@@ -33,7 +33,8 @@ class DELLA(Merger):
     2 epsilon r_i`` (``r_i`` its magnitude rank in [0, 1] within its row, as mergekit ranks them)
     and rescaled by ``1 / p_i`` (``rescale="exact"``; ``"l1"`` restores the tensor's L1 norm,
     mergekit's option); then TIES's sign election and disjoint mean, and ``theta_m = theta_0 +
-    scaling * tau_m``.
+    scaling * tau_m`` (``aggregate="disjoint_sum"`` for mergekit's ``normalize: false``; density 1
+    keeps everything, as mergekit).
 
     Defaults (mtlkit's; mergekit requires ``density`` and ``epsilon`` explicitly and the paper tunes
     them per setting): density 0.5, epsilon 0.1, scaling 1.0. Masks are seeded per tensor and
@@ -49,7 +50,11 @@ class DELLA(Merger):
         sign_rule: str = "mass",
         seed: int = 0,
         weights: Sequence[float] | None = None,
+        aggregate: str = "disjoint_mean",
     ) -> None:
+        if aggregate not in ("disjoint_mean", "disjoint_sum"):
+            raise unknown_name("aggregate", aggregate, ("disjoint_mean", "disjoint_sum"))
+        self.aggregate = aggregate
         if rescale not in RESCALES:
             raise unknown_name("rescale", rescale, RESCALES)
         if sign_rule not in SIGN_RULES:
@@ -63,6 +68,8 @@ class DELLA(Merger):
         self.weights = None if weights is None else [float(w) for w in weights]
 
     def prune(self, name: str, index: int, tau: Tensor) -> Tensor:
+        if self.density >= 1:  # nothing is dropped (as mergekit)
+            return tau
         probs = keep_probabilities(tau, self.density, self.epsilon)
         gen = torch.Generator().manual_seed(tensor_seed(self.seed, name, index))
         keep = torch.rand(tau.shape, generator=gen, dtype=torch.float64) < probs
@@ -76,4 +83,4 @@ class DELLA(Merger):
         assert pretrained is not None
         w = check_weights(self.weights, len(experts), "della")
         taus = [self.prune(name, i, e - pretrained) for i, e in enumerate(experts)]
-        return pretrained + self.scaling * elect_and_merge(taus, w, self.sign_rule, "disjoint_mean")
+        return pretrained + self.scaling * elect_and_merge(taus, w, self.sign_rule, self.aggregate)
