@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from mtlkit.core.yaml_files import read_yaml_mapping
 from mtlkit.errors import ConfigError
 
 
@@ -163,15 +162,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read and validate a YAML run configuration (``overrides``: dotted keys, validated too)."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"Config file {path} does not exist.") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    raw = raw or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}.")
+    raw = read_yaml_mapping(path)
     for dotted, value in (overrides or {}).items():
         target = raw
         *parents, last = dotted.split(".")

@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from mtlkit.core.yaml_files import read_yaml_mapping
 from mtlkit.errors import ConfigError, unknown_name
 from mtlkit.merging.base import MERGERS
 
@@ -35,14 +34,7 @@ def load_merge_config(path: str | Path) -> MergeConfig:
     """Read ``path``: mtlkit's format (``method: {name, options}``, ``pretrained``, ``experts:
     {name: path}``, ``output``) or mergekit's (``merge_method``, ``base_model``, ``models``)."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"Config file {path} does not exist.") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level.")
+    raw = read_yaml_mapping(path)
     cfg = from_mergekit(raw, path) if "merge_method" in raw else from_ours(raw, path)
     check_method_options(cfg.method, cfg.options)
     return cfg
