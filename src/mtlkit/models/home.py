@@ -113,9 +113,11 @@ class HoME(MultiTaskModule):
     - ``experts/<expert>/zeros``: the fraction of exactly-zero outputs of every expert (collapse);
     - ``degradation/<shared expert>/tasks``: how many tasks put at least half of a uniform share
       (``0.5 / visible experts``) of mean gate weight on each task-level shared expert, and
-      ``.../top_share`` the largest task's fraction of the total weight it receives;
-    - ``underfitting/<task>/own``, ``.../category``, ``.../shared``: the mean gate mass task t puts
-      on its own, its category's and the shared experts.
+      ``degradation/<shared expert>/top_share`` the largest task's fraction of the total weight
+      it receives;
+    - ``underfitting/<task>/own``, ``underfitting/<task>/category`` and
+      ``underfitting/<task>/shared``: the mean gate mass task t puts on its own, its category's
+      and the shared experts.
 
     No official code exists; this is a reconstruction from the paper's description, named as
     such. Choices where the description leaves room (mtlkit defaults): feature gates sit on the
