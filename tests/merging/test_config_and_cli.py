@@ -123,6 +123,10 @@ def test_a_mergekit_config_is_translated_with_mergekits_semantics(tmp_path):
     cfg = mergekit_file(tmp_path, "ties.yaml", ties)
     assert cfg.options["density"] == 1.0 and cfg.options["weights"] == [2.0, 0.5]
     assert cfg.options["aggregate"] == "disjoint_mean" and cfg.options["scaling"] == 1.0
+    della = mergekit_file(tmp_path, "della.yaml", {**ties, "merge_method": "della"})
+    assert della.options["density"] == 1.0 and della.options["epsilon"] == 0.15
+    merged = mk.merging.merge(della.pretrained, della.experts, della.method, **della.options)
+    assert set(merged.state_dict) == set(load_file(str(tmp_path / "base.safetensors")))
     ta = {**ties, "merge_method": "task_arithmetic", "parameters": {"normalize": True}}
     assert mergekit_file(tmp_path, "ta.yaml", ta).options["weights"] == [2.0 / 3.0, 1.0 / 3.0]
     slerp = {

@@ -155,6 +155,9 @@ def test_della_keeps_large_entries_more_often_and_is_unbiased_with_exact_rescale
     assert float((mean - t).abs().mean()) < 0.35 * float(t.abs().mean())
     with pytest.raises(ConfigError, match="density - epsilon"):
         mk.merging.merge(base, {"e": {"w": t}}, "della", density=0.1, epsilon=0.2)
+    # density 1 (mergekit's default) keeps every entry, whatever epsilon
+    full = mk.merging.merge(base, {"e": {"w": t}}, "della", density=1.0, epsilon=0.15).state_dict["w"]
+    torch.testing.assert_close(full, t)
 
 
 def test_wudi_is_exact_for_one_task_and_lowers_its_loss():

@@ -59,7 +59,7 @@ class DELLA(Merger):
             raise unknown_name("rescale", rescale, RESCALES)
         if sign_rule not in SIGN_RULES:
             raise unknown_name("sign_rule", sign_rule, SIGN_RULES)
-        if not (density - epsilon > 0 and density + epsilon <= 1 and epsilon >= 0):
+        if density < 1 and not (density - epsilon > 0 and density + epsilon <= 1 and epsilon >= 0):
             raise ConfigError(
                 f"della: need 0 < density - epsilon and density + epsilon <= 1, got {density}, {epsilon}."
             )
