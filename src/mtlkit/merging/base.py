@@ -104,6 +104,20 @@ def tensor_seed(seed: int, name: str, index: int) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode()) * 131 + index) % (2**63 - 1)
 
 
+def tensor_uniform(seed: int, name: str, index: int, shape: torch.Size) -> Tensor:
+    """Uniform [0, 1) float64 draws for tensor ``name`` of expert ``index`` (see
+    :func:`tensor_seed`): the random masks of DARE and DELLA."""
+    generator = torch.Generator().manual_seed(tensor_seed(seed, name, index))
+    return torch.rand(shape, generator=generator, dtype=torch.float64)
+
+
+def restore_l1(kept: Tensor, l1: float) -> Tensor:
+    """Rescale ``kept`` in place to the L1 norm ``l1`` (mergekit's rescale after dropping
+    entries); left as it is when nothing was kept."""
+    kept_l1 = float(kept.abs().sum())
+    return kept.mul_(l1 / kept_l1) if kept_l1 > 0 else kept
+
+
 __all__ = [
     "COMPUTE_DTYPE",
     "MERGERS",
@@ -113,5 +127,7 @@ __all__ = [
     "check_fraction",
     "check_weights",
     "register",
+    "restore_l1",
     "tensor_seed",
+    "tensor_uniform",
 ]

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from mtlkit.errors import unknown_name
-from mtlkit.merging.base import Merger, check_fraction, check_weights, register, tensor_seed
-from mtlkit.merging.ties import SIGN_RULES, elect_and_merge
+from mtlkit.merging.base import Merger, check_fraction, check_weights, register, restore_l1, tensor_uniform
+from mtlkit.merging.ties import DISJOINT_AGGREGATES, SIGN_RULES, elect_and_merge
 
 COMBINES = ("task_arithmetic", "ties")
 RESCALES = ("exact", "l1")
@@ -44,8 +44,8 @@ class DARE(Merger):
         weights: Sequence[float] | None = None,
         aggregate: str = "disjoint_mean",
     ) -> None:
-        if aggregate not in ("disjoint_mean", "disjoint_sum"):
-            raise unknown_name("aggregate", aggregate, ("disjoint_mean", "disjoint_sum"))
+        if aggregate not in DISJOINT_AGGREGATES:
+            raise unknown_name("aggregate", aggregate, DISJOINT_AGGREGATES)
         self.aggregate = aggregate
         if combine not in COMBINES:
             raise unknown_name("combine", combine, COMBINES)
@@ -62,13 +62,11 @@ class DARE(Merger):
 
     def drop(self, name: str, index: int, tau: Tensor) -> Tensor:
         """Drop and rescale ``tau`` in place."""
-        gen = torch.Generator().manual_seed(tensor_seed(self.seed, name, index))
         before = float(tau.abs().sum()) if self.rescale == "l1" else 0.0
-        tau.masked_fill_(torch.rand(tau.shape, generator=gen, dtype=torch.float64) < self.drop_rate, 0.0)
+        tau.masked_fill_(tensor_uniform(self.seed, name, index, tau.shape) < self.drop_rate, 0.0)
         if self.rescale == "exact":
             return tau.div_(1.0 - self.drop_rate)
-        kept_l1 = float(tau.abs().sum())
-        return tau.mul_(before / kept_l1) if kept_l1 > 0 else tau
+        return restore_l1(tau, before)
 
     def merge_tensor(self, name: str, pretrained: Tensor | None, experts: Sequence[Tensor]) -> Tensor:
         assert pretrained is not None

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from mtlkit.errors import ConfigError, unknown_name
-from mtlkit.merging.base import Merger, check_weights, register, tensor_seed
-from mtlkit.merging.ties import SIGN_RULES, elect_and_merge
+from mtlkit.merging.base import Merger, check_weights, register, restore_l1, tensor_uniform
+from mtlkit.merging.ties import DISJOINT_AGGREGATES, SIGN_RULES, elect_and_merge
 
 RESCALES = ("exact", "l1")
 
@@ -52,8 +52,8 @@ class DELLA(Merger):
         weights: Sequence[float] | None = None,
         aggregate: str = "disjoint_mean",
     ) -> None:
-        if aggregate not in ("disjoint_mean", "disjoint_sum"):
-            raise unknown_name("aggregate", aggregate, ("disjoint_mean", "disjoint_sum"))
+        if aggregate not in DISJOINT_AGGREGATES:
+            raise unknown_name("aggregate", aggregate, DISJOINT_AGGREGATES)
         self.aggregate = aggregate
         if rescale not in RESCALES:
             raise unknown_name("rescale", rescale, RESCALES)
@@ -71,13 +71,11 @@ class DELLA(Merger):
         if self.density >= 1:  # nothing is dropped (as mergekit)
             return tau
         probs = keep_probabilities(tau, self.density, self.epsilon)
-        gen = torch.Generator().manual_seed(tensor_seed(self.seed, name, index))
-        keep = torch.rand(tau.shape, generator=gen, dtype=torch.float64) < probs
+        keep = tensor_uniform(self.seed, name, index, tau.shape) < probs
         kept = torch.where(keep, tau, torch.zeros_like(tau))
         if self.rescale == "exact":
             return kept / probs
-        l1 = float(kept.abs().sum())
-        return kept * (float(tau.abs().sum()) / l1) if l1 > 0 else kept
+        return restore_l1(kept, float(tau.abs().sum()))
 
     def merge_tensor(self, name: str, pretrained: Tensor | None, experts: Sequence[Tensor]) -> Tensor:
         assert pretrained is not None

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.merging.base import Merger, check_fraction, register
-from mtlkit.merging.spectral import is_matrix, procrustes, svd
+from mtlkit.merging.spectral import is_matrix, mean_update, procrustes, svd
 
 
 @register("iso_c")
@@ -27,10 +27,10 @@ class IsoC(Merger):
 
     def merge_tensor(self, name: str, pretrained: Tensor | None, experts: Sequence[Tensor]) -> Tensor:
         assert pretrained is not None
-        taus = torch.stack([e - pretrained for e in experts])
+        taus = [e - pretrained for e in experts]
         if not is_matrix(pretrained):
-            return pretrained + self.scaling * taus.mean(0)
-        u, s, vh = svd(taus.sum(0))
+            return mean_update(pretrained, taus, self.scaling)
+        u, s, vh = svd(torch.stack(taus).sum(0))
         return pretrained + self.scaling * s.mean() * (u @ vh)
 
 
@@ -61,7 +61,7 @@ class IsoCTS(Merger):
         assert pretrained is not None
         taus = [e - pretrained for e in experts]
         if not is_matrix(pretrained):
-            return pretrained + self.scaling * torch.stack(taus).mean(0)
+            return mean_update(pretrained, taus, self.scaling)
         common, per_task = common_split(min(pretrained.shape), len(taus), self.common_fraction)
         u, s, vh = svd(torch.stack(taus).sum(0))
         uc, sc, vc = u[:, :common], s[:common], vh[:common]

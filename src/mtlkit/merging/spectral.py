@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -22,3 +24,9 @@ def procrustes(m: Tensor) -> Tensor:
 def is_matrix(t: Tensor) -> bool:
     """The spectral methods act on 2-D weights; everything else is averaged."""
     return t.dim() == 2
+
+
+def mean_update(pretrained: Tensor, taus: Sequence[Tensor], scaling: float) -> Tensor:
+    """``theta_0 + scaling * mean_t tau_t``: what the spectral methods give tensors that are not
+    2-D weights."""
+    return pretrained + scaling * torch.stack(list(taus)).mean(0)

@@ -14,6 +14,8 @@ from mtlkit.merging.base import COMPUTE_DTYPE, Loader, Merger, check_fraction, c
 TRIM_SCOPES = ("global", "per_tensor")
 SIGN_RULES = ("mass", "count")
 AGGREGATES = ("disjoint_mean", "disjoint_sum", "max")
+#: the aggregates of the methods that merge by TIES's election without its own trim (DARE, DELLA)
+DISJOINT_AGGREGATES = AGGREGATES[:2]
 
 
 def keep_threshold(magnitudes: Tensor, density: float) -> float:

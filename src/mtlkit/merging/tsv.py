@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.merging.base import Merger, register
-from mtlkit.merging.spectral import is_matrix, procrustes, svd
+from mtlkit.merging.spectral import is_matrix, mean_update, procrustes, svd
 
 
 @register("tsv")
@@ -31,7 +31,7 @@ class TSVMerge(Merger):
         assert pretrained is not None
         taus = [e - pretrained for e in experts]
         if not is_matrix(pretrained):
-            return pretrained + self.scaling * torch.stack(taus).mean(0)
+            return mean_update(pretrained, taus, self.scaling)
         k = max(1, min(pretrained.shape) // len(taus))
         us, ss, vs = [], [], []
         for tau in taus:
