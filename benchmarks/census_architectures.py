@@ -24,6 +24,8 @@ import statistics
 import time
 from pathlib import Path
 
+from tables import mean_sd
+
 #: label -> (registry name, options): sizes in the range of the MMoE paper's Census models,
 #: every expert [64] wide with [32] towers as in the demo
 MODELS: dict[str, tuple[str, dict]] = {
@@ -165,10 +167,6 @@ def table(results: list[dict], args, tasks: list[str], key: str) -> list[str]:
         )
         rows.setdefault((r["label"], r["method"]), []).append((r, dm))
 
-    def ms(values: list[float], fmt: str) -> str:
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):{fmt}} ± {sd:{fmt.lstrip('+')}}"
-
     best = key == "best_metrics"
     head = "| model | method | params | " + " | ".join(f"{t} AUC" for t in tasks) + " | Δm% (↑) |"
     head += " best epochs |" if best else " s / epoch |"
@@ -183,20 +181,20 @@ def table(results: list[dict], args, tasks: list[str], key: str) -> list[str]:
     )
     lines.append(
         f"| single-task SharedBottom | EW | {stl_params} | "
-        + " | ".join(ms(ref_auc[t], ".4f") for t in tasks)
+        + " | ".join(mean_sd(ref_auc[t], ".4f") for t in tasks)
         + f" | 0 | {extra} |"
     )
     for method in args.methods:
         for label in args.models:
             runs = rows[(label, method)]
-            aucs = " | ".join(ms([r[key][t]["auc"] for r, _ in runs], ".4f") for t in tasks)
+            aucs = " | ".join(mean_sd([r[key][t]["auc"] for r, _ in runs], ".4f") for t in tasks)
             extra = (
                 " ".join(str(r["best_epoch"]) for r, _ in runs)
                 if best
                 else f"{statistics.mean(r['seconds'] / r['epochs'] for r, _ in runs):.1f}"
             )
             lines.append(
-                f"| {label} | {method} | {runs[0][0]['params']:,} | {aucs} | {ms([d for _, d in runs], '+.3f')} | {extra} |"
+                f"| {label} | {method} | {runs[0][0]['params']:,} | {aucs} | {mean_sd([d for _, d in runs], '+.3f')} | {extra} |"
             )
     return lines
 

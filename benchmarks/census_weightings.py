@@ -19,6 +19,8 @@ import statistics
 import time
 from pathlib import Path
 
+from tables import mean_sd
+
 #: method label -> (registry name, options); the official defaults unless stated.
 METHODS: dict[str, tuple[str, dict]] = {
     "EW": ("ew", {}),
@@ -112,19 +114,15 @@ def report(results: list[dict], args, tasks: list[str], wall: float) -> str:
         )
         rows.setdefault(r["label"], []).append((r["metrics"], dm, r["seconds"]))
 
-    def ms(values: list[float], fmt: str) -> str:
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):{fmt}} ± {sd:{fmt.lstrip('+')}}"
-
     head = "| method | " + " | ".join(f"{t} AUC" for t in tasks) + " | Δm% (↑) | train s |"
     lines = [head, "|" + "---|" * (len(tasks) + 3)]
     ref_auc = {t: [stl[s][t]["auc"] for s in args.seeds] for t in tasks}
-    lines.append("| single-task | " + " | ".join(ms(ref_auc[t], ".4f") for t in tasks) + " | 0 | |")
+    lines.append("| single-task | " + " | ".join(mean_sd(ref_auc[t], ".4f") for t in tasks) + " | 0 | |")
     for label in args.methods:
         runs = rows[label]
-        aucs = " | ".join(ms([m[t]["auc"] for m, _, _ in runs], ".4f") for t in tasks)
+        aucs = " | ".join(mean_sd([m[t]["auc"] for m, _, _ in runs], ".4f") for t in tasks)
         lines.append(
-            f"| {label} | {aucs} | {ms([d for _, d, _ in runs], '+.3f')} | {statistics.mean(s for *_, s in runs):.0f} |"
+            f"| {label} | {aucs} | {mean_sd([d for _, d, _ in runs], '+.3f')} | {statistics.mean(s for *_, s in runs):.0f} |"
         )
     setup = (
         f"Census-Income (KDD), test split, MMoE 8x[64] experts, towers [32], Adam 1e-3, batch 1024, "

@@ -30,6 +30,8 @@ import statistics
 import time
 from pathlib import Path
 
+from tables import mean_sd
+
 CORRELATIONS = [1.0, 0.9, 0.7, 0.5, 0.0]
 #: configuration -> {model label: (registry name, options)}
 CONFIGS: dict[str, dict[str, tuple[str, dict]]] = {
@@ -128,10 +130,6 @@ def main() -> None:
 
 
 def report(results: list[dict], args, wall: float, load) -> str:
-    def ms(values: list[float], fmt: str = ".4f") -> str:
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):{fmt}} ± {sd:{fmt.lstrip('+')}}"
-
     by = {(r["config"], r["model"], r["p"], r["seed"]): r for r in results}
     out = [
         "# MMoE vs Shared-Bottom as the task correlation falls",
@@ -162,10 +160,10 @@ def report(results: list[dict], args, wall: float, load) -> str:
             gap_train = [a["train_loss"][-1] - b["train_loss"][-1] for a, b in zip(sb, mo, strict=True)]
             gap_test = [a["test_mse"] - b["test_mse"] for a, b in zip(sb, mo, strict=True)]
             out.append(
-                f"| {p:.1f} | {ms([r['label_corr'] for r in sb], '.2f')} | "
-                f"{ms([r['train_loss'][-1] for r in sb])} | {ms([r['train_loss'][-1] for r in mo])} | "
-                f"{ms(gap_train, '+.4f')} | {ms([r['test_mse'] for r in sb])} | "
-                f"{ms([r['test_mse'] for r in mo])} | {ms(gap_test, '+.4f')} |"
+                f"| {p:.1f} | {mean_sd([r['label_corr'] for r in sb], '.2f')} | "
+                f"{mean_sd([r['train_loss'][-1] for r in sb])} | {mean_sd([r['train_loss'][-1] for r in mo])} | "
+                f"{mean_sd(gap_train, '+.4f')} | {mean_sd([r['test_mse'] for r in sb])} | "
+                f"{mean_sd([r['test_mse'] for r in mo])} | {mean_sd(gap_test, '+.4f')} |"
             )
         out.append("")
     return "\n".join(out)
