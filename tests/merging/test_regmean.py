@@ -111,3 +111,15 @@ def test_regmean_plusplus_takes_later_layers_grams_on_the_merged_models_activati
                 return self.inner(x)
 
         mk.merging.merge(None, {n: Wrapped(m) for n, m in models.items()}, "regmean_plusplus", data=data)
+
+
+@pytest.mark.parametrize("method", ["regmean", "regmean_plusplus"])
+def test_regmean_refuses_a_model_without_linear_layers(method):
+    """It would silently be weight averaging (e.g. on a convolutional network)."""
+
+    def conv() -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(1, 2, 1), nn.Flatten())
+
+    data = {"a": [torch.randn(4, 1, 3, 3)], "b": [torch.randn(4, 1, 3, 3)]}
+    with pytest.raises(ConfigError, match="no nn.Linear"):
+        mk.merging.merge(None, {"a": conv(), "b": conv()}, method, data=data)

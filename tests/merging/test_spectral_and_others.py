@@ -176,8 +176,10 @@ def test_wudi_is_exact_for_one_task_and_lowers_its_loss():
     torch.testing.assert_close(
         mean["b"], sum(taus_b := [e["b"] - base["b"] for e in experts.values()]) / len(taus_b)
     )
-    only = merged_tau(base, experts, "wudi", select=r"^b$", steps=0)
-    assert torch.equal(only["w"], torch.zeros_like(only["w"]))  # not selected: the pretrained value
+    only = merged_tau(base, experts, "wudi", select=r"^w$", steps=0, others="mean")
+    torch.testing.assert_close(only["w"], sum(taus))  # selected: starts (and with 0 steps ends) at the sum
+    with pytest.raises(ConfigError, match="no tensor was optimised"):
+        merged_tau(base, experts, "wudi", select=r"^b$", steps=0)  # b is 1-D: WUDI would do nothing
 
 
 def test_wudi_closed_form_gradient_follows_the_autograd_trajectory():
@@ -278,3 +280,13 @@ def test_outputs_never_alias_the_callers_tensors():
     assert out["b"].data_ptr() != base["b"].data_ptr()
     with pytest.raises(ConfigError, match="batchnorm='pretrained' needs"):
         mk.merging.merge(None, experts, "average", batchnorm="pretrained")
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "wudi"])
+def test_one_by_one_convolutions_are_merged_as_the_matrices_they_are(method):
+    base, experts = vectors(3, shape=(6, 4))
+    as_conv = lambda sd: {"w": sd["w"].reshape(6, 4, 1, 1), "b": sd["b"]}  # noqa: E731
+    dense = merged_tau(base, experts, method)
+    conv = merged_tau(as_conv(base), {k: as_conv(v) for k, v in experts.items()}, method)
+    torch.testing.assert_close(conv["w"], dense["w"].reshape(6, 4, 1, 1))
+    torch.testing.assert_close(conv["b"], dense["b"])

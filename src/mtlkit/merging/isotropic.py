@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.merging.base import Merger, check_fraction, register
-from mtlkit.merging.spectral import is_matrix, mean_update, procrustes, svd
+from mtlkit.merging.spectral import as_matrix, is_matrix, mean_update, procrustes, svd
 
 
 @register("iso_c")
@@ -16,7 +16,7 @@ class IsoC(Merger):
     """Iso-C (Marczak, Magistri, Cygert, Twardowski, Bagdanov, van de Weijer, "No Task Left Behind:
     Isotropic Model Merging with Common and Task-Specific Subspaces", ICML 2025).
 
-    Per 2-D weight: the summed task vector ``Delta = U S V^T`` has its spectrum replaced by the
+    Per linear weight (2-D, or a 1x1 convolution kernel viewed as one): the summed task vector ``Delta = U S V^T`` has its spectrum replaced by the
     mean singular value, ``Delta_iso = mean(S) U V^T``; other tensors take the mean task vector.
     ``theta_m = theta_0 + scaling * Delta_iso``. Scaling: FusionBench's config 1.0 (its table used
     1.5); the paper picks it on validation.
@@ -30,8 +30,8 @@ class IsoC(Merger):
         taus = [e - pretrained for e in experts]
         if not is_matrix(pretrained):
             return mean_update(pretrained, taus, self.scaling)
-        u, s, vh = svd(torch.stack(taus).sum(0))
-        return pretrained + self.scaling * s.mean() * (u @ vh)
+        u, s, vh = svd(as_matrix(torch.stack(taus).sum(0)))
+        return pretrained + self.scaling * s.mean() * (u @ vh).reshape(pretrained.shape)
 
 
 def common_split(rank: int, tasks: int, fraction: float) -> tuple[int, int]:
@@ -49,7 +49,7 @@ class IsoCTS(Merger):
     singular directions of the summed task vectors, ``common_fraction`` of the rank, 0.8 by
     default) plus, per task, the top directions of what its task vector keeps outside that
     subspace. The stacked left and right directions are made orthonormal by Procrustes and every
-    singular value is set to their mean. Non-2-D tensors take the mean task vector.
+    singular value is set to their mean. Other tensors take the mean task vector.
     ``theta_m = theta_0 + scaling * Delta`` (scaling 1.0, FusionBench's config).
     """
 
@@ -62,7 +62,8 @@ class IsoCTS(Merger):
         taus = [e - pretrained for e in experts]
         if not is_matrix(pretrained):
             return mean_update(pretrained, taus, self.scaling)
-        common, per_task = common_split(min(pretrained.shape), len(taus), self.common_fraction)
+        taus = [as_matrix(t) for t in taus]
+        common, per_task = common_split(min(taus[0].shape), len(taus), self.common_fraction)
         u, s, vh = svd(torch.stack(taus).sum(0))
         uc, sc, vc = u[:, :common], s[:common], vh[:common]
         us, ss, vs = [], [], []
@@ -74,4 +75,4 @@ class IsoCTS(Merger):
         u_all = procrustes(torch.cat([*us, uc], dim=1))
         v_all = procrustes(torch.cat([*vs, vc], dim=0).T)
         sigma = torch.cat([*ss, sc]).mean()
-        return pretrained + self.scaling * sigma * (u_all @ v_all.T)
+        return pretrained + self.scaling * sigma * (u_all @ v_all.T).reshape(pretrained.shape)

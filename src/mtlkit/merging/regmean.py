@@ -109,7 +109,14 @@ class RegMean(Merger):
         inputs = first_inputs(batches, self.max_batches)
         if not inputs:
             raise ConfigError(f"regmean: no batches for expert {name!r}.")
-        for key, gram in linear_grams(module, inputs).items():
+        grams = linear_grams(module, inputs)
+        if not grams:
+            # without a linear layer RegMean would silently be weight averaging
+            raise ConfigError(
+                f"{type(self).__name__}: expert {name!r} has no nn.Linear layer to solve for (it would "
+                "reduce to weight averaging; use method='average' if that is what you want)."
+            )
+        for key, gram in grams.items():
             slots = self._grams.setdefault(key, [])
             slots.extend([None] * (index + 1 - len(slots)))
             slots[index] = gram
@@ -161,6 +168,11 @@ class RegMeanPlusPlus(RegMean):
         inputs = [[x.to(COMPUTE_DTYPE) for x in first_inputs(d, self.max_batches)] for d in data]
         if any(not xs for xs in inputs):
             raise ConfigError("regmean_plusplus: an expert has no batches.")
+        if not any(isinstance(m, nn.Linear) for m in modules[0].modules()):
+            raise ConfigError(
+                "regmean_plusplus: the experts have no nn.Linear layer to solve for (it would reduce "
+                "to weight averaging)."
+            )
         experts = [copy.deepcopy(m).to(COMPUTE_DTYPE).eval() for m in modules]
         blocks = [list(m.children()) for m in experts]
         merged = copy.deepcopy(experts[0])

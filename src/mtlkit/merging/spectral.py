@@ -22,8 +22,16 @@ def procrustes(m: Tensor) -> Tensor:
 
 
 def is_matrix(t: Tensor) -> bool:
-    """The spectral methods act on 2-D weights; everything else is averaged."""
-    return t.dim() == 2
+    """The spectral methods act on linear maps: 2-D weights, and 1x1 convolution kernels
+    (out, in, 1, 1), which are the same map applied at every position. Treating the latter as
+    matrices is our extension (the papers and FusionBench work on ViTs, which have none); every
+    other tensor gets the mean task vector."""
+    return t.dim() == 2 or (t.dim() == 4 and tuple(t.shape[2:]) == (1, 1))
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    """A linear map's weight as (out, in) (a view of a 1x1 kernel)."""
+    return t.reshape(t.shape[0], -1)
 
 
 def mean_update(pretrained: Tensor, taus: Sequence[Tensor], scaling: float) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.merging.base import Merger, register
-from mtlkit.merging.spectral import is_matrix, mean_update, procrustes, svd
+from mtlkit.merging.spectral import as_matrix, is_matrix, mean_update, procrustes, svd
 
 
 @register("tsv")
@@ -16,7 +16,7 @@ class TSVMerge(Merger):
     """TSV-M (Gargiulo, Crisostomi, Bucarelli, Scardapane, Silvestri, Rodolà, "Task Singular
     Vectors: Reducing Task Interference in Model Merging", CVPR 2025).
 
-    Per 2-D weight of rank r: keep each task vector's top ``k = floor(r / T)`` singular triplets
+    Per linear weight of rank r (2-D, or a 1x1 convolution kernel viewed as one): keep each task vector's top ``k = floor(r / T)`` singular triplets
     (at least one), stack the kept left and right singular vectors of every task, make each
     stack orthonormal by orthogonal Procrustes (removing the interference between the tasks'
     subspaces), and recombine with the kept singular values:
@@ -32,7 +32,8 @@ class TSVMerge(Merger):
         taus = [e - pretrained for e in experts]
         if not is_matrix(pretrained):
             return mean_update(pretrained, taus, self.scaling)
-        k = max(1, min(pretrained.shape) // len(taus))
+        taus = [as_matrix(t) for t in taus]
+        k = max(1, min(taus[0].shape) // len(taus))
         us, ss, vs = [], [], []
         for tau in taus:
             u, s, vh = svd(tau)
@@ -41,4 +42,4 @@ class TSVMerge(Merger):
             vs.append(vh[:k].T)
         u_perp = procrustes(torch.cat(us, dim=1))
         v_perp = procrustes(torch.cat(vs, dim=1))
-        return pretrained + self.scaling * (u_perp * torch.cat(ss)) @ v_perp.T
+        return pretrained + self.scaling * ((u_perp * torch.cat(ss)) @ v_perp.T).reshape(pretrained.shape)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from mtlkit.errors import ConfigError, unknown_name
 from mtlkit.merging.base import Merger, register
+from mtlkit.merging.spectral import as_matrix, is_matrix
 
 OTHERS = ("pretrained", "mean")
 
@@ -47,7 +49,8 @@ class WUDI(Merger):
     """WUDI-Merging (Cheng, Xiong, Wei, Zhu, Yuan, "Whoever Started the Interference Should End It:
     Guiding Data-Free Model Merging via Task Vectors", ICML 2025).
 
-    Per selected 2-D weight: ``tau_m`` starts at ``sum_t tau_t`` and takes ``steps`` Adam steps
+    Per selected linear weight (2-D, or a 1x1 convolution kernel viewed as one; see
+    :func:`~mtlkit.merging.spectral.is_matrix`): ``tau_m`` starts at ``sum_t tau_t`` and takes ``steps`` Adam steps
     (lr ``lr``, no weight decay) on :func:`wudi_loss`; ``theta_m = theta_0 + tau_m`` (no scaling
     coefficient). Official defaults: 300 steps, lr 1e-5 (FusionBench: 400 steps). The loss is a
     quadratic in ``tau_m``, so its gradient is formed in closed form (:func:`wudi_quadratic`), T
@@ -57,7 +60,7 @@ class WUDI(Merger):
     vectors; on small models it barely moves ``tau_m`` from the sum (the benchmark reports lr 1e-4).
 
     ``select``: a regular expression on tensor names choosing the weights to optimise (default:
-    every 2-D tensor, as FusionBench; the official ViT code takes only the attention and MLP
+    every linear weight, as FusionBench; the official ViT code takes only the attention and MLP
     projection weights, e.g. ``select=r"(attn|mlp)\\..*weight$"``). ``others``: what the other
     tensors get, ``"pretrained"`` (the official code keeps theta_0) or ``"mean"`` (the mean task
     vector, FusionBench).
@@ -75,9 +78,13 @@ class WUDI(Merger):
         except re.error as exc:
             raise ConfigError(f"wudi: select is not a regular expression: {exc}") from exc
         self.steps, self.lr, self.select, self.others = int(steps), float(lr), select, others
+        self._optimised = 0
+
+    def begin(self) -> None:
+        self._optimised = 0
 
     def selected(self, name: str, t: Tensor) -> bool:
-        if t.dim() != 2:
+        if not is_matrix(t):
             return False
         return self._pattern is None or self._pattern.search(name) is not None
 
@@ -86,10 +93,21 @@ class WUDI(Merger):
         taus = [e - pretrained for e in experts]
         if not self.selected(name, pretrained):
             return pretrained if self.others == "pretrained" else pretrained + torch.stack(taus).mean(0)
+        self._optimised += 1
+        shape = pretrained.shape
+        taus = [as_matrix(t) for t in taus]
         gram, target = wudi_quadratic(taus)
         merged = torch.stack(taus).sum(0)
         optimizer = torch.optim.Adam([merged], lr=self.lr, weight_decay=0.0)
         for _ in range(self.steps):
             merged.grad = 2.0 * (merged @ gram - target)  # the exact gradient of wudi_loss
             optimizer.step()
-        return pretrained + merged
+        return pretrained + merged.reshape(shape)
+
+    def finish(self, experts: Sequence[str]) -> dict[str, Any]:
+        if self._optimised == 0:
+            raise ConfigError(
+                "wudi: no tensor was optimised (no 2-D or 1x1-convolution weight matches select="
+                f"{self.select!r}); the result would be the {self.others} model, not WUDI."
+            )
+        return {}
