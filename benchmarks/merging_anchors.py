@@ -241,25 +241,47 @@ def cases(a: Anchors, files: Path, scratch: Path) -> list[Case]:
         ),
         Case(
             "TIES, global top 20%, disjoint sum (FusionBench's default)",
-            ours("ties", density=0.2, scaling=0.3, trim_scope="global", aggregate="disjoint_sum"),
+            ours(
+                "ties",
+                density=0.2,
+                scaling=0.3,
+                trim_scope="global",
+                aggregate="disjoint_sum",
+                rounding="ties_code",
+            ),
             {"FusionBench": lambda: a.fb_ties(0.3, 20, "sum")},
-            "FusionBench keeps int(density n) + 1 entries (the TIES code's kthvalue), mtlkit ceil(density n)",
+            "mtlkit with rounding='ties_code' (FusionBench keeps int(density n) + 1 entries, as the TIES code)",
         ),
         Case(
             "TIES, global top 20%, disjoint mean (the paper's)",
-            ours("ties", density=0.2, scaling=0.3, trim_scope="global", aggregate="disjoint_mean"),
+            ours(
+                "ties",
+                density=0.2,
+                scaling=0.3,
+                trim_scope="global",
+                aggregate="disjoint_mean",
+                rounding="ties_code",
+            ),
             {"FusionBench": lambda: a.fb_ties(0.3, 20, "mean")},
+            "as above",
         ),
         Case(
             "TIES, per tensor top 20%, disjoint mean (mergekit's)",
-            ours("ties", density=0.2, scaling=0.3, trim_scope="per_tensor", aggregate="disjoint_mean"),
+            ours(
+                "ties",
+                density=0.2,
+                scaling=0.3,
+                trim_scope="per_tensor",
+                aggregate="disjoint_mean",
+                rounding="floor",
+            ),
             {
                 "mergekit": lambda: a.mk(
                     "ties", {"density": 0.2, "weight": 1.0, "lambda": 0.3, "normalize": True}
                 )
             },
-            "mergekit keeps int(density n) entries per tensor, mtlkit ceil(density n); a coordinate whose "
-            "votes cancel exactly goes to + in mergekit, to the tensor's total sign in mtlkit (the TIES code's)",
+            "mtlkit with rounding='floor' (mergekit keeps int(density n) entries per tensor), as a mergekit "
+            "YAML is translated",
         ),
         Case(
             "TIES per tensor from files (streamed)",
@@ -272,6 +294,7 @@ def cases(a: Anchors, files: Path, scratch: Path) -> list[Case]:
                     scaling=0.3,
                     trim_scope="per_tensor",
                     aggregate="disjoint_mean",
+                    rounding="floor",
                 ).state_dict
             ),
             {"mergekit": mk_files("ties", {"density": 0.2, "weight": 1.0, "lambda": 0.3, "normalize": True})},

@@ -123,6 +123,7 @@ def test_a_mergekit_config_is_translated_with_mergekits_semantics(tmp_path):
     cfg = mergekit_file(tmp_path, "ties.yaml", ties)
     assert cfg.options["density"] == 1.0 and cfg.options["weights"] == [2.0, 0.5]
     assert cfg.options["aggregate"] == "disjoint_mean" and cfg.options["scaling"] == 1.0
+    assert cfg.options["rounding"] == "floor"  # mergekit keeps int(density n) entries per tensor
     della = mergekit_file(tmp_path, "della.yaml", {**ties, "merge_method": "della"})
     assert della.options["density"] == 1.0 and della.options["epsilon"] == 0.15
     merged = mk.merging.merge(della.pretrained, della.experts, della.method, **della.options)

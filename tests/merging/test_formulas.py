@@ -20,7 +20,7 @@ from mtlkit.errors import (
     ShapeMismatchError,
     UnknownNameError,
 )
-from mtlkit.merging.ties import TIES, elect_and_merge, keep_threshold
+from mtlkit.merging.ties import TIES, elect_and_merge, keep_count, keep_threshold
 
 
 def net(seed: int) -> nn.Module:
@@ -102,6 +102,12 @@ def test_ties_sign_election_and_disjoint_merges_by_hand():
 def test_ties_trims_the_top_density_globally_or_per_tensor():
     assert keep_threshold(torch.tensor([1.0, 5.0, 3.0, 2.0, 4.0]), 0.4) == 4.0
     assert keep_threshold(torch.tensor([1.0, 2.0]), 1.0) == float("-inf")
+    # 0.3 of 5 entries: ceil keeps 2, mergekit's floor 1, the TIES code's kthvalue int + 1 = 2;
+    # 0.4 of 5 (a whole 2): ceil 2, floor 2, the TIES code 3
+    values = torch.tensor([1.0, 5.0, 3.0, 2.0, 4.0])
+    assert [keep_count(5, 0.3, r) for r in ("ceil", "floor", "ties_code")] == [2, 1, 2]
+    assert [keep_threshold(values, 0.4, r) for r in ("ceil", "floor", "ties_code")] == [4.0, 4.0, 3.0]
+    assert keep_count(5, 1.0, "ties_code") == 5 and keep_count(5, 0.01, "floor") == 1
     base = {"a": torch.zeros(4), "b": torch.zeros(4)}
     expert = {"a": torch.tensor([1.0, 2.0, 3.0, 4.0]), "b": torch.tensor([10.0, 20.0, 30.0, 40.0])}
     glob = mk.merging.merge(base, {"e": expert}, "ties", density=0.25, trim_scope="global").state_dict

@@ -70,7 +70,7 @@ def from_ours(raw: dict[str, Any], path: Path) -> MergeConfig:
 MERGEKIT_METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "linear": ("average", {}, True),
     "task_arithmetic": ("task_arithmetic", {}, False),
-    "ties": ("ties", {"trim_scope": "per_tensor", "sign_rule": "mass"}, True),
+    "ties": ("ties", {"trim_scope": "per_tensor", "sign_rule": "mass", "rounding": "floor"}, True),
     "dare_linear": ("dare", {"combine": "task_arithmetic", "rescale": "l1"}, False),
     "dare_ties": ("dare", {"combine": "ties", "rescale": "l1"}, False),
     "breadcrumbs": ("breadcrumbs", {}, False),

@@ -14,15 +14,29 @@ from mtlkit.merging.base import COMPUTE_DTYPE, Loader, Merger, check_fraction, c
 TRIM_SCOPES = ("global", "per_tensor")
 SIGN_RULES = ("mass", "count")
 AGGREGATES = ("disjoint_mean", "disjoint_sum", "max")
+#: how many of n entries "the top density fraction" is: ceil(d n) (ours), int(d n) (mergekit) or
+#: int(d n) + 1 (the TIES code's kthvalue, which FusionBench keeps)
+ROUNDINGS = ("ceil", "floor", "ties_code")
 #: the aggregates of the methods that merge by TIES's election without its own trim (DARE, DELLA)
 DISJOINT_AGGREGATES = AGGREGATES[:2]
 
 
-def keep_threshold(magnitudes: Tensor, density: float) -> float:
+def keep_count(n: int, density: float, rounding: str = "ceil") -> int:
+    """The number of entries the top ``density`` fraction of ``n`` keeps (see :data:`ROUNDINGS`)."""
+    if rounding == "ceil":
+        return max(1, math.ceil(density * n))
+    if rounding == "floor":
+        return max(1, int(density * n))
+    if rounding == "ties_code":
+        return min(n, int(density * n) + 1)
+    raise unknown_name("rounding", rounding, ROUNDINGS)
+
+
+def keep_threshold(magnitudes: Tensor, density: float, rounding: str = "ceil") -> float:
     """The smallest magnitude kept when the top ``density`` fraction of ``magnitudes`` (by value)
-    is kept: the ceil(density * n)-th largest. Ties at the threshold are all kept."""
+    is kept: the :func:`keep_count`-th largest. Ties at the threshold are all kept."""
     n = magnitudes.numel()
-    keep = max(1, math.ceil(density * n))
+    keep = keep_count(n, density, rounding)
     if keep >= n:
         return float("-inf")
     return float(torch.kthvalue(magnitudes.reshape(-1), n - keep + 1).values)
@@ -84,7 +98,10 @@ class TIES(Merger):
     - ``sign_rule``: ``"mass"`` (the sign of the summed values, the paper's) or ``"count"`` (the
       majority of signs, ties to +; mergekit's option);
     - ``aggregate``: ``"disjoint_mean"`` (the paper), ``"disjoint_sum"`` (FusionBench's default,
-      with scaling 0.3) or ``"max"`` (the largest agreeing magnitude).
+      with scaling 0.3) or ``"max"`` (the largest agreeing magnitude);
+    - ``rounding``: how many entries "the top ``density``" is, ``"ceil"`` (ceil(density n), ours),
+      ``"floor"`` (int(density n), mergekit) or ``"ties_code"`` (int(density n) + 1, what the
+      TIES code's ``kthvalue`` keeps, and FusionBench with it).
 
     Defaults: density 0.2 (k = 20%), global trim, mass sign, disjoint mean, scaling 1.0 (the
     paper tunes it on validation, typically near 1 with the disjoint mean). With ``weights`` the
@@ -101,7 +118,11 @@ class TIES(Merger):
         sign_rule: str = "mass",
         aggregate: str = "disjoint_mean",
         weights: Sequence[float] | None = None,
+        rounding: str = "ceil",
     ) -> None:
+        if rounding not in ROUNDINGS:
+            raise unknown_name("rounding", rounding, ROUNDINGS)
+        self.rounding = rounding
         if trim_scope not in TRIM_SCOPES:
             raise unknown_name("trim_scope", trim_scope, TRIM_SCOPES)
         if sign_rule not in SIGN_RULES:
@@ -134,7 +155,9 @@ class TIES(Merger):
                     for n in names
                 ]
             )
-            thresholds.append(keep_threshold(mags, self.density) if mags.numel() else float("inf"))
+            thresholds.append(
+                keep_threshold(mags, self.density, self.rounding) if mags.numel() else float("inf")
+            )
         self._thresholds = thresholds
 
     def trim(self, tau: Tensor, index: int) -> Tensor:
@@ -146,7 +169,9 @@ class TIES(Merger):
                 )
             threshold = self._thresholds[index]
         else:
-            threshold = keep_threshold(tau.abs(), self.density) if tau.numel() else float("inf")
+            threshold = (
+                keep_threshold(tau.abs(), self.density, self.rounding) if tau.numel() else float("inf")
+            )
         return tau.masked_fill_(tau.abs() < threshold, 0.0)
 
     def merge_tensor(self, name: str, pretrained: Tensor | None, experts: Sequence[Tensor]) -> Tensor:
