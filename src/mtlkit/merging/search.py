@@ -55,7 +55,7 @@ def select_scaling(
     if "scaling" in options:
         raise ConfigError("select_scaling chooses scaling itself; do not pass it.")
     scores: dict[float, float] = {}
-    results: dict[float, MergeResult] = {}
+    kept: dict[float, MergeResult] = {}  # only the best merge so far: one model in memory, not one per value
 
     def score(value: float) -> float:
         if value not in scores:
@@ -63,7 +63,10 @@ def select_scaling(
             s = float(evaluate(result))
             if math.isnan(s):
                 raise ConfigError(f"evaluate returned NaN for scaling {value}.")
-            scores[value], results[value] = s, result
+            scores[value] = s
+            if not kept or (s, -value) > max((scores[v], -v) for v in kept):
+                kept.clear()
+                kept[value] = result
         return scores[value]
 
     if search == "grid":
@@ -98,4 +101,4 @@ def select_scaling(
             "the optimum may lie outside it.",
             stacklevel=2,
         )
-    return ScalingSearch(best, results[best], dict(sorted(scores.items())), edge)
+    return ScalingSearch(best, kept[best], dict(sorted(scores.items())), edge)

@@ -25,8 +25,13 @@ def is_matrix(t: Tensor) -> bool:
     """The spectral methods act on linear maps: 2-D weights, and 1x1 convolution kernels
     (out, in, 1, 1), which are the same map applied at every position. Treating the latter as
     matrices is our extension (the papers and FusionBench work on ViTs, which have none); every
-    other tensor gets the mean task vector."""
-    return t.dim() == 2 or (t.dim() == 4 and tuple(t.shape[2:]) == (1, 1))
+    other tensor gets the mean task vector. A kernel with one input or one output channel is a
+    per-channel scale, not a map between spaces, and is not a matrix here; a grouped 1x1 kernel
+    cannot be told from its shape and would be treated as dense: leave such models to the 2-D path
+    by merging with a method that does not factorise."""
+    if t.dim() == 2:
+        return True
+    return t.dim() == 4 and tuple(t.shape[2:]) == (1, 1) and t.shape[0] > 1 and t.shape[1] > 1
 
 
 def as_matrix(t: Tensor) -> Tensor:

