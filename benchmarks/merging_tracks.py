@@ -46,7 +46,6 @@ from mtlkit.bench.merging_track import (
 from mtlkit.merging import merge, select_scaling
 from tables import mean_sd
 
-
 #: scales tried on validation: fine near 0 (Task Arithmetic's optimum on small models) and up to 3
 #: (Iso-C's flattened spectrum needs more than 1); the pilots' 0.1..2.0 put both on the edge
 GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0)
