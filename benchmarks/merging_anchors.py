@@ -10,6 +10,10 @@ mtlkit's merged tensors and each anchor's (over every tensor), wall time (median
 rounds) and the peak resident memory of one call above its start (the kernel's peak counter, reset
 before each call; the script runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed blocks leave the
 process at once and every call is measured from the same floor). Ratios are anchor / mtlkit.
+Every call gets ready inputs: FusionBench's module pools are built before the meters start (they
+are consumed by its algorithms, so one per call); the rounds rotate the order of the libraries.
+The file rows go from files to a written safetensors file in both libraries (mtlkit's ``save``,
+mergekit-pytorch's writer); the file is read back for the comparison outside the meters.
 Where the libraries' definitions differ, the row says which switch of mtlkit's reproduces the
 anchor, or why the numbers cannot agree (different random streams). One thread.
 """
@@ -51,13 +55,24 @@ def _status(key: str) -> int:
     raise RuntimeError(key)
 
 
-def measure(run: Callable[[], StateDict]) -> tuple[StateDict, float, float]:
+def measure(run: Callable[[], Any]) -> tuple[Any, float, float]:
     Path("/proc/self/clear_refs").write_text("5")
     base = _status("VmRSS")
     start = time.perf_counter()
     out = run()
     seconds = time.perf_counter() - start
     return out, seconds, (_status("VmHWM") - base) / 1024
+
+
+def measure_impl(impl: Any) -> tuple[StateDict, float, float]:
+    """Prepare outside the meters, run under them; a file written is read back afterwards."""
+    if isinstance(impl, Prepared):
+        prepared = impl.prepare()
+        out, seconds, peak = measure(lambda: impl.run(prepared))
+        del prepared
+    else:
+        out, seconds, peak = measure(impl)
+    return (load_file(out) if isinstance(out, Path) else out), seconds, peak
 
 
 def max_diff(a: StateDict, b: StateDict) -> float:
@@ -89,36 +104,42 @@ class Anchors:
         out.update({f"expert_{i}": self.module(e) for i, e in enumerate(self.experts)})
         return out
 
-    def fb_task_arithmetic(self, scaling: float) -> StateDict:
+    def fb_task_arithmetic(self, pool: dict[str, nn.Module], scaling: float) -> StateDict:
         from fusion_bench.method import TaskArithmeticAlgorithm
 
         with quiet():
-            return dict(TaskArithmeticAlgorithm(scaling_factor=scaling).run(self.pool()).state_dict())
+            return dict(TaskArithmeticAlgorithm(scaling_factor=scaling).run(pool).state_dict())
 
-    def fb_ties(self, scaling: float, percent: float, merge_func: str) -> StateDict:
+    def fb_ties(
+        self, pool: dict[str, nn.Module], scaling: float, percent: float, merge_func: str
+    ) -> StateDict:
         from fusion_bench.method import TiesMergingAlgorithm
 
         algorithm = TiesMergingAlgorithm(
             scaling_factor=scaling, threshold=percent, remove_keys=[], merge_func=merge_func
         )
         with quiet():
-            return dict(algorithm.run(self.pool()).state_dict())
+            return dict(algorithm.run(pool).state_dict())
 
     def fb_average(self) -> StateDict:
         from fusion_bench.method.simple_average import simple_average
 
         return dict(simple_average([dict(e) for e in self.experts]))
 
-    def fb_dare(self, scaling: float, drop: float) -> StateDict:
+    def fb_dare(self, pool: Any, scaling: float, drop: float) -> StateDict:
         from fusion_bench.method import DareTaskArithmetic
-        from fusion_bench.modelpool import BaseModelPool
 
         algorithm = DareTaskArithmetic(
             scaling_factor=scaling, sparsity_ratio=drop, only_on_linear_weights=False, rescale=True
         )
         torch.manual_seed(0)
         with quiet():
-            return dict(algorithm.run(BaseModelPool(self.pool())).state_dict())
+            return dict(algorithm.run(pool).state_dict())
+
+    def dare_pool(self) -> Any:
+        from fusion_bench.modelpool import BaseModelPool
+
+        return BaseModelPool(self.pool())
 
     def _task_vectors(self) -> list[StateDict]:
         return [{k: e[k] - self.pretrained[k] for k in self.pretrained} for e in self.experts]
@@ -171,7 +192,7 @@ class Anchors:
         models = {"a": self.experts[0], "b": self.experts[1]}
         return dict(merge_state_dicts(models, "slerp", parameters={"t": t}, base="a"))
 
-    def mk_files(self, folder: Path, method: str, parameters: dict[str, Any], out: Path) -> StateDict:
+    def mk_files(self, folder: Path, method: str, parameters: dict[str, Any], out: Path) -> Path:
         """mergekit-pytorch's in-process path: one lazy task per tensor over the files."""
         from mergekit.graph import Executor
         from mergekit.options import MergeOptions
@@ -195,14 +216,26 @@ class Anchors:
             config, str(out), tensor_union=False, tensor_intersection=False, options=MergeOptions(quiet=True)
         )
         Executor(tasks, math_device="cpu", storage_device="cpu").execute()
-        return load_file(out / "model.safetensors")
+        return out / "model.safetensors"  # read back outside the timer
+
+
+@dataclass
+class Prepared:
+    """A call whose inputs are built before the meters start (FusionBench's module pools: the
+    other libraries are handed ready state dicts too)."""
+
+    prepare: Callable[[], Any]
+    run: Callable[[Any], StateDict | Path]
+
+
+Impl = Callable[[], StateDict | Path] | Prepared
 
 
 @dataclass
 class Case:
     label: str
-    ours: Callable[[], StateDict]
-    anchors: dict[str, Callable[[], StateDict]]
+    ours: Impl
+    anchors: dict[str, Impl]
     note: str = ""
 
 
@@ -216,23 +249,30 @@ def cases(a: Anchors, files: Path, scratch: Path) -> list[Case]:
 
     counter = iter(range(10**6))
 
-    def mk_files(method: str, parameters: dict[str, Any]) -> Callable[[], StateDict]:
+    def mk_files(method: str, parameters: dict[str, Any]) -> Callable[[], Path]:
         return lambda: a.mk_files(files, method, parameters, scratch / f"out{next(counter)}")
+
+    def ours_files(method: str, **options: Any) -> Callable[[], Path]:
+        """Files in, a safetensors file out (mtlkit's save, atomic, with its model card), as mergekit."""
+        base = str(files / "base.safetensors")
+        return lambda: merge(base, paths, method, **options).save(
+            scratch / f"ours{next(counter)}.safetensors"
+        )
 
     return [
         Case(
             "Task Arithmetic, scaling 0.3",
             ours("task_arithmetic", scaling=0.3),
             {
-                "FusionBench": lambda: a.fb_task_arithmetic(0.3),
+                "FusionBench": Prepared(a.pool, lambda pool: a.fb_task_arithmetic(pool, 0.3)),
                 "mergekit": lambda: a.mk("task_arithmetic", {"weight": 1.0, "lambda": 0.3}),
             },
         ),
         Case(
             "Task Arithmetic from files (streamed)",
-            lambda: merge(str(files / "base.safetensors"), paths, "task_arithmetic", scaling=0.3).state_dict,
+            ours_files("task_arithmetic", scaling=0.3),
             {"mergekit": mk_files("task_arithmetic", {"weight": 1.0, "lambda": 0.3})},
-            "mergekit-pytorch's planner and executor on the same files",
+            "files in, a safetensors file out: mergekit-pytorch's planner and executor, mtlkit's merge and save",
         ),
         Case(
             "weight averaging",
@@ -249,7 +289,7 @@ def cases(a: Anchors, files: Path, scratch: Path) -> list[Case]:
                 aggregate="disjoint_sum",
                 rounding="ties_code",
             ),
-            {"FusionBench": lambda: a.fb_ties(0.3, 20, "sum")},
+            {"FusionBench": Prepared(a.pool, lambda pool: a.fb_ties(pool, 0.3, 20, "sum"))},
             "mtlkit with rounding='ties_code' (FusionBench keeps int(density n) + 1 entries, as the TIES code)",
         ),
         Case(
@@ -262,7 +302,7 @@ def cases(a: Anchors, files: Path, scratch: Path) -> list[Case]:
                 aggregate="disjoint_mean",
                 rounding="ties_code",
             ),
-            {"FusionBench": lambda: a.fb_ties(0.3, 20, "mean")},
+            {"FusionBench": Prepared(a.pool, lambda pool: a.fb_ties(pool, 0.3, 20, "mean"))},
             "as above",
         ),
         Case(
@@ -285,25 +325,21 @@ def cases(a: Anchors, files: Path, scratch: Path) -> list[Case]:
         ),
         Case(
             "TIES per tensor from files (streamed)",
-            lambda: (
-                merge(
-                    str(files / "base.safetensors"),
-                    paths,
-                    "ties",
-                    density=0.2,
-                    scaling=0.3,
-                    trim_scope="per_tensor",
-                    aggregate="disjoint_mean",
-                    rounding="floor",
-                ).state_dict
+            ours_files(
+                "ties",
+                density=0.2,
+                scaling=0.3,
+                trim_scope="per_tensor",
+                aggregate="disjoint_mean",
+                rounding="floor",
             ),
             {"mergekit": mk_files("ties", {"density": 0.2, "weight": 1.0, "lambda": 0.3, "normalize": True})},
-            "as the row above, on files",
+            "as the row above, files in and a file out",
         ),
         Case(
             "DARE + TA, drop 0.5, rescale 1/(1-p)",
             ours("dare", drop_rate=0.5, scaling=0.3),
-            {"FusionBench": lambda: a.fb_dare(0.3, 0.5)},
+            {"FusionBench": Prepared(a.dare_pool, lambda pool: a.fb_dare(pool, 0.3, 0.5))},
             "random drops: each library draws its own stream, so the tensors differ by design (time and memory only)",
         ),
         Case(
@@ -367,9 +403,10 @@ def main() -> None:
             timings: dict[str, list[float]] = {k: [] for k in impls}
             peaks: dict[str, list[float]] = {k: [] for k in impls}
             outputs: dict[str, StateDict] = {}
-            for _ in range(args.rounds):  # interleaved rounds
-                for name, run in impls.items():
-                    out, seconds, peak = measure(run)
+            order = list(impls)
+            for r in range(args.rounds):  # interleaved rounds, the order rotated each round
+                for name in order[r % len(order) :] + order[: r % len(order)]:
+                    out, seconds, peak = measure_impl(impls[name])
                     outputs[name] = out
                     timings[name].append(seconds)
                     peaks[name].append(peak)
