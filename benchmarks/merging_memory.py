@@ -57,7 +57,9 @@ print(json.dumps({"peak_kib": peak, "base_kib": base_rss, "seconds": seconds}))
 ALLOCATORS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=65536": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
 METHODS = {
     "task_arithmetic": {},
+    "task_arithmetic, float32": {"precision": "float32"},
     "ties (per tensor)": {"trim_scope": "per_tensor"},
+    "ties (per tensor), float32": {"trim_scope": "per_tensor", "precision": "float32"},
     "dare": {},
     "tsv": {},
 }
@@ -92,7 +94,7 @@ def main() -> None:
         folder = Path(tmp)
         build(folder, args.experts, args.tensors, args.dim)
         for label in args.methods:
-            method = label.split(" ")[0]
+            method = label.split(",")[0].split(" ")[0]
             for allocator, env in ALLOCATORS.items():
                 cells = {}
                 for mode in ("stream", "memory"):
@@ -125,7 +127,7 @@ def main() -> None:
             f"{args.experts} experts and a pretrained model of {args.tensors} float32 tensors of {args.dim} x {args.dim} "
             f"({tensor_mib:.0f} MiB each, {model_mib:.0f} MiB per model), written as safetensors files; one fresh "
             "process per cell, one thread; the peak resident size during the merge (VmHWM, reset after importing torch and mtlkit) above the resident size at its start. "
-            "The merged model (one model's size) is kept in memory in both modes; merging computes in float64 "
+            "The merged model (one model's size) is kept in memory in both modes; merging computes in float64 (rows marked float32: precision='float32') "
             "(each expert's tensor is held as a float64 copy: two float32 tensors' worth). Each method runs with "
             "glibc's default allocator and with a fixed mmap threshold (glibc otherwise keeps freed tensor "
             "memory resident). "

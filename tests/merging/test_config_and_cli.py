@@ -52,6 +52,7 @@ def test_our_config_and_the_cli(tmp_path):
         "pretrained": "base.safetensors",
         "experts": {"a": "task0.safetensors", "b": "task1.safetensors"},
         "output": "merged/model.safetensors",
+        "precision": "float32",
     }
     (tmp_path / "merge.yaml").write_text(yaml.safe_dump(cfg))
     run = subprocess.run(
@@ -66,6 +67,7 @@ def test_our_config_and_the_cli(tmp_path):
         {"a": tmp_path / "task0.safetensors", "b": tmp_path / "task1.safetensors"},
         "task_arithmetic",
         scaling=0.5,
+        precision="float32",
     ).state_dict
     for k in want:
         assert torch.equal(merged[k], want[k])
@@ -77,7 +79,8 @@ def test_our_config_and_the_cli(tmp_path):
         text=True,
     )
     assert run.returncode == 2 and "takes no option 'scale'" in run.stderr
-    assert "scaling | 0.5 |" in (tmp_path / "merged" / "model.md").read_text()
+    card = (tmp_path / "merged" / "model.md").read_text()
+    assert "scaling | 0.5 |" in card and "float32" in card
 
 
 def mergekit_file(tmp_path, name, config):

@@ -109,7 +109,14 @@ def merge(
     cfg = load_merge_config(config)
     for note in cfg.notes:
         typer.echo(f"note: {note}")
-    result = run_merge(cfg.pretrained, cfg.experts, cfg.method, batchnorm=cfg.batchnorm, **cfg.options)
+    result = run_merge(
+        cfg.pretrained,
+        cfg.experts,
+        cfg.method,
+        batchnorm=cfg.batchnorm,
+        precision=cfg.precision,
+        **cfg.options,
+    )
     path = result.save(output or cfg.output)
     typer.echo(
         f"{cfg.method} merge of {len(cfg.experts)} experts in {result.seconds:.1f} s: {path} (card {path.with_suffix('.md')})"

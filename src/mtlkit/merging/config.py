@@ -12,7 +12,7 @@ from mtlkit.core.yaml_files import read_yaml_mapping
 from mtlkit.errors import ConfigError, unknown_name
 from mtlkit.merging.base import MERGERS
 
-OURS = {"method", "pretrained", "experts", "output", "batchnorm"}
+OURS = {"method", "pretrained", "experts", "output", "batchnorm", "precision"}
 
 
 @dataclass
@@ -27,6 +27,7 @@ class MergeConfig:
     options: dict[str, Any] = field(default_factory=dict)
     batchnorm: str = "merge"
     source: str = "mtlkit"
+    precision: str = "float64"
     notes: list[str] = field(default_factory=list)
 
 
@@ -63,6 +64,7 @@ def from_ours(raw: dict[str, Any], path: Path) -> MergeConfig:
         str(_path(raw["output"], path)),
         options,
         str(raw.get("batchnorm", "merge")),
+        precision=str(raw.get("precision", "float64")),
     )
 
 
