@@ -239,13 +239,13 @@ class Case:
     note: str = ""
 
 
-def cases(a: Anchors, files: Path, scratch: Path) -> list[Case]:
+def cases(a: Anchors, files: Path, scratch: Path, precision: str) -> list[Case]:
     pre, experts = a.pretrained, {f"t{i}": e for i, e in enumerate(a.experts)}
     two = {"t0": a.experts[0], "t1": a.experts[1]}
     paths = {f"t{i}": str(files / f"t{i}.safetensors") for i in range(len(a.experts))}
 
     def ours(method: str, **options: Any) -> Callable[[], StateDict]:
-        return lambda: merge(pre, experts, method, **options).state_dict
+        return lambda: merge(pre, experts, method, precision=precision, **options).state_dict
 
     counter = iter(range(10**6))
 
@@ -255,7 +255,7 @@ def cases(a: Anchors, files: Path, scratch: Path) -> list[Case]:
     def ours_files(method: str, **options: Any) -> Callable[[], Path]:
         """Files in, a safetensors file out (mtlkit's save, atomic, with its model card), as mergekit."""
         base = str(files / "base.safetensors")
-        return lambda: merge(base, paths, method, **options).save(
+        return lambda: merge(base, paths, method, precision=precision, **options).save(
             scratch / f"ours{next(counter)}.safetensors"
         )
 
@@ -276,7 +276,7 @@ def cases(a: Anchors, files: Path, scratch: Path) -> list[Case]:
         ),
         Case(
             "weight averaging",
-            lambda: merge(None, experts, "average").state_dict,
+            lambda: merge(None, experts, "average", precision=precision).state_dict,
             {"FusionBench": a.fb_average, "mergekit": lambda: a.mk("linear", {"weight": 1.0}, base=False)},
         ),
         Case(
@@ -365,7 +365,7 @@ def cases(a: Anchors, files: Path, scratch: Path) -> list[Case]:
         ),
         Case(
             "SLERP, t = 0.5 (two experts)",
-            lambda: merge(None, two, "slerp", t=0.5).state_dict,
+            lambda: merge(None, two, "slerp", t=0.5, precision=precision).state_dict,
             {"FusionBench": lambda: a.fb_slerp(0.5), "mergekit": lambda: a.mk_slerp(0.5)},
         ),
     ]
@@ -375,6 +375,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--precision",
+        choices=["float32", "float64"],
+        default="float32",
+        help="mtlkit's working precision (the anchors compute in float32; mtlkit's default is float64)",
+    )
     parser.add_argument("--only", nargs="*", help="run only cases whose label contains one of these")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -395,7 +401,7 @@ def main() -> None:
         save_file(track.pretrained, files / "base.safetensors")
         for i, n in enumerate(names):
             save_file(track.experts[n], files / f"t{i}.safetensors")
-        for case in cases(anchors, files, Path(tmp)):
+        for case in cases(anchors, files, Path(tmp), args.precision):
             if args.only and not any(s in case.label for s in args.only):
                 continue
             print(case.label, flush=True)
@@ -420,7 +426,9 @@ def main() -> None:
                 }
             rows.append(row)
     meta = {
-        "command": f"python benchmarks/merging_anchors.py --seed {args.seed} --rounds {args.rounds}",
+        "command": f"python benchmarks/merging_anchors.py --seed {args.seed} --rounds {args.rounds} "
+        f"--precision {args.precision}",
+        "precision": args.precision,
         "torch": torch.__version__,
         "fusion_bench": version("fusion-bench"),
         "mergekit": version("mergekit"),
@@ -441,7 +449,8 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]], track: Any) -> str:
         f"{meta['mergekit']}, {meta['cpu']}, one thread, load average {meta['load_average']:.2f} at the end.",
         "",
         f"The MLP-8 track's pretrained backbone and its 8 experts ({params / 1e6:.2f}M float32 parameters each; "
-        "12 tensors). Time: median of interleaved rounds; memory: peak resident size of one call above its "
+        f"12 tensors). mtlkit merges in {meta['precision']} (its default is float64; the anchors compute in "
+        "float32). Time: median of interleaved rounds; memory: peak resident size of one call above its "
         "start (MALLOC_MMAP_THRESHOLD_=65536). Ratios are anchor / mtlkit (above 1: mtlkit is faster or "
         "smaller). *max abs diff*: largest difference from mtlkit's merged tensors; *test avg*: the merged "
         "model's average test accuracy over the 8 tasks (%), so a difference shows what it costs.",

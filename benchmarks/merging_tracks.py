@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # freed tensors leave the process at once
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+
 import torch
 from torch import nn
 
@@ -341,6 +344,8 @@ def main() -> None:
     command = (
         f"python benchmarks/merging_tracks.py --track {args.track} --seeds {' '.join(map(str, args.seeds))}"
     )
+    if args.methods:
+        command += " --methods " + " ".join(args.methods)
     if grid != GRID:
         command += " --grid " + " ".join(map(str, grid))
     meta = (

@@ -331,3 +331,16 @@ def test_unknown_precision_is_refused():
     base, experts = family(2)
     with pytest.raises(ConfigError, match="precision"):
         mk.merging.merge(base, experts, "task_arithmetic", precision="float16")
+
+
+def test_the_finiteness_check_is_exact():
+    from mtlkit.merging.merge import all_finite
+
+    big = torch.full((4,), 3e38)  # finite, but its float32 sum overflows
+    assert all_finite(big) and all_finite(torch.arange(3)) and all_finite(torch.zeros(0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.ones(5, dtype=torch.float64)
+        t[2] = bad
+        assert not all_finite(t)
+    mixed = torch.tensor([float("inf"), -float("inf"), 1.0])  # sums to NaN
+    assert not all_finite(mixed)

@@ -105,8 +105,17 @@ class MergeResult:
         return model
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry is finite. A NaN or an infinity makes the sum non-finite, so one
+    reduction (no N-sized mask) settles the usual case; only a non-finite sum, which large finite
+    values can also give by overflow, is checked entry by entry."""
+    if not torch.is_floating_point(t) or bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def _check_finite(t: Tensor, name: str, where: str) -> None:
-    if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise NonFiniteLossError(
             f"Tensor {name!r} in {where} has NaN or infinite values; nothing was merged."
         )
@@ -278,7 +287,7 @@ def merge(
             continue
         merged = merger.merge_tensor(name, ref.to(work) if base is not None else None, tensors)
         del tensors
-        if not bool(torch.isfinite(merged).all()):
+        if not all_finite(merged):
             raise NonFiniteLossError(
                 f"{method_name} produced non-finite values for {name!r}; nothing was merged."
             )
