@@ -39,6 +39,9 @@ class Merger:
 
     requires: ClassVar[frozenset[str]] = frozenset()
     uses_pretrained: ClassVar[bool] = True
+    #: whether merge_tensor overwrites the expert tensors it is given (then the driver hands it
+    #: copies; otherwise the tensors are read as they are, converted only if the dtype differs)
+    writes_inputs: ClassVar[bool] = False
 
     @property
     def granularity(self) -> str:

@@ -33,6 +33,8 @@ class DARE(Merger):
     expert's position, so streamed and in-memory merges are identical.
     """
 
+    writes_inputs = True  # drops entries in place on the driver's copies
+
     def __init__(
         self,
         drop_rate: float = 0.5,

@@ -277,7 +277,8 @@ def merge(
         for s in sources:  # each converted as it is read: one copy per expert stays resident
             t = s.load(name)
             _check_finite(t, name, s.where(name))
-            tensors.append(t.to(work, copy=True))  # the method may overwrite it
+            # a copy only for a method that overwrites its inputs; never the caller's tensor then
+            tensors.append(t.to(work, copy=merger.writes_inputs))
             del t
         if base is not None:
             _check_finite(ref, name, base.where(name))

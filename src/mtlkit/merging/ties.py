@@ -111,6 +111,8 @@ class TIES(Merger):
     (FusionBench uses the whole model's total; only exact cancellations differ).
     """
 
+    writes_inputs = True  # trims the task vectors in place on the driver's copies
+
     def __init__(
         self,
         density: float = 0.2,
