@@ -64,14 +64,14 @@ bench-architectures: setup
 	$(BIN)/python benchmarks/census_architectures.py --epochs 10 --workers 2 --out benchmarks/results/census_architectures.md
 	$(BIN)/python benchmarks/mmoe_synthetic_gap.py --epochs 30 --workers 2 --out benchmarks/results/mmoe_synthetic_gap.md
 
-# Every merging method on the MLP-8 track, 3 seeds (about 25 minutes on one core), then mtlkit beside
+# Every merging method on the MLP-8 track, 3 seeds (about 35 minutes on one core), then mtlkit beside
 # FusionBench and mergekit on the same tensors (about 5 minutes).
 bench-merging: setup data-images
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/merging_tracks.py --track mlp8 --seeds 0 1 2 --out benchmarks/results/merging_mlp8.md
 	$(BIN)/python benchmarks/merging_anchors.py --out benchmarks/results/merging_anchors.md
 
-# The real-pretrained track (EfficientNet-Lite0 ImageNet weights): nightly, about 40 minutes per seed.
+# The real-pretrained track (EfficientNet-Lite0 ImageNet weights): nightly, about 45 minutes per seed.
 bench-merging-lite: setup data-images
 	$(BIN)/python benchmarks/merging_tracks.py --track efficientnet_lite0 --seeds 0 --out benchmarks/results/merging_efficientnet_lite0.md
 

