@@ -279,32 +279,23 @@ def cases(a: Anchors, files: Path, scratch: Path, precision: str) -> list[Case]:
             lambda: merge(None, experts, "average", precision=precision).state_dict,
             {"FusionBench": a.fb_average, "mergekit": lambda: a.mk("linear", {"weight": 1.0}, base=False)},
         ),
-        Case(
-            "TIES, global top 20%, disjoint sum (FusionBench's default)",
-            ours(
-                "ties",
-                density=0.2,
-                scaling=0.3,
-                trim_scope="global",
-                aggregate="disjoint_sum",
-                rounding="ties_code",
-            ),
-            {"FusionBench": Prepared(a.pool, lambda pool: a.fb_ties(pool, 0.3, 20, "sum"))},
-            "mtlkit with rounding='ties_code' (FusionBench keeps int(density n) + 1 entries, as the TIES code)",
-        ),
-        Case(
-            "TIES, global top 20%, disjoint mean (the paper's)",
-            ours(
-                "ties",
-                density=0.2,
-                scaling=0.3,
-                trim_scope="global",
-                aggregate="disjoint_mean",
-                rounding="ties_code",
-            ),
-            {"FusionBench": Prepared(a.pool, lambda pool: a.fb_ties(pool, 0.3, 20, "mean"))},
-            "as above",
-        ),
+        *[
+            Case(
+                f"TIES, global top 20%, disjoint {kind}",
+                ours(
+                    "ties",
+                    density=0.2,
+                    scaling=0.3,
+                    trim_scope="global",
+                    aggregate=f"disjoint_{kind}",
+                    rounding="ties_code",
+                ),
+                {"FusionBench": Prepared(a.pool, lambda pool, f=func: a.fb_ties(pool, 0.3, 20, f))},
+                "mtlkit with rounding='ties_code' (FusionBench keeps int(density n) + 1 entries, as the TIES "
+                f"code); {note}",
+            )
+            for kind, func, note in (("sum", "sum", "FusionBench's default"), ("mean", "mean", "the paper's"))
+        ],
         Case(
             "TIES, per tensor top 20%, disjoint mean (mergekit's)",
             ours(

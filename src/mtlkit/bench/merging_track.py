@@ -307,68 +307,63 @@ def build_track(
 ) -> MergingTrack:
     """Pretrain (``pretrain(backbone)`` fills a fresh backbone), fit the heads, fine-tune every
     expert and the joint reference. With ``cache`` (a folder), the weights are stored as
-    safetensors keyed by the track's name, seed, settings and torch version, and reused."""
+    safetensors keyed by everything they depend on (:func:`_cache_key`) and reused."""
+    config = config or TrackConfig()
     with torch.random.fork_rng():  # the caller's global generator is left as it was
         torch.manual_seed(seed)
-        return _build_track(
-            name, tasks, make_backbone, pretrain, seed, config or TrackConfig(), cache, cache_extra
-        )
+        seconds: dict[str, float] = {}
+        folder = None
+        if cache is not None:
+            folder = Path(cache) / f"{name}-{_cache_key(name, seed, config, cache_extra or {}, tasks)}"
+        if folder is not None and (folder / "done").is_file():
+            pretrained = load_file(folder / "pretrained.safetensors")
+            heads_state = load_file(folder / "heads.safetensors")
+            heads = nn.ModuleDict(
+                {
+                    t: nn.Linear(heads_state[f"{t}.weight"].shape[1], task.num_classes)
+                    for t, task in tasks.items()
+                }
+            )
+            heads.load_state_dict(heads_state)
+            heads.requires_grad_(False)
+            experts = {t: load_file(folder / f"expert_{t}.safetensors") for t in tasks}
+            joint = load_file(folder / "joint.safetensors")
+            seconds = json.loads((folder / "done").read_text())
+            return MergingTrack(
+                name, seed, tasks, make_backbone, pretrained, heads, experts, joint, seconds, config
+            )
 
-
-def _build_track(
-    name: str,
-    tasks: dict[str, ImageTask],
-    make_backbone: Callable[[], nn.Module],
-    pretrain: Callable[[nn.Module], None],
-    seed: int,
-    config: TrackConfig,
-    cache: Path | str | None,
-    cache_extra: Mapping[str, object] | None,
-) -> MergingTrack:
-    seconds: dict[str, float] = {}
-    folder = None
-    if cache is not None:
-        folder = Path(cache) / f"{name}-{_cache_key(name, seed, config, cache_extra or {}, tasks)}"
-    if folder is not None and (folder / "done").is_file():
-        pretrained = load_file(folder / "pretrained.safetensors")
-        heads_state = load_file(folder / "heads.safetensors")
-        heads = nn.ModuleDict(
-            {t: nn.Linear(heads_state[f"{t}.weight"].shape[1], task.num_classes) for t, task in tasks.items()}
-        )
-        heads.load_state_dict(heads_state)
-        heads.requires_grad_(False)
-        experts = {t: load_file(folder / f"expert_{t}.safetensors") for t in tasks}
-        joint = load_file(folder / "joint.safetensors")
-        seconds = json.loads((folder / "done").read_text())
+        start = time.perf_counter()
+        backbone = make_backbone()
+        pretrain(backbone)
+        pretrained = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+        seconds["pretrain"] = time.perf_counter() - start
+        start = time.perf_counter()
+        heads = few_shot_heads(backbone, tasks, config, seed)
+        seconds["heads"] = time.perf_counter() - start
+        experts = {}
+        start = time.perf_counter()
+        for offset, (t, task) in enumerate(tasks.items()):
+            experts[t] = finetune(
+                make_backbone, pretrained, heads[t], task, config, seed * 1000 + 200 + offset
+            )
+        seconds["experts"] = time.perf_counter() - start
+        start = time.perf_counter()
+        joint = train_joint(make_backbone, pretrained, heads, tasks, config, seed * 1000 + 300)
+        seconds["joint"] = time.perf_counter() - start
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file(pretrained, folder / "pretrained.safetensors")
+            save_file(
+                {k: v.contiguous() for k, v in heads.state_dict().items()}, folder / "heads.safetensors"
+            )
+            for t, state in experts.items():
+                save_file(state, folder / f"expert_{t}.safetensors")
+            save_file(joint, folder / "joint.safetensors")
+            (folder / "done").write_text(json.dumps(seconds))  # written last: a killed build is redone
         return MergingTrack(
             name, seed, tasks, make_backbone, pretrained, heads, experts, joint, seconds, config
         )
-
-    start = time.perf_counter()
-    backbone = make_backbone()
-    pretrain(backbone)
-    pretrained = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-    seconds["pretrain"] = time.perf_counter() - start
-    start = time.perf_counter()
-    heads = few_shot_heads(backbone, tasks, config, seed)
-    seconds["heads"] = time.perf_counter() - start
-    experts = {}
-    start = time.perf_counter()
-    for offset, (t, task) in enumerate(tasks.items()):
-        experts[t] = finetune(make_backbone, pretrained, heads[t], task, config, seed * 1000 + 200 + offset)
-    seconds["experts"] = time.perf_counter() - start
-    start = time.perf_counter()
-    joint = train_joint(make_backbone, pretrained, heads, tasks, config, seed * 1000 + 300)
-    seconds["joint"] = time.perf_counter() - start
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(pretrained, folder / "pretrained.safetensors")
-        save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, folder / "heads.safetensors")
-        for t, state in experts.items():
-            save_file(state, folder / f"expert_{t}.safetensors")
-        save_file(joint, folder / "joint.safetensors")
-        (folder / "done").write_text(json.dumps(seconds))  # written last: a killed build is redone
-    return MergingTrack(name, seed, tasks, make_backbone, pretrained, heads, experts, joint, seconds, config)
 
 
 def mlp8_track(
