@@ -248,6 +248,15 @@ def cases(a: Anchors, files: Path, scratch: Path, precision: str) -> list[Case]:
         return lambda: merge(pre, experts, method, precision=precision, **options).state_dict
 
     counter = iter(range(10**6))
+    # mergekit's TIES and the mtlkit switches that reproduce it
+    per_tensor_ties = {
+        "density": 0.2,
+        "scaling": 0.3,
+        "trim_scope": "per_tensor",
+        "aggregate": "disjoint_mean",
+        "rounding": "floor",
+    }
+    mergekit_ties = {"density": 0.2, "weight": 1.0, "lambda": 0.3, "normalize": True}
 
     def mk_files(method: str, parameters: dict[str, Any]) -> Callable[[], Path]:
         return lambda: a.mk_files(files, method, parameters, scratch / f"out{next(counter)}")
@@ -298,33 +307,15 @@ def cases(a: Anchors, files: Path, scratch: Path, precision: str) -> list[Case]:
         ],
         Case(
             "TIES, per tensor top 20%, disjoint mean (mergekit's)",
-            ours(
-                "ties",
-                density=0.2,
-                scaling=0.3,
-                trim_scope="per_tensor",
-                aggregate="disjoint_mean",
-                rounding="floor",
-            ),
-            {
-                "mergekit": lambda: a.mk(
-                    "ties", {"density": 0.2, "weight": 1.0, "lambda": 0.3, "normalize": True}
-                )
-            },
+            ours("ties", **per_tensor_ties),
+            {"mergekit": lambda: a.mk("ties", mergekit_ties)},
             "mtlkit with rounding='floor' (mergekit keeps int(density n) entries per tensor), as a mergekit "
             "YAML is translated",
         ),
         Case(
             "TIES per tensor from files (streamed)",
-            ours_files(
-                "ties",
-                density=0.2,
-                scaling=0.3,
-                trim_scope="per_tensor",
-                aggregate="disjoint_mean",
-                rounding="floor",
-            ),
-            {"mergekit": mk_files("ties", {"density": 0.2, "weight": 1.0, "lambda": 0.3, "normalize": True})},
+            ours_files("ties", **per_tensor_ties),
+            {"mergekit": mk_files("ties", mergekit_ties)},
             "as the row above, files in and a file out",
         ),
         Case(
