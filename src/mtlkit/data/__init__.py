@@ -5,6 +5,12 @@ from typing import Any
 from mtlkit.data.base import DATASETS, MultiTaskTensorDataset, cache_dir, loader
 from mtlkit.data.census import CensusIncome, load_census_income
 from mtlkit.data.images import load_digits_8x8, load_fashion_mnist, load_mnist_10k
+from mtlkit.data.multi_images import (
+    TwoItemImages,
+    load_multi_fashion,
+    load_multi_fashion_mnist,
+    load_multi_mnist_10k,
+)
 from mtlkit.data.synthetic import load_mmoe_synthetic, mmoe_synthetic
 
 
@@ -21,6 +27,7 @@ __all__ = [
     "DATASETS",
     "CensusIncome",
     "MultiTaskTensorDataset",
+    "TwoItemImages",
     "available",
     "cache_dir",
     "load",
@@ -29,6 +36,9 @@ __all__ = [
     "load_fashion_mnist",
     "load_mmoe_synthetic",
     "load_mnist_10k",
+    "load_multi_fashion",
+    "load_multi_fashion_mnist",
+    "load_multi_mnist_10k",
     "loader",
     "mmoe_synthetic",
 ]
