@@ -2,36 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-from mtlkit.merging.base import Merger, check_fraction, register
-from mtlkit.merging.spectral import as_matrix, is_matrix, mean_update, procrustes, svd
+from mtlkit.merging.base import check_fraction, register
+from mtlkit.merging.spectral import SpectralMerger, procrustes, svd
 
 
 @register("iso_c")
-class IsoC(Merger):
+class IsoC(SpectralMerger):
     """Iso-C (Marczak, Magistri, Cygert, Twardowski, Bagdanov, van de Weijer, "No Task Left Behind:
     Isotropic Model Merging with Common and Task-Specific Subspaces", ICML 2025).
 
-    Per linear weight (2-D, or a 1x1 convolution kernel viewed as one): the summed task vector ``Delta = U S V^T`` has its spectrum replaced by the
-    mean singular value, ``Delta_iso = mean(S) U V^T``; other tensors take the mean task vector.
+    Per linear weight (2-D, or a 1x1 convolution kernel viewed as one): the summed task vector
+    ``Delta = U S V^T`` has its spectrum replaced by the mean singular value,
+    ``Delta_iso = mean(S) U V^T``; other tensors take the mean task vector.
     ``theta_m = theta_0 + scaling * Delta_iso``. Scaling: FusionBench's config 1.0 (its table used
     1.5); the paper picks it on validation.
     """
 
-    def __init__(self, scaling: float = 1.0) -> None:
-        self.scaling = float(scaling)
-
-    def merge_tensor(self, name: str, pretrained: Tensor | None, experts: Sequence[Tensor]) -> Tensor:
-        assert pretrained is not None
-        taus = [e - pretrained for e in experts]
-        if not is_matrix(pretrained):
-            return mean_update(pretrained, taus, self.scaling)
-        u, s, vh = svd(as_matrix(torch.stack(taus).sum(0)))
-        return pretrained + self.scaling * s.mean() * (u @ vh).reshape(pretrained.shape)
+    def update(self, taus: list[Tensor]) -> Tensor:
+        u, s, vh = svd(torch.stack(taus).sum(0))
+        return s.mean() * (u @ vh)
 
 
 def common_split(rank: int, tasks: int, fraction: float) -> tuple[int, int]:
@@ -44,7 +36,7 @@ def common_split(rank: int, tasks: int, fraction: float) -> tuple[int, int]:
 
 
 @register("iso_cts")
-class IsoCTS(Merger):
+class IsoCTS(SpectralMerger):
     """Iso-CTS (Marczak et al., ICML 2025): isotropic merging in a common subspace (the top
     singular directions of the summed task vectors, ``common_fraction`` of the rank, 0.8 by
     default) plus, per task, the top directions of what its task vector keeps outside that
@@ -54,15 +46,10 @@ class IsoCTS(Merger):
     """
 
     def __init__(self, common_fraction: float = 0.8, scaling: float = 1.0) -> None:
+        super().__init__(scaling)
         self.common_fraction = check_fraction(common_fraction, "common_fraction", "iso_cts")
-        self.scaling = float(scaling)
 
-    def merge_tensor(self, name: str, pretrained: Tensor | None, experts: Sequence[Tensor]) -> Tensor:
-        assert pretrained is not None
-        taus = [e - pretrained for e in experts]
-        if not is_matrix(pretrained):
-            return mean_update(pretrained, taus, self.scaling)
-        taus = [as_matrix(t) for t in taus]
+    def update(self, taus: list[Tensor]) -> Tensor:
         common, per_task = common_split(min(taus[0].shape), len(taus), self.common_fraction)
         u, s, vh = svd(torch.stack(taus).sum(0))
         uc, sc, vc = u[:, :common], s[:common], vh[:common]
@@ -74,5 +61,4 @@ class IsoCTS(Merger):
             vs.append(vht[:per_task])
         u_all = procrustes(torch.cat([*us, uc], dim=1))
         v_all = procrustes(torch.cat([*vs, vc], dim=0).T)
-        sigma = torch.cat([*ss, sc]).mean()
-        return pretrained + self.scaling * sigma * (u_all @ v_all.T).reshape(pretrained.shape)
+        return torch.cat([*ss, sc]).mean() * (u_all @ v_all.T)

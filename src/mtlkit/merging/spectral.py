@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mtlkit.merging.base import Merger
+
 
 def svd(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD ``m = U diag(S) Vh``."""
@@ -43,3 +45,23 @@ def mean_update(pretrained: Tensor, taus: Sequence[Tensor], scaling: float) -> T
     """``theta_0 + scaling * mean_t tau_t``: what the spectral methods give tensors that are not
     2-D weights."""
     return pretrained + scaling * torch.stack(list(taus)).mean(0)
+
+
+class SpectralMerger(Merger):
+    """The frame the spectral methods share: a linear weight (:func:`is_matrix`) becomes
+    ``theta_0 + scaling * update(task vectors as (out, in) matrices)``, reshaped back to its
+    shape; every other tensor takes :func:`mean_update`. Subclasses implement :meth:`update`."""
+
+    def __init__(self, scaling: float = 1.0) -> None:
+        self.scaling = float(scaling)
+
+    def update(self, taus: list[Tensor]) -> Tensor:
+        """The merged (out, in) update from the task vectors of one linear weight."""
+        raise NotImplementedError
+
+    def merge_tensor(self, name: str, pretrained: Tensor | None, experts: Sequence[Tensor]) -> Tensor:
+        assert pretrained is not None
+        taus = [e - pretrained for e in experts]
+        if not is_matrix(pretrained):
+            return mean_update(pretrained, taus, self.scaling)
+        return pretrained + self.scaling * self.update([as_matrix(t) for t in taus]).reshape(pretrained.shape)

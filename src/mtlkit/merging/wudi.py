@@ -51,8 +51,8 @@ class WUDI(Merger):
     Guiding Data-Free Model Merging via Task Vectors", ICML 2025).
 
     Per selected linear weight (2-D, or a 1x1 convolution kernel viewed as one; see
-    :func:`~mtlkit.merging.spectral.is_matrix`): ``tau_m`` starts at ``sum_t tau_t`` and takes ``steps`` Adam steps
-    (lr ``lr``, no weight decay) on :func:`wudi_loss`; ``theta_m = theta_0 + tau_m`` (no scaling
+    :func:`~mtlkit.merging.spectral.is_matrix`): ``tau_m`` starts at ``sum_t tau_t`` and takes
+    ``steps`` Adam steps (lr ``lr``, no weight decay) on :func:`wudi_loss`; ``theta_m = theta_0 + tau_m`` (no scaling
     coefficient). Official defaults: 300 steps, lr 1e-5 (FusionBench: 400 steps). The loss is a
     quadratic in ``tau_m``, so its gradient is formed in closed form (:func:`wudi_quadratic`), about
     3 T out / in times cheaper per step than backpropagating through the loss as the official code
