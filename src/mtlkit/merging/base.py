@@ -114,6 +114,11 @@ def tensor_uniform(seed: int, name: str, index: int, shape: torch.Size) -> Tenso
     return torch.rand(shape, generator=generator, dtype=torch.float64)
 
 
+#: how the entries kept after random dropping are rescaled (DARE, DELLA): by the exact inverse keep
+#: probability (the papers) or to the tensor's former L1 norm (mergekit)
+RESCALES = ("exact", "l1")
+
+
 def restore_l1(kept: Tensor, l1: float) -> Tensor:
     """Rescale ``kept`` in place to the L1 norm ``l1`` (mergekit's rescale after dropping
     entries); left as it is when nothing was kept."""
@@ -125,6 +130,7 @@ __all__ = [
     "COMPUTE_DTYPE",
     "MERGERS",
     "REQUIREMENTS",
+    "RESCALES",
     "Loader",
     "Merger",
     "check_fraction",

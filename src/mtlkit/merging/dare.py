@@ -8,11 +8,18 @@ import torch
 from torch import Tensor
 
 from mtlkit.errors import unknown_name
-from mtlkit.merging.base import Merger, check_fraction, check_weights, register, restore_l1, tensor_uniform
+from mtlkit.merging.base import (
+    RESCALES,
+    Merger,
+    check_fraction,
+    check_weights,
+    register,
+    restore_l1,
+    tensor_uniform,
+)
 from mtlkit.merging.ties import DISJOINT_AGGREGATES, SIGN_RULES, elect_and_merge
 
 COMBINES = ("task_arithmetic", "ties")
-RESCALES = ("exact", "l1")
 
 
 @register("dare")

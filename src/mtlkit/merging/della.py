@@ -8,10 +8,8 @@ import torch
 from torch import Tensor
 
 from mtlkit.errors import ConfigError, unknown_name
-from mtlkit.merging.base import Merger, check_weights, register, restore_l1, tensor_uniform
+from mtlkit.merging.base import RESCALES, Merger, check_weights, register, restore_l1, tensor_uniform
 from mtlkit.merging.ties import DISJOINT_AGGREGATES, SIGN_RULES, elect_and_merge
-
-RESCALES = ("exact", "l1")
 
 
 def keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Tensor:
