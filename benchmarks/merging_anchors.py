@@ -29,14 +29,16 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # set before the allocator starts
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+sys.path.insert(0, str(Path(__file__).parent))
+from peak_memory import fix_mmap_threshold, measured
+
+if __name__ == "__main__":  # before torch is imported: glibc reads the setting at start
+    fix_mmap_threshold()
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -48,30 +50,14 @@ from mtlkit.merging import merge
 StateDict = dict[str, Tensor]
 
 
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(key)
-
-
-def measure(run: Callable[[], Any]) -> tuple[Any, float, float]:
-    Path("/proc/self/clear_refs").write_text("5")
-    base = _status("VmRSS")
-    start = time.perf_counter()
-    out = run()
-    seconds = time.perf_counter() - start
-    return out, seconds, (_status("VmHWM") - base) / 1024
-
-
 def measure_impl(impl: Any) -> tuple[StateDict, float, float]:
     """Prepare outside the meters, run under them; a file written is read back afterwards."""
     if isinstance(impl, Prepared):
         prepared = impl.prepare()
-        out, seconds, peak = measure(lambda: impl.run(prepared))
+        out, seconds, peak = measured(lambda: impl.run(prepared))
         del prepared
     else:
-        out, seconds, peak = measure(impl)
+        out, seconds, peak = measured(impl)
     return (load_file(out) if isinstance(out, Path) else out), seconds, peak
 
 

@@ -26,18 +26,19 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # freed tensors leave the process at once
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+sys.path.insert(0, str(Path(__file__).parent))
+from peak_memory import fix_mmap_threshold, measured
+
+if __name__ == "__main__":  # before torch is imported: glibc reads the setting at start
+    fix_mmap_threshold()
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
 from mtlkit.bench.image_tasks import TASKS
 from mtlkit.bench.merging_track import (
     MergingTrack,
@@ -110,23 +111,6 @@ METHODS = [
         needs_linear=True,
     ),
 ]
-
-
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])  # KiB
-    raise RuntimeError(key)
-
-
-def measured(run: Callable[[], Any]) -> tuple[Any, float, float]:
-    """``run()``'s value, wall seconds, and peak resident MiB above the start (Linux)."""
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current size
-    base = _status("VmRSS")
-    start = time.perf_counter()
-    value = run()
-    seconds = time.perf_counter() - start
-    return value, seconds, (_status("VmHWM") - base) / 1024
 
 
 def backbone_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
