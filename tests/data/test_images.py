@@ -13,6 +13,7 @@ import pytest
 
 from mtlkit.data import images
 from mtlkit.errors import DatasetNotAvailableError
+from tests.data.image_data import require_image_data
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -102,19 +103,9 @@ def test_digits_8x8() -> None:
     assert x.shape == (1797, 8, 8) and int(x.max()) == 16 and y.bincount().tolist()[0] == 178
 
 
-def _installed() -> bool:
-    try:
-        images.load_mnist_10k()
-        images.load_fashion_mnist("test")
-    except DatasetNotAvailableError:
-        return False
-    return True
-
-
 @pytest.mark.slow
 def test_real_packaged_files() -> None:
-    if not _installed():
-        pytest.fail("the image datasets are not installed: run `make data-images`")
+    require_image_data()
     x, y = images.load_fashion_mnist("train")
     assert x.shape == (60_000, 28, 28) and y.bincount().tolist() == [6000] * 10
     x, y = images.load_mnist_10k()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mtlkit.data import multi_images
-from mtlkit.errors import DatasetNotAvailableError
+from tests.data.image_data import require_image_data
 
 
 def test_overlay_places_left_top_left_and_right_bottom_right_with_the_maximum() -> None:
@@ -51,19 +51,9 @@ def test_source_splits_are_disjoint_and_sized() -> None:
     )
 
 
-def _installed() -> bool:
-    try:
-        multi_images.load_mnist_10k()
-        multi_images.load_fashion_mnist("test")
-    except DatasetNotAvailableError:
-        return False
-    return True
-
-
 @pytest.mark.slow
 def test_the_real_sets_sizes_tasks_and_disjoint_sources() -> None:
-    if not _installed():
-        pytest.fail("the image datasets are not installed: run `make data-images`")
+    require_image_data()
     fashion = multi_images.load_multi_fashion(seed=0)
     assert (len(fashion.train), len(fashion.val), len(fashion.test)) == (108_000, 12_000, 20_000)
     assert fashion.tasks.names == ["left", "right"]
