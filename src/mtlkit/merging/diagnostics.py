@@ -103,7 +103,7 @@ def diagnose(pretrained: Any, experts: Mapping[str, Any]) -> TaskVectorDiagnosti
     squares = [0.0] * len(tasks)
     moved = conflicted = 0
     for name in names:
-        if name in aliases or not is_mergeable(torch.empty((), dtype=base.dtype(name))):
+        if name in aliases or not is_mergeable(base.dtype(name)):
             continue
         ref = base.load(name).to(COMPUTE_DTYPE)
         taus = torch.stack([s.load(name).to(COMPUTE_DTYPE) - ref for s in sources]).reshape(len(tasks), -1)

@@ -141,9 +141,7 @@ def _check_compatible(names: list[str], base: TensorSource | None, experts: list
                     f"Tensor {name!r} has shape {src.shape(name)} in {src.where(name)} but {shape} in "
                     f"{reference.where(name)}: the models do not share one architecture."
                 )
-            if torch.is_floating_point(torch.empty((), dtype=src.dtype(name))) != torch.is_floating_point(
-                torch.empty((), dtype=dtype)
-            ):
+            if is_mergeable(src.dtype(name)) != is_mergeable(dtype):
                 raise ShapeMismatchError(
                     f"Tensor {name!r} is floating in one model and not in another ({src.where(name)})."
                 )
@@ -250,20 +248,17 @@ def merge(
     names = reference.keys()
     _check_compatible(names, base, sources)
     aliases = reference.aliases()
-    kinds = {n: is_mergeable(torch.empty((), dtype=reference.dtype(n))) for n in names}
+    kinds = {n: is_mergeable(reference.dtype(n)) for n in names}
     merged_names = [
         n
         for n in names
         if kinds[n] and n not in aliases and not (batchnorm != "merge" and is_batchnorm_statistic(n))
     ]
 
-    def loader(src: TensorSource) -> Any:
-        return lambda n: src.load(n)
-
     if merger.requires:
         _collect(merger, method_name, experts, sources, data, model)
     if merger.granularity == "model":
-        merger.prepare(merged_names, loader(base) if base is not None else None, [loader(s) for s in sources])
+        merger.prepare(merged_names, base.load if base is not None else None, [s.load for s in sources])
     out: dict[str, Tensor] = {}
     notes = []
     for name in names:

@@ -216,9 +216,9 @@ def is_batchnorm_statistic(name: str) -> bool:
     return name.endswith(("running_mean", "running_var"))
 
 
-def is_mergeable(t: Tensor) -> bool:
+def is_mergeable(dtype: torch.dtype) -> bool:
     """Floating tensors are merged; integer and boolean ones (counters, ids) are copied."""
-    return bool(torch.is_floating_point(t))
+    return dtype.is_floating_point
 
 
 __all__ = [
