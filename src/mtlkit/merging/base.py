@@ -25,6 +25,11 @@ COMPUTE_DTYPE = torch.float64
 Loader = Callable[[str], Tensor]
 
 
+def task_vector(expert: Tensor, pretrained: Tensor) -> Tensor:
+    """``theta_t - theta_0`` in :data:`COMPUTE_DTYPE` (the model-level passes of TIES and MetaGPT)."""
+    return expert.to(COMPUTE_DTYPE) - pretrained.to(COMPUTE_DTYPE)
+
+
 class Merger:
     """Base class of merging methods.
 
@@ -137,6 +142,7 @@ __all__ = [
     "check_weights",
     "register",
     "restore_l1",
+    "task_vector",
     "tensor_seed",
     "tensor_uniform",
 ]

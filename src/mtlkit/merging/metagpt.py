@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.errors import ConfigError, unknown_name
-from mtlkit.merging.base import COMPUTE_DTYPE, Loader, Merger, register
+from mtlkit.merging.base import Loader, Merger, register, task_vector
 
 NORM_SCOPES = ("model", "tensor")
 
@@ -51,14 +51,11 @@ class MetaGPT(Merger):
             return
         if pretrained is None:
             raise ConfigError("metagpt needs the pretrained model.")
-        squared = []
-        for load in experts:
-            squared.append(
-                sum(
-                    float((load(n).to(COMPUTE_DTYPE) - pretrained(n).to(COMPUTE_DTYPE)).pow(2).sum())
-                    for n in names
-                )
-            )
+        squared = [0.0] * len(experts)
+        for n in names:  # each pretrained tensor read once, not once per expert
+            base = pretrained(n)
+            for t, load in enumerate(experts):
+                squared[t] += float(task_vector(load(n), base).pow(2).sum())
         self._coefficients = norm_coefficients(squared)
 
     def coefficients(self, taus: Sequence[Tensor]) -> list[float]:

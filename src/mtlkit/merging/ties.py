@@ -10,7 +10,14 @@ import torch
 from torch import Tensor
 
 from mtlkit.errors import ConfigError, unknown_name
-from mtlkit.merging.base import COMPUTE_DTYPE, Loader, Merger, check_fraction, check_weights, register
+from mtlkit.merging.base import (
+    Loader,
+    Merger,
+    check_fraction,
+    check_weights,
+    register,
+    task_vector,
+)
 
 TRIM_SCOPES = ("global", "per_tensor")
 SIGN_RULES = ("mass", "count")
@@ -152,12 +159,7 @@ class TIES(Merger):
             raise ConfigError("ties needs the pretrained model.")
         thresholds = []
         for load in experts:  # one task at a time: P magnitudes in memory, not T x P
-            mags = torch.cat(
-                [
-                    (load(n).to(COMPUTE_DTYPE) - pretrained(n).to(COMPUTE_DTYPE)).abs().reshape(-1)
-                    for n in names
-                ]
-            )
+            mags = torch.cat([task_vector(load(n), pretrained(n)).abs().reshape(-1) for n in names])
             thresholds.append(
                 keep_threshold(mags, self.density, self.rounding) if mags.numel() else float("inf")
             )
