@@ -25,6 +25,7 @@ noise, placements) is drawn from ``seed``. Images are float32 in [0, 1], shape (
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -113,12 +114,12 @@ def image_tasks(seed: int = 0, tasks: tuple[str, ...] = TASKS) -> dict[str, Imag
     if unknown:
         raise ValueError(f"unknown image tasks {unknown}; known: {list(TASKS)}.")
     generator = torch.Generator().manual_seed(seed)
-    out: dict[str, ImageTask] = {}
 
     mnist_images, mnist_labels = load_mnist_10k()
     order = torch.randperm(mnist_images.shape[0], generator=generator)
     mnist_index = {"train": order[:6000], "val": order[6000:7000], "test": order[7000:]}
-    mnist = {k: _split(_float(mnist_images), mnist_labels, v) for k, v in mnist_index.items()}
+    mnist_float = _float(mnist_images)
+    mnist = {k: _split(mnist_float, mnist_labels, v) for k, v in mnist_index.items()}
 
     fashion_train, fashion_train_labels = load_fashion_mnist("train")
     fashion_test, fashion_test_labels = load_fashion_mnist("test")
@@ -137,25 +138,43 @@ def image_tasks(seed: int = 0, tasks: tuple[str, ...] = TASKS) -> dict[str, Imag
     digit_order = torch.randperm(digit_images.shape[0], generator=generator)
     digit_index = {"train": digit_order[:1000], "val": digit_order[1000:1197], "test": digit_order[1197:]}
 
-    def build(name: str, classes: int, splits: dict[str, ImageSplit]) -> None:
-        if name in tasks:
-            out[name] = ImageTask(name, classes, splits["train"], splits["val"], splits["test"])
-
-    # Each derivation draws from its own generator so a task's data do not depend on which
-    # other tasks were asked for.
+    # Each derivation draws from its own generator, and runs only when its task is asked for, so a
+    # task's data do not depend on which other tasks were asked for.
     def derived(offset: int) -> torch.Generator:
         return torch.Generator().manual_seed(seed * 1000 + offset)
 
-    build("mnist", 10, mnist)
-    g = derived(1)
-    build("mnist_rot", 4, {k: ImageSplit(*_rotate(s.images, g)) for k, s in mnist.items()})
-    g = derived(2)
-    build("mnist_noisy", 10, {k: ImageSplit(_noisy(s.images, g), s.labels) for k, s in mnist.items()})
-    g = derived(3)
-    build("mnist_small", 10, {k: ImageSplit(_small(s.images, g), s.labels) for k, s in mnist.items()})
-    build("fashion", 10, fashion)
-    build("fashion_inv", 10, {k: ImageSplit(1.0 - s.images, s.labels) for k, s in fashion_other.items()})
-    g = derived(4)
-    build("fashion_vflip", 2, {k: ImageSplit(*_vflip(s.images, g)) for k, s in fashion_other.items()})
-    build("digits", 10, {k: _split(digits_framed, digit_labels, v) for k, v in digit_index.items()})
-    return {name: out[name] for name in tasks}
+    def rotated() -> dict[str, ImageSplit]:
+        g = derived(1)
+        return {k: ImageSplit(*_rotate(sp.images, g)) for k, sp in mnist.items()}
+
+    def noisy() -> dict[str, ImageSplit]:
+        g = derived(2)
+        return {k: ImageSplit(_noisy(sp.images, g), sp.labels) for k, sp in mnist.items()}
+
+    def small() -> dict[str, ImageSplit]:
+        g = derived(3)
+        return {k: ImageSplit(_small(sp.images, g), sp.labels) for k, sp in mnist.items()}
+
+    def flipped() -> dict[str, ImageSplit]:
+        g = derived(4)
+        return {k: ImageSplit(*_vflip(sp.images, g)) for k, sp in fashion_other.items()}
+
+    makers: dict[str, tuple[int, Callable[[], dict[str, ImageSplit]]]] = {
+        "mnist": (10, lambda: mnist),
+        "mnist_rot": (4, rotated),
+        "mnist_noisy": (10, noisy),
+        "mnist_small": (10, small),
+        "fashion": (10, lambda: fashion),
+        "fashion_inv": (
+            10,
+            lambda: {k: ImageSplit(1.0 - sp.images, sp.labels) for k, sp in fashion_other.items()},
+        ),
+        "fashion_vflip": (2, flipped),
+        "digits": (10, lambda: {k: _split(digits_framed, digit_labels, v) for k, v in digit_index.items()}),
+    }
+    out: dict[str, ImageTask] = {}
+    for name in tasks:
+        classes, make = makers[name]
+        splits = make()
+        out[name] = ImageTask(name, classes, splits["train"], splits["val"], splits["test"])
+    return out
