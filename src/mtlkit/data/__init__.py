@@ -4,6 +4,7 @@ from typing import Any
 
 from mtlkit.data.base import DATASETS, MultiTaskTensorDataset, cache_dir, loader
 from mtlkit.data.census import CensusIncome, load_census_income
+from mtlkit.data.exam import Exam, load_ilea_exam
 from mtlkit.data.images import load_digits_8x8, load_fashion_mnist, load_mnist_10k
 from mtlkit.data.multi_images import (
     TwoItemImages,
@@ -11,6 +12,7 @@ from mtlkit.data.multi_images import (
     load_multi_fashion_mnist,
     load_multi_mnist_10k,
 )
+from mtlkit.data.qm9 import QM9, load_qm9
 from mtlkit.data.synthetic import load_mmoe_synthetic, mmoe_synthetic
 
 
@@ -25,7 +27,9 @@ def available() -> list[str]:
 
 __all__ = [
     "DATASETS",
+    "QM9",
     "CensusIncome",
+    "Exam",
     "MultiTaskTensorDataset",
     "TwoItemImages",
     "available",
@@ -34,11 +38,13 @@ __all__ = [
     "load_census_income",
     "load_digits_8x8",
     "load_fashion_mnist",
+    "load_ilea_exam",
     "load_mmoe_synthetic",
     "load_mnist_10k",
     "load_multi_fashion",
     "load_multi_fashion_mnist",
     "load_multi_mnist_10k",
+    "load_qm9",
     "loader",
     "mmoe_synthetic",
 ]

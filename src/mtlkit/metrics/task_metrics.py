@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from mtlkit.core.metric import Metric
 from mtlkit.core.registry import Registry
 from mtlkit.core.tasks import CLASS_INDEX_LOSSES, Task
 from mtlkit.errors import TaskError
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A task metric.
-
-    Args:
-        name: short name used in reports and logs.
-        fn: ``fn(y_true, y_score) -> float`` on numpy arrays of labelled samples; ``y_score`` is a
-            probability (binary), a (N, C) probability matrix (multi-class) or a raw value.
-        higher_is_better: the metric's direction (used by Δm% and early stopping).
-    """
-
-    name: str
-    fn: Callable[[np.ndarray, np.ndarray], float]
-    higher_is_better: bool
-
-    def __call__(self, y_true: np.ndarray, y_score: np.ndarray) -> float:
-        return float(self.fn(y_true, y_score))
 
 
 def _skm():  # scikit-learn costs ~2 s to import; only metric computations need it
