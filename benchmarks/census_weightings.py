@@ -42,9 +42,9 @@ def _job(args: tuple) -> dict:
 
     torch.set_num_threads(1)
     from mtlkit import data as mk_data
-    from mtlkit.cli.config import MethodConfig
     from mtlkit.cli.demo import demo_config
-    from mtlkit.cli.experiment import run
+    from mtlkit.train.config import MethodConfig
+    from mtlkit.train.experiment import run
 
     dataset = mk_data.load_census_income(seed=seed)
     cfg = demo_config(Path(out) / f"seed{seed}" / label, epochs, seed, progress=False)

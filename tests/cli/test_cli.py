@@ -7,9 +7,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from mtlkit.cli.config import RunConfig, load_config
 from mtlkit.cli.main import app
 from mtlkit.errors import ConfigError
+from mtlkit.train.config import RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()

@@ -117,3 +117,15 @@ def test_cross_stitch_single_task_forward_returns_that_tasks_representation():
     model = mk.models.CrossStitch(1, TASKS, channels=(4, 8), out_features={"b": 10})
     full = model(torch.randn(2, 1, 8, 8), task="c", full_output=True)
     assert list(full.predictions) == ["c"] and list(full.representation) == ["c"]
+
+
+def test_multi_lenet_has_the_papers_layer_sizes():
+    # 28x28 -> conv9 20 -> pool 10 -> conv5 6 -> pool 3: 20*3*3 = 180 features; 36x36 inputs give 500
+    tasks = mk.TaskSet([mk.Task("left", loss="ce"), mk.Task("right", loss="ce")])
+    small = mk.models.create("lenet", in_features=(1, 28, 28), tasks=tasks)
+    large = mk.models.create("lenet", in_features=(1, 36, 36), tasks=tasks)
+    assert small.shared[1].in_features == 180 and large.shared[1].in_features == 500
+    out = small(torch.randn(3, 1, 28, 28), full_output=True)
+    assert out.representation.shape == (3, 50) and out.predictions["left"].shape == (3, 10)
+    with pytest.raises(mk.errors.ShapeMismatchError):
+        small(torch.randn(3, 1, 36, 36))

@@ -6,9 +6,16 @@ import copy
 from pathlib import Path
 
 from mtlkit import data as mk_data
-from mtlkit.cli.config import DataConfig, MethodConfig, ModelConfig, OptimizerConfig, RunConfig, TrainerConfig
-from mtlkit.cli.experiment import RunResult, run
 from mtlkit.train import EvaluationReport
+from mtlkit.train.config import (
+    DataConfig,
+    MethodConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RunConfig,
+    TrainerConfig,
+)
+from mtlkit.train.experiment import RunResult, run
 from mtlkit.train.plots import plot_runs
 
 #: Ma et al. (KDD 2018) use small experts on Census-Income; these sizes train in seconds per epoch.

@@ -64,7 +64,7 @@ def train(
     before any data is loaded. Started again with the same output directory, a killed run
     resumes from its last intact checkpoint.
     """
-    from mtlkit.cli.config import check_components, load_config
+    from mtlkit.train.config import check_components, load_config
 
     overrides: dict[str, object] = {}
     if epochs is not None:
@@ -75,7 +75,7 @@ def train(
         overrides["trainer.checkpoint_every"] = checkpoint_every
     cfg = load_config(config, overrides)
     check_components(cfg)
-    from mtlkit.cli.experiment import run
+    from mtlkit.train.experiment import run
 
     result = run(cfg)
     typer.echo(str(result.test))
@@ -121,6 +121,46 @@ def merge(
     typer.echo(
         f"{cfg.method} merge of {len(cfg.experts)} experts in {result.seconds:.1f} s: {path} (card {path.with_suffix('.md')})"
     )
+
+
+@app.command()
+def bench(
+    suite_file: Annotated[Path, typer.Argument(help="YAML suite (see benchmarks/suites/).")],
+    workers: Annotated[int | None, typer.Option(help="Parallel processes (overrides the suite's).")] = None,
+    output: Annotated[str | None, typer.Option("--out", help="Override the suite's output folder.")] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="Also write the report here (Markdown; .json and plots beside it).")
+    ] = None,
+    report_only: Annotated[bool, typer.Option(help="Report the stored results; train nothing.")] = False,
+) -> None:
+    """Run a benchmark suite: methods x architectures x datasets x seeds against stored single-task
+    baselines, then write its report (tables with 95% intervals, ranks, plots).
+
+    Finished runs are stored and skipped when the suite is run again; an interrupted run resumes
+    from its last checkpoint. The report goes to OUTPUT/report.md (and --report).
+    """
+    import shlex
+    import sys
+    import time
+
+    from mtlkit.bench.suite import collect_results, run_suite
+    from mtlkit.bench.suite_config import load_suite
+    from mtlkit.bench.suite_report import write_report
+
+    suite = load_suite(suite_file)
+    if output is not None:
+        suite.output = output
+    if workers is not None:
+        if workers < 1:
+            raise typer.BadParameter("--workers must be >= 1")
+        suite.workers = workers
+    start = time.perf_counter()
+    if not report_only:
+        run_suite(suite, log=typer.echo)
+    wall = None if report_only else time.perf_counter() - start
+    command = "mtlkit bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    for path in write_report(suite, collect_results(suite), command, wall, report):
+        typer.echo(f"wrote {path}")
 
 
 @app.command()

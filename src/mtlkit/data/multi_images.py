@@ -45,6 +45,11 @@ class TwoItemImages:
     test: MultiTaskTensorDataset
     tasks: TaskSet
 
+    @property
+    def in_features(self) -> tuple[int, int, int]:
+        """The image shape (C, H, W) a model reads."""
+        return (1, 28, 28)
+
 
 def overlay(left: Tensor, right: Tensor) -> Tensor:
     """``left`` at the top-left and ``right`` at the bottom-right of a 36x36 canvas (pixelwise

@@ -37,8 +37,10 @@ the next 10,000 for validation, the remaining 110,831 for training.
 from __future__ import annotations
 
 import functools
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -160,11 +162,13 @@ def _geometry(xyz: np.ndarray, masses: np.ndarray) -> list[float]:
     return [float(sq.mean()), float(np.sqrt(sq.max())), *map(float, inertia), float(dist)]
 
 
-def _featurise(frame) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
-    from rdkit import Chem, RDLogger
-    from rdkit.Chem import Descriptors, rdFingerprintGenerator, rdMolDescriptors
-
-    RDLogger.DisableLog("rdApp.*")
+def _featurise(frame: Any) -> tuple[np.ndarray, np.ndarray]:
+    # imported by name: RDKit is optional (the `data` extra) and its stubs are incomplete
+    Chem: Any = importlib.import_module("rdkit.Chem")
+    Descriptors: Any = importlib.import_module("rdkit.Chem.Descriptors")
+    rdFingerprintGenerator: Any = importlib.import_module("rdkit.Chem.rdFingerprintGenerator")
+    rdMolDescriptors: Any = importlib.import_module("rdkit.Chem.rdMolDescriptors")
+    importlib.import_module("rdkit.RDLogger").DisableLog("rdApp.*")
     generator = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=FINGERPRINT_BITS)
     n = len(frame)
     fingerprints = np.zeros((n, FINGERPRINT_BITS), dtype=np.float32)
@@ -200,7 +204,7 @@ def _featurise(frame) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyp
     return fingerprints, descriptors
 
 
-def _targets(frame, energies: str) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _targets(frame: Any, energies: str) -> np.ndarray:
     counts = np.array(
         [[int(c) for c in s.strip("[]").split(",")] for s in frame["Stoichiometry"]], dtype=np.float64
     )
@@ -214,7 +218,7 @@ def _targets(frame, energies: str) -> np.ndarray:  # type: ignore[no-untyped-def
     return np.stack(columns, axis=1)
 
 
-def _read(paths: dict[str, Path]):  # type: ignore[no-untyped-def]
+def _read(paths: dict[str, Path]) -> Any:
     import pandas as pd
 
     columns = ["SMILES", "Stoichiometry", "Elements", "XYZ_Ang", *(TARGETS[t][0] for t in TASK_NAMES)]

@@ -11,6 +11,7 @@ from mtlkit.models.dselect_k import DSelectK
 from mtlkit.models.efficientnet_lite import EfficientNetLite0, load_efficientnet_lite0
 from mtlkit.models.esmm import ESMM
 from mtlkit.models.home import HoME
+from mtlkit.models.lenet import MultiLeNet
 from mtlkit.models.mmoe import MMoE
 from mtlkit.models.mtan import MTAN
 from mtlkit.models.ple import CGC, PLE
@@ -40,6 +41,7 @@ __all__ = [
     "EfficientNetLite0",
     "HoME",
     "MMoE",
+    "MultiLeNet",
     "MultiTaskModel",
     "MultiTaskModule",
     "MultiTaskOutput",

@@ -1,4 +1,4 @@
-"""Turn a validated :class:`~mtlkit.cli.config.RunConfig` into a trained model and a report."""
+"""Turn a validated :class:`~mtlkit.train.config.RunConfig` into a trained model and a report."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import torch
 from mtlkit import data as mk_data
 from mtlkit import methods as mk_methods
 from mtlkit import models as mk_models
-from mtlkit.cli.config import OPTIMIZERS, RunConfig, check_components
 from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import ConfigError, unknown_name
-from mtlkit.train import EarlyStopping, EvaluationReport, Trainer
+from mtlkit.train import Callback, EarlyStopping, EvaluationReport, Trainer
+from mtlkit.train.config import OPTIMIZERS, RunConfig, check_components
 
 
 @dataclass
@@ -46,8 +46,17 @@ def select_tasks(tasks: TaskSet, names: Sequence[str] | None) -> TaskSet:
     return TaskSet([tasks[n] for n in names])
 
 
-def run(cfg: RunConfig, dataset: Any | None = None, task_names: Sequence[str] | None = None) -> RunResult:
-    """Train as configured, evaluate on the test split (with Δm% when a reference is set)."""
+def run(
+    cfg: RunConfig,
+    dataset: Any | None = None,
+    task_names: Sequence[str] | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> RunResult:
+    """Train as configured, evaluate on the test split (with Δm% when a reference is set).
+
+    ``dataset`` replaces the configured one (already loaded), ``task_names`` trains a subset of its
+    tasks (a single-task baseline), ``callbacks`` go to the Trainer.
+    """
     check_components(cfg)
     torch.manual_seed(cfg.seed)
     dataset = dataset if dataset is not None else mk_data.load(cfg.data.name, **cfg.data.options)
@@ -80,6 +89,7 @@ def run(cfg: RunConfig, dataset: Any | None = None, task_names: Sequence[str] | 
         log_every=t.log_every,
         tensorboard=t.tensorboard,
         config=cfg.to_dict(),
+        callbacks=callbacks,
     )
     start = time.perf_counter()
     trainer.fit(
