@@ -1,0 +1,205 @@
+"""The benchmark suite: config checks, stored baselines and Δm%, resume, reports and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+import mtlkit as mk
+from mtlkit.bench import suite as bench_suite
+from mtlkit.bench.suite_config import parse_suite
+from mtlkit.bench.suite_report import Summary, build_tables, ranks, report_markdown, write_report
+from mtlkit.cli.main import app
+from mtlkit.errors import ConfigError, MtlkitError
+
+
+def tiny(tmp_path, **overrides):
+    raw = {
+        "name": "tiny",
+        "output": str(tmp_path / "out"),
+        "seeds": [0, 1],
+        "methods": ["ew", {"name": "mgda", "label": "MGDA"}],
+        "datasets": [
+            {
+                "name": "mmoe_synthetic",
+                "label": "synthetic",
+                "options": {"n_train": 600, "n_val": 200, "n_test": 200, "dim": 8},
+                "epochs": 2,
+                "batch_size": 100,
+                "architectures": [
+                    {"name": "shared_bottom", "options": {"bottom_dims": [16], "tower_dims": [8]}}
+                ],
+            }
+        ],
+    }
+    raw.update(overrides)
+    return parse_suite(raw)
+
+
+def test_summary_is_the_student_t_interval():
+    s = Summary.of([1.0, 2.0, 3.0])
+    assert s.mean == 2.0 and s.n == 3
+    assert s.half_width == pytest.approx(4.302652729911275 / math.sqrt(3))
+    one = Summary.of([5.0, float("nan")])
+    assert one.n == 1 and math.isnan(one.half_width) and one.text(1) == "5.0"
+    assert Summary.of([]).text(2) == "—"
+
+
+def test_ranks_share_ties_and_put_nan_last():
+    r = ranks({"a": 1.0, "b": 3.0, "c": 3.0, "d": float("nan")}, higher_is_better=True)
+    assert r == {"b": 1.5, "c": 1.5, "a": 3.0, "d": 4.0}
+    assert ranks({"a": 1.0, "b": 2.0}, higher_is_better=False) == {"a": 1.0, "b": 2.0}
+
+
+def test_all_expands_to_every_registered_method(tmp_path):
+    suite = tiny(tmp_path, methods=["all"])
+    assert [m.name for m in suite.methods] == mk.methods.available()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"sedes": [0]}, "Did you mean seeds"),
+        ({"methods": ["pcgard"]}, "pcgrad"),
+        ({"methods": ["ew", "ew"]}, "appear twice"),
+        ({"methods": [{"name": "cagrad", "options": {"cc": 0.4}}]}, "cc"),
+        ({"seeds": []}, "non-empty"),
+        ({"seeds": [1, 1]}, "repeats"),
+        ({"datasets": []}, "at least one dataset"),
+        ({"workers": 0}, "workers"),
+    ],
+)
+def test_bad_suites_are_refused_before_anything_runs(tmp_path, change, message):
+    with pytest.raises(MtlkitError, match=message):
+        tiny(tmp_path, **change)
+
+
+def test_bad_dataset_entries_are_refused(tmp_path):
+    base = tiny(tmp_path)  # noqa: F841 (the valid suite parses)
+    bad = {"name": "mmoe_synthetic", "architectures": [{"name": "shared_bottom"}], "selection": "best"}
+    with pytest.raises(ConfigError, match="selection"):
+        tiny(tmp_path, datasets=[bad])
+    with pytest.raises(ConfigError, match="architectures"):
+        tiny(tmp_path, datasets=[{"name": "mmoe_synthetic"}])
+    with pytest.raises(ConfigError, match="Unknown option model.options.widths"):
+        tiny(
+            tmp_path,
+            datasets=[
+                {"name": "mmoe_synthetic", "architectures": [{"name": "mmoe", "options": {"widths": 3}}]}
+            ],
+        )
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("suite")
+    suite = tiny(tmp)
+    results = bench_suite.run_suite(suite, workers=1, log=lambda _: None)
+    return suite, results
+
+
+def test_every_run_is_stored_with_delta_m_against_its_own_seeds_baselines(finished):
+    _, results = finished
+    assert len(results) == 2 * 2 + 2 * 2  # baselines (2 tasks x 2 seeds) + 2 methods x 2 seeds
+    for key, r in results.items():
+        assert "error" not in r, key
+        assert r["seconds"] > 0 and r["steps"] == 12 and len(r["epochs"]) == 2
+        assert r["epochs"][1]["seconds"] >= r["epochs"][0]["seconds"]
+    for seed in (0, 1):
+        ref = bench_suite.reference_of(results, "synthetic", "shared_bottom", seed)
+        run = results[f"synthetic/shared_bottom/MGDA/seed{seed}"]
+        # Δm% recomputed from the stored test metrics of the same seed's single-task models
+        expected = mk.metrics.delta_m(run["test"], ref["test"], run["directions"])
+        assert run["delta_m"] == pytest.approx(expected)
+        # validation Δm% after every epoch, against the baselines' validation metrics
+        assert all(math.isfinite(e["val/delta_m"]) for e in run["epochs"])
+    weights = results["synthetic/shared_bottom/MGDA/seed0"]["trace"]
+    assert {"step", "weight/y1", "weight/y2"} <= set(weights)
+
+
+def test_a_rerun_reuses_stored_runs_and_reruns_only_what_changed(finished, tmp_path):
+    suite, results = finished
+    again = bench_suite.run_suite(suite, workers=1, log=lambda _: None)
+    assert all(r.get("reused") for r in again.values())
+    assert {k: r["test"] for k, r in again.items()} == {k: r["test"] for k, r in results.items()}
+    changed = parse_suite(
+        {
+            **_raw(suite),
+            "methods": ["ew", {"name": "mgda", "label": "MGDA", "options": {"normalization": "l2"}}],
+        }
+    )
+    third = bench_suite.run_suite(changed, workers=1, log=lambda _: None)
+    fresh = sorted(k for k, r in third.items() if not r.get("reused"))
+    assert fresh == ["synthetic/shared_bottom/MGDA/seed0", "synthetic/shared_bottom/MGDA/seed1"]
+    bench_suite.run_suite(suite, workers=1, log=lambda _: None)  # restore the shared fixture's runs
+
+
+def _raw(suite):
+    return {
+        "name": suite.name,
+        "output": suite.output,
+        "seeds": suite.seeds,
+        "datasets": [
+            {
+                "name": d.name,
+                "label": d.label,
+                "options": d.options,
+                "epochs": d.epochs,
+                "batch_size": d.batch_size,
+                "architectures": [{"name": a.name, "options": a.options} for a in d.architectures],
+            }
+            for d in suite.datasets
+        ],
+    }
+
+
+def test_a_failed_run_is_reported_and_the_suite_goes_on(finished, tmp_path, monkeypatch):
+    suite = tiny(tmp_path)
+    real = bench_suite._train
+
+    def flaky(job, directory):
+        if job.method.title == "MGDA" and job.seed == 1:
+            raise FloatingPointError("diverged")
+        return real(job, directory)
+
+    monkeypatch.setattr(bench_suite, "_train", flaky)
+    results = bench_suite.run_suite(suite, workers=1, log=lambda _: None)
+    assert results["synthetic/shared_bottom/MGDA/seed1"]["error"] == "FloatingPointError: diverged"
+    text = report_markdown(suite, bench_suite.collect_results(suite), "test", None)
+    assert "## Failed runs" in text and "diverged" in text
+    assert "| MGDA (1 seed; 1 failed) |" in text
+    monkeypatch.setattr(bench_suite, "_train", real)
+    bench_suite.run_suite(suite, workers=1, log=lambda _: None)  # the failure is retried, then cleared
+    assert "error" not in bench_suite.collect_results(suite)["synthetic/shared_bottom/MGDA/seed1"]
+
+
+def test_report_tables_plots_and_json(finished, tmp_path):
+    suite, results = finished
+    (table,) = build_tables(suite, results)
+    assert [r.method for r in table.rows] == ["ew", "MGDA"]
+    assert sorted(r.mean_rank for r in table.rows) in ([1.0, 2.0], [1.5, 1.5]) or all(
+        1.0 <= r.mean_rank <= 2.0 for r in table.rows
+    )
+    written = write_report(suite, results, "mtlkit bench tiny.yaml", 12.0, tmp_path / "report.md")
+    names = {p.name for p in written}
+    assert {"report.md", "report.json", "synthetic_shared_bottom_pareto.png"} <= names
+    assert "synthetic_shared_bottom_time_to_quality.png" in names
+    text = (tmp_path / "report.md").read_text()
+    assert "| single-task |" in text and "**" in text and "mtlkit bench tiny.yaml" in text
+    data = json.loads((tmp_path / "report.json").read_text())
+    ew = data["tables"][0]["methods"]["ew"]["delta_m"]
+    assert ew["low"] <= ew["mean"] <= ew["high"] and ew["n"] == 2
+
+
+def test_cli_reports_stored_results_without_training(finished, tmp_path):
+    suite, _ = finished
+    path = tmp_path / "suite.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({**_raw(suite), "methods": ["ew", {"name": "mgda", "label": "MGDA"}]}))
+    out = CliRunner().invoke(app, ["bench", str(path), "--report-only", "--report", str(tmp_path / "r.md")])
+    assert out.exit_code == 0, out.output
+    assert "wrote" in out.output and (tmp_path / "r.md").exists()
