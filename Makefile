@@ -6,7 +6,7 @@ TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.mtlkit-installed
 
 .PHONY: setup data demo test test-slow lint format bench bench-aggregators bench-census bench-architectures \
-	data-images bench-merging bench-merging-lite clean
+	data-images bench-merging bench-merging-lite bench-suite-quick bench-suite-full clean
 
 # The pinned CPU torch goes in first, so the package's `torch>=2.2` installs nothing more.
 $(STAMP): pyproject.toml
@@ -78,6 +78,14 @@ bench-merging: setup data-images
 # The real-pretrained track (EfficientNet-Lite0 ImageNet weights): nightly, about 45 minutes per seed.
 bench-merging-lite: setup data-images
 	$(BIN)/python benchmarks/merging_tracks.py --track efficientnet_lite0 --seeds 0 --out benchmarks/results/merging_efficientnet_lite0.md
+
+# The benchmark suite (docs/benchmarks.md): every method on QM9 and Multi-Fashion, 2 seeds, short
+# schedules (about 35 minutes with 2 workers on 2 cores); the full suite takes days on 2 cores.
+bench-suite-quick: setup data data-images
+	$(BIN)/mtlkit bench benchmarks/suites/quick.yaml --report benchmarks/results/suite_quick.md
+
+bench-suite-full: setup data data-images
+	$(BIN)/mtlkit bench benchmarks/suites/full.yaml --report benchmarks/results/suite_full.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

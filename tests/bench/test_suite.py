@@ -203,3 +203,50 @@ def test_cli_reports_stored_results_without_training(finished, tmp_path):
     out = CliRunner().invoke(app, ["bench", str(path), "--report-only", "--report", str(tmp_path / "r.md")])
     assert out.exit_code == 0, out.output
     assert "wrote" in out.output and (tmp_path / "r.md").exists()
+
+
+@pytest.mark.slow
+def test_parallel_workers_give_the_sequential_results(finished, tmp_path):
+    _, results = finished
+    parallel = tiny(tmp_path)
+    got = bench_suite.run_suite(parallel, workers=2, log=lambda _: None)
+    assert sorted(got) == sorted(results)
+    for key, r in got.items():
+        assert r["test"] == results[key]["test"], key
+        assert r["peak_memory_mib"] is None or r["peak_memory_mib"] >= 0
+
+
+def test_many_tasks_are_summarised_in_one_column(tmp_path):
+    suite = tiny(tmp_path, seeds=[0])
+    tasks = [f"t{i}" for i in range(13)]
+    directions = {t: {"mse": False} for t in tasks}
+    results = {
+        f"synthetic/shared_bottom/single_task/{t}/seed0": {
+            "key": f"synthetic/shared_bottom/single_task/{t}/seed0",
+            "kind": "single_task",
+            "task": t,
+            "seed": 0,
+            "test": {t: {"mse": 1.0 if t != "t12" else float("nan")}},
+            "seconds": 1.0,
+        }
+        for t in tasks
+    }
+    for method in ("ew", "MGDA"):
+        results[f"synthetic/shared_bottom/{method}/seed0"] = {
+            "key": f"synthetic/shared_bottom/{method}/seed0",
+            "kind": "multi_task",
+            "method": method,
+            "seed": 0,
+            "directions": directions,
+            "test": {t: {"mse": 0.5 if method == "ew" else 2.0} for t in tasks},
+            "delta_m": 50.0 if method == "ew" else -100.0,
+            "seconds": 1.0,
+            "peak_memory_mib": 1.0,
+        }
+    (table,) = build_tables(suite, results)
+    assert table.columns == [("mean over 13 tasks", "mse", False)]
+    assert table.baseline["mean over 13 tasks/mse"].mean == 1.0  # the task without a test pupil left out
+    assert [r.metrics["mean over 13 tasks/mse"].mean for r in table.rows] == [0.5, 2.0]
+    assert "| **0.5000** | **50.00** |" in report_markdown(suite, results, "x", None).replace(
+        "**0.5000**", "**0.5000**"
+    )

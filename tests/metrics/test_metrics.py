@@ -52,3 +52,16 @@ def test_delta_m_follows_maninis_et_al():
         {"a": {"accuracy": 0.88}, "b": {"mae": 0.8}}, {"a": {"accuracy": 0.8}, "b": {"mae": 1.0}}, directions
     )
     assert got == pytest.approx(15.0)
+
+
+def test_delta_m_leaves_out_a_task_with_no_labelled_sample_in_the_split():
+    # an ILEA school with no test pupil: NaN in the result and in the reference; the other task counts
+    directions = {"a": {"mse": False}, "b": {"mse": False}}
+    reference = {"a": {"mse": 1.0}, "b": {"mse": float("nan")}}
+    assert delta_m({"a": {"mse": 0.9}, "b": {"mse": float("nan")}}, reference, directions) == pytest.approx(
+        10.0
+    )
+    # a NaN result against a real reference is still NaN (a diverged model is not left out)
+    with pytest.warns(RuntimeWarning, match="undefined"):
+        got = delta_m({"a": {"mse": float("nan")}, "b": {"mse": float("nan")}}, reference, directions)
+    assert math.isnan(got)

@@ -145,23 +145,45 @@ class PeakMemory:
         self.base: float | None = None
         self.peak_mib: float | None = None
 
-    def __enter__(self) -> PeakMemory:
+    def reset(self) -> None:
+        """Start measuring from the current usage."""
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             self.base = float(torch.cuda.memory_allocated())
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to now
-                self.base = _proc_status("VmRSS")
-            except OSError:
-                self.base = None
-        return self
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to now
+            self.base = _proc_status("VmRSS")
+        except OSError:
+            self.base = None
 
-    def __exit__(self, *exc: object) -> None:
+    def read(self) -> None:
+        """Fold the peak since the last :meth:`reset` into :attr:`peak_mib`."""
         if self.base is None:
             return
         peak = float(torch.cuda.max_memory_allocated()) if self.cuda else _proc_status("VmHWM")
-        self.peak_mib = max(0.0, peak - self.base) / 2**20
+        self.peak_mib = max(self.peak_mib or 0.0, max(0.0, peak - self.base) / 2**20)
+
+    def __enter__(self) -> PeakMemory:
+        self.reset()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.read()
+
+
+class StepMemory(Callback):
+    """The peak memory of the training steps alone (validation excluded): measured from the start
+    of each epoch to its last step, the largest over epochs."""
+
+    def __init__(self, device: str) -> None:
+        self.meter = PeakMemory(device)
+
+    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+        self.meter.reset()
+
+    def on_step_end(self, trainer: Any, info: Any) -> None:
+        self.meter.read()
 
 
 def _proc_status(key: str) -> float:
@@ -231,10 +253,10 @@ def _train(job: Job, directory: Path) -> dict[str, Any]:
     elif cfg.trainer.early_stopping is not None:  # best_val without Δm%: a baseline's own metric
         main = next(iter(_directions(dataset, tasks)[job.task])) if job.task else None
         cfg.trainer.early_stopping.monitor = f"{job.task}/{main}" if main else "loss"
-    clock = EpochClock()
+    clock, steps = EpochClock(), StepMemory(job.device)
     _warm_up(job)
     with PeakMemory(job.device) as memory:
-        outcome = run(cfg, dataset, task_names=[job.task] if job.task else None, callbacks=[clock])
+        outcome = run(cfg, dataset, task_names=[job.task] if job.task else None, callbacks=[clock, steps])
     val = outcome.trainer.evaluate(mk_data.loader(dataset.val, job.dataset.eval_batch_size))
     result: dict[str, Any] = {
         "key": job.key,
@@ -252,7 +274,8 @@ def _train(job: Job, directory: Path) -> dict[str, Any]:
         "test": outcome.test.metrics,
         "val": val.metrics,
         "seconds": clock.elapsed,
-        "peak_memory_mib": memory.peak_mib,
+        "peak_memory_mib": steps.meter.peak_mib,
+        "run_peak_memory_mib": memory.peak_mib,
         "steps": outcome.trainer.step,
         "train_size": len(dataset.train),
         "threads": job.threads,
@@ -437,7 +460,10 @@ def run_suite(
 ) -> dict[str, dict[str, Any]]:
     """Run (or resume) every baseline, then every method; returns all results by key."""
     workers = workers or suite.workers
-    os.environ.setdefault("OMP_NUM_THREADS", str(suite.threads))  # inherited by spawned workers
+    # inherited by spawned workers: their thread count, and glibc returning freed blocks of 64 KiB
+    # and more to the system at once, so that each run's peak memory is measured from a clean floor
+    os.environ.setdefault("OMP_NUM_THREADS", str(suite.threads))
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     results: dict[str, dict[str, Any]] = {}
     for r in run_jobs(baseline_jobs(suite, suite_tasks(suite)), workers, log):
         results[r["key"]] = r
@@ -448,16 +474,28 @@ def run_suite(
 
 
 def collect_results(suite: SuiteConfig) -> dict[str, dict[str, Any]]:
-    """Every stored result and failure under the suite's output (for reports without running)."""
+    """The stored results and failures of the suite's runs (for reports without running); runs of
+    other suites sharing the output folder are left out."""
+    mine = _planned_prefixes(suite)
     out: dict[str, dict[str, Any]] = {}
     for path in sorted(Path(suite.output).rglob("result.json")):
         r = read_result(path.parent)
-        if r is not None:
+        if r is not None and r.get("key", "").startswith(mine):
             out[r["key"]] = r
     for path in sorted(Path(suite.output).rglob("failed.json")):
         try:
             r = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        out.setdefault(r["key"], r)
+        if r.get("key", "").startswith(mine):
+            out.setdefault(r["key"], r)
     return out
+
+
+def _planned_prefixes(suite: SuiteConfig) -> tuple[str, ...]:
+    out = []
+    for d in suite.datasets:
+        for a in d.architectures:
+            out.append(f"{d.title}/{a.title}/single_task/")
+            out += [f"{d.title}/{a.title}/{m.title}/" for m in suite.methods]
+    return tuple(out)

@@ -19,6 +19,9 @@ from typing import Any
 
 from mtlkit.bench.suite_config import SuiteConfig
 
+#: more tasks than this: the table shows the mean of the tasks' main metric instead of one column each
+MAX_TASK_COLUMNS = 12
+
 
 def t_quantile(df: int) -> float:
     from scipy.stats import t
@@ -124,10 +127,20 @@ def build_tables(suite: SuiteConfig, results: Mapping[str, dict[str, Any]]) -> l
             if not multi:
                 continue
             columns = main_columns(multi[0])
-            baseline = {
-                f"{t}/{m}": Summary.of([r["test"][t][m] for r in single if r["task"] == t])
-                for t, m, _ in columns
-            }
+            if len(columns) > MAX_TASK_COLUMNS:  # many tasks: one column, the mean over tasks
+                cells = _mean_cells(columns)
+                by_seed: dict[int, dict[str, Any]] = {}
+                for r in single:
+                    by_seed.setdefault(r["seed"], {"test": {}})["test"].update(r["test"])
+                columns = [(f"mean over {len(columns)} tasks", columns[0][1], columns[0][2])]
+                key = f"{columns[0][0]}/{columns[0][1]}"
+                baseline = {key: Summary.of([cells(r)[key] for r in by_seed.values()])}
+            else:
+                cells = _task_cells(columns)
+                baseline = {
+                    f"{t}/{m}": Summary.of([r["test"][t][m] for r in single if r["task"] == t])
+                    for t, m, _ in columns
+                }
             rows = []
             for method in suite.methods:
                 runs = [r for r in multi if r["method"] == method.title]
@@ -135,7 +148,7 @@ def build_tables(suite: SuiteConfig, results: Mapping[str, dict[str, Any]]) -> l
                 rows.append(
                     MethodRow(
                         method.title,
-                        {f"{t}/{m}": Summary.of([r["test"][t][m] for r in runs]) for t, m, _ in columns},
+                        {f"{t}/{m}": Summary.of([cells(r)[f"{t}/{m}"] for r in runs]) for t, m, _ in columns},
                         Summary.of([r.get("delta_m", math.nan) for r in runs]),
                         Summary.of([r["seconds"] for r in runs]),
                         Summary.of([r["peak_memory_mib"] or math.nan for r in runs]),
@@ -147,6 +160,22 @@ def build_tables(suite: SuiteConfig, results: Mapping[str, dict[str, Any]]) -> l
             seconds = Summary.of([r["seconds"] for r in single])
             tables.append(DatasetTable(d.title, a.title, columns, baseline, seconds, rows))
     return tables
+
+
+def _task_cells(columns: Sequence[tuple[str, str, bool]]) -> Any:
+    return lambda r: {f"{t}/{m}": r["test"][t][m] for t, m, _ in columns}
+
+
+def _mean_cells(columns: Sequence[tuple[str, str, bool]]) -> Any:
+    """A run's main metric averaged over the tasks labelled in its test split."""
+    label = f"mean over {len(columns)} tasks/{columns[0][1]}"
+
+    def cells(r: Mapping[str, Any]) -> dict[str, float]:
+        values = [r["test"][t][m] for t, m, _ in columns if t in r["test"]]
+        finite = [v for v in values if not math.isnan(v)]
+        return {label: statistics.fmean(finite) if finite else math.nan}
+
+    return cells
 
 
 def _mean_ranks(rows: list[MethodRow], columns: Sequence[tuple[str, str, bool]]) -> None:
@@ -250,7 +279,8 @@ def report_markdown(
         "trained with the same architecture, protocol and seed; "
         "positive = better than single-task. Bold: the best mean per column. Mean rank: over the "
         "task columns and Δm%. `train s`: wall seconds of training (validation included); `peak MiB`: "
-        "memory the run added at its peak (resident memory on a CPU).",
+        "the peak memory the training steps added (validation excluded; resident memory of the run's "
+        "own process on a CPU, allocated memory on CUDA).",
         "",
     ]
     for d in suite.datasets:

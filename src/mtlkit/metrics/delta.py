@@ -9,8 +9,10 @@ Nash-MTL/FAMO tables flip the sign: there lower is better.) A task with several 
 the mean of its metrics' relative changes, as in LibMTL. Changes are divided by ``|M_stl|`` (the
 same as Maninis et al. for the usual positive metrics; it keeps the sign meaningful for a negative
 baseline such as R2 < 0). An undefined change (NaN metric, zero baseline) makes Δm NaN with a
-warning instead of stopping a run. The reference must come from separately trained single-task
-models, never from an earlier epoch of the same run.
+warning instead of stopping a run. A task whose every metric is NaN in both the result and the
+reference has no labelled sample in the split (a group too small for a test example): it is left
+out of Δm, as there is nothing to compare. The reference must come from separately trained
+single-task models, never from an earlier epoch of the same run.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ def per_task_delta(
     check_reference(reference, metrics)
     out: dict[str, float] = {}
     for task, task_metrics in metrics.items():
+        if task_metrics and all(
+            math.isnan(value) and math.isnan(reference[task][name]) for name, value in task_metrics.items()
+        ):
+            continue  # no labelled sample of this task in the split, here or in the reference
         changes = [
             _relative_change(task, name, value, reference[task][name], higher_is_better[task][name])
             for name, value in task_metrics.items()
