@@ -22,6 +22,8 @@ the run added (resident memory on Linux, allocated memory on CUDA), and the epoc
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import inspect
 import json
@@ -151,6 +153,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = float(torch.cuda.memory_allocated())
             return
+        _release_free_memory()
         try:
             Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to now
             self.base = _proc_status("VmRSS")
@@ -184,6 +187,13 @@ class StepMemory(Callback):
 
     def on_step_end(self, trainer: Any, info: Any) -> None:
         self.meter.read()
+
+
+def _release_free_memory() -> None:
+    """Return the allocator's free memory to the system (glibc's ``malloc_trim``), so that the
+    measurement starts from what is live; the allocator keeps its default (fast) settings."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _proc_status(key: str) -> float:
@@ -460,10 +470,7 @@ def run_suite(
 ) -> dict[str, dict[str, Any]]:
     """Run (or resume) every baseline, then every method; returns all results by key."""
     workers = workers or suite.workers
-    # inherited by spawned workers: their thread count, and glibc returning freed blocks of 64 KiB
-    # and more to the system at once, so that each run's peak memory is measured from a clean floor
-    os.environ.setdefault("OMP_NUM_THREADS", str(suite.threads))
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    os.environ.setdefault("OMP_NUM_THREADS", str(suite.threads))  # inherited by spawned workers
     results: dict[str, dict[str, Any]] = {}
     for r in run_jobs(baseline_jobs(suite, suite_tasks(suite)), workers, log):
         results[r["key"]] = r
