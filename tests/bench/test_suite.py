@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -109,7 +110,7 @@ def test_every_run_is_stored_with_delta_m_against_its_own_seeds_baselines(finish
         assert r["seconds"] > 0 and r["steps"] == 12 and len(r["epochs"]) == 2
         assert r["epochs"][1]["seconds"] >= r["epochs"][0]["seconds"]
     for seed in (0, 1):
-        ref = bench_suite.reference_of(results, "synthetic", "shared_bottom", seed)
+        ref = bench_suite.reference_of(results, "synthetic", "shared_bottom", seed, ["y1", "y2"])
         run = results[f"synthetic/shared_bottom/MGDA/seed{seed}"]
         # Δm% recomputed from the stored test metrics of the same seed's single-task models
         expected = mk.metrics.delta_m(run["test"], ref["test"], run["directions"])
@@ -248,3 +249,29 @@ def test_many_tasks_are_summarised_in_one_column(tmp_path):
     assert table.baseline["mean over 13 tasks/mse"].mean == 1.0  # the task without a test pupil left out
     assert [r.metrics["mean over 13 tasks/mse"].mean for r in table.rows] == [0.5, 2.0]
     assert "| ew | **0.500** | **50.00** | **1.0** |" in report_markdown(suite, results, "x", None)
+
+
+def test_a_report_of_stored_results_keeps_the_training_command_and_time(finished):
+    suite, results = finished
+    write_report(suite, results, "mtlkit bench tiny.yaml --workers 2", 61.0)
+    write_report(suite, results, "mtlkit bench tiny.yaml --report-only", None)
+    data = json.loads((Path(suite.output) / "report-tiny.json").read_text())
+    assert data["command"] == "mtlkit bench tiny.yaml --workers 2" and data["wall_seconds"] == 61.0
+    assert "Wall time 1.0 min" in (Path(suite.output) / "report-tiny.md").read_text()
+
+
+def test_runs_whose_baseline_failed_are_reported_not_run(tmp_path, monkeypatch):
+    suite = tiny(tmp_path)
+    real = bench_suite._train
+
+    def flaky(job, directory):
+        if job.task == "y2" and job.seed == 1:
+            raise OSError("disk full")
+        return real(job, directory)
+
+    monkeypatch.setattr(bench_suite, "_train", flaky)
+    results = bench_suite.run_suite(suite, workers=1, log=lambda _: None)
+    for method in ("ew", "MGDA"):
+        assert "error" not in results[f"synthetic/shared_bottom/{method}/seed0"]
+        assert "baseline" in results[f"synthetic/shared_bottom/{method}/seed1"]["error"]
+    assert bench_suite.reference_of(results, "synthetic", "shared_bottom", 1, ["y1", "y2"]) is None

@@ -62,3 +62,32 @@ def test_caches_are_atomic_and_a_damaged_one_is_not_trusted(tmp_path: Path) -> N
     save_cache(stem, {"x": torch.zeros(2)}, {})
     stem.with_suffix(".json").unlink()  # half a cache is no cache
     assert load_cache(stem) is None
+
+
+def test_processes_building_the_same_cache_at_once_do_not_collide(tmp_path):
+    # suite workers may build one dataset's cache together: private temporary names, last rename wins
+    import threading
+
+    import torch
+
+    from mtlkit.data import donors
+
+    stem = tmp_path / "cache" / "v1"
+    errors = []
+
+    def build(value: float) -> None:
+        try:
+            for _ in range(10):
+                donors.save_cache(stem, {"x": torch.full((1000,), value)}, {"value": value})
+        except Exception as exc:  # pragma: no cover - the failure this test guards against
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build, args=(float(v),)) for v in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    tensors, _ = donors.load_cache(stem)
+    assert tensors["x"].shape == (1000,)
+    assert not list(stem.parent.glob("*.tmp"))

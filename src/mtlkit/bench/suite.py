@@ -230,6 +230,11 @@ def execute(job: Job) -> dict[str, Any]:
         return done
     torch.set_num_threads(job.threads)
     try:
+        if job.kind == "multi_task" and job.test_reference is None:
+            raise RuntimeError(
+                "not run: a single-task baseline of this dataset, architecture and seed is missing or "
+                "failed (see its error); the next run of the suite retries it"
+            )
         result = _train(job, directory)
     except Exception as exc:  # one failed run must not stop a suite; its error is reported
         failure = {
@@ -383,14 +388,17 @@ def baseline_jobs(suite: SuiteConfig, task_names: Mapping[str, Sequence[str]]) -
     ]
 
 
-def method_jobs(suite: SuiteConfig, baselines: Mapping[str, dict[str, Any]]) -> list[Job]:
-    """The multi-task runs, each with the validation and test metrics of its baselines."""
+def method_jobs(
+    suite: SuiteConfig, baselines: Mapping[str, dict[str, Any]], task_names: Mapping[str, Sequence[str]]
+) -> list[Job]:
+    """The multi-task runs, each with the validation and test metrics of its baselines (``None``
+    when one of them is missing: the run is then reported as not run)."""
     out = Path(suite.output)
     jobs = []
     for d in suite.datasets:
         for a in d.architectures:
             for seed in suite.seeds:
-                ref = reference_of(baselines, d.title, a.title, seed)
+                ref = reference_of(baselines, d.title, a.title, seed, task_names[d.title])
                 for m in suite.methods:
                     jobs.append(
                         Job(
@@ -412,10 +420,14 @@ def method_jobs(suite: SuiteConfig, baselines: Mapping[str, dict[str, Any]]) -> 
 
 
 def reference_of(
-    results: Mapping[str, dict[str, Any]], dataset: str, architecture: str, seed: int
+    results: Mapping[str, dict[str, Any]],
+    dataset: str,
+    architecture: str,
+    seed: int,
+    tasks: Sequence[str],
 ) -> dict[str, dict[str, dict[str, float]]] | None:
-    """``{"val": ..., "test": ...}`` metrics of every single-task baseline of (dataset,
-    architecture, seed), or ``None`` when one is missing or failed."""
+    """``{"val": ..., "test": ...}`` metrics of the single-task baselines of (dataset,
+    architecture, seed), or ``None`` unless every task in ``tasks`` has one."""
     found = [
         r
         for r in results.values()
@@ -428,6 +440,8 @@ def reference_of(
     for r in found:
         for split in ("val", "test"):
             merged[split].update(r[split])
+    if any(t not in merged["test"] for t in tasks):
+        return None
     return merged
 
 
@@ -472,10 +486,11 @@ def run_suite(
     workers = workers or suite.workers
     os.environ.setdefault("OMP_NUM_THREADS", str(suite.threads))  # inherited by spawned workers
     results: dict[str, dict[str, Any]] = {}
-    for r in run_jobs(baseline_jobs(suite, suite_tasks(suite)), workers, log):
+    tasks = suite_tasks(suite)
+    for r in run_jobs(baseline_jobs(suite, tasks), workers, log):
         results[r["key"]] = r
     ok = {k: r for k, r in results.items() if "error" not in r}
-    for r in run_jobs(method_jobs(suite, ok), workers, log):
+    for r in run_jobs(method_jobs(suite, ok, tasks), workers, log):
         results[r["key"]] = r
     return results
 

@@ -78,32 +78,43 @@ def plot_traces(
 
 
 def plot_pareto(results: Mapping[str, dict[str, Any]], table: DatasetTable, out: Path) -> Path | None:
-    """Two-task tables: each method's mean test metrics (task 1 against task 2) with the seeds'
-    95% intervals, the single-task point, and the methods' non-dominated set joined."""
+    """Two-task tables: each method's mean test metrics (task 1 against task 2) with its seeds as
+    faint dots, the single-task point, and the methods' non-dominated set joined and labelled (the
+    axes frame the means; outlying seeds fall outside)."""
     if len(table.columns) != 2:
         return None
     plt = _pyplot()
     (t1, m1, h1), (t2, m2, h2) = table.columns
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("tab20")
     points = {}
-    for r in table.rows:
+    for i, r in enumerate(table.rows):
         a, b = r.metrics[f"{t1}/{m1}"], r.metrics[f"{t2}/{m2}"]
         if math.isnan(a.mean) or math.isnan(b.mean):
             continue
         points[r.method] = (a.mean, b.mean)
-        err = [0.0 if math.isnan(s.half_width) else s.half_width for s in (a, b)]
-        ax.errorbar(a.mean, b.mean, xerr=err[0], yerr=err[1], fmt="o", ms=4, lw=0.5, alpha=0.8)
-        ax.annotate(r.method, (a.mean, b.mean), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        colour = cmap(i % 20)
+        seeds = [(run["test"][t1][m1], run["test"][t2][m2]) for run in _runs(results, table, r.method)]
+        ax.scatter(*zip(*seeds, strict=True), s=8, color=colour, alpha=0.3, lw=0)
+        ax.plot(a.mean, b.mean, "o" if i < 20 else "s", ms=5, color=colour, label=r.method)
     stl = (table.baseline[f"{t1}/{m1}"].mean, table.baseline[f"{t2}/{m2}"].mean)
-    ax.plot(*stl, "k*", ms=10, label="single-task")
+    ax.plot(*stl, "k*", ms=12, label="single-task")
     front = _front(points, h1, h2)
-    if len(front) > 1:
-        xs, ys = zip(*sorted(points[m] for m in front), strict=True)
-        ax.plot(xs, ys, "r--", lw=0.8, label="non-dominated methods")
+    if front:
+        ax.plot(*zip(*sorted(points[m] for m in front), strict=True), "r--", lw=0.8)
+        for m in front:
+            ax.annotate(m, points[m], fontsize=7, xytext=(3, 3), textcoords="offset points", color="r")
+    xs = [p[0] for p in points.values()] + [stl[0]]
+    ys = [p[1] for p in points.values()] + [stl[1]]
+    pad_x, pad_y = 0.08 * (max(xs) - min(xs) or 1e-3), 0.08 * (max(ys) - min(ys) or 1e-3)
+    ax.set_xlim(min(xs) - pad_x, max(xs) + pad_x)
+    ax.set_ylim(min(ys) - pad_y, max(ys) + pad_y)
     ax.set(
-        xlabel=f"{t1} {m1}", ylabel=f"{t2} {m2}", title=f"{table.dataset} ({table.architecture}): trade-off"
+        xlabel=f"{t1} {m1}",
+        ylabel=f"{t2} {m2}",
+        title=f"{table.dataset} ({table.architecture}): trade-off (test, mean over seeds)",
     )
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.grid(alpha=0.3)
     return _save(plt, fig, out)
 
@@ -142,10 +153,14 @@ def plot_time_to_quality(
         plt.close(fig)
         return None
     ax.axhline(0.0, color="k", lw=0.6)
+    # frame the bulk of the methods: curves far below are cut (their values are in the table)
+    values = sorted(y for line in ax.get_lines() for y in line.get_ydata() if not math.isnan(y))
+    low, high = values[int(0.15 * (len(values) - 1))], max(max(values), 0.0)
+    ax.set_ylim(low - 0.1 * (high - low or 1.0), high + 0.1 * (high - low or 1.0))
     ax.set(
         xlabel="training wall seconds",
         ylabel="validation Δm% (↑)",
-        title=f"{table.dataset} ({table.architecture}): time to quality",
+        title=f"{table.dataset} ({table.architecture}): time to quality (lowest 15% of points cut)",
     )
     ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.grid(alpha=0.3)

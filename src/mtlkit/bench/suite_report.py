@@ -259,7 +259,11 @@ def rank_table(tables: Sequence[DatasetTable]) -> str:
 
 
 def report_markdown(
-    suite: SuiteConfig, results: Mapping[str, dict[str, Any]], command: str, wall_seconds: float | None
+    suite: SuiteConfig,
+    results: Mapping[str, dict[str, Any]],
+    command: str,
+    wall_seconds: float | None,
+    trained: int | None = None,
 ) -> str:
     """The whole report: setup, one table per (dataset, architecture), the rank table, failures."""
     tables = build_tables(suite, results)
@@ -268,7 +272,13 @@ def report_markdown(
     parts.append(f"Command: `{command}`.")
     if wall_seconds is not None:
         parts.append(
-            f"Wall time {wall_seconds / 60:.1f} min, {suite.workers} worker(s) of {suite.threads} thread(s)."
+            f"Wall time {wall_seconds / 60:.1f} min, {suite.workers} worker(s) of {suite.threads} thread(s)"
+            + (
+                f", for the {trained} of {len(results)} runs this invocation trained (the others were "
+                "stored by earlier invocations)."
+                if trained is not None and trained < len(results)
+                else "."
+            )
         )
     parts += [
         "",
@@ -341,16 +351,25 @@ def write_report(
     command: str,
     wall_seconds: float | None,
     also: Path | None = None,
+    trained: int | None = None,
 ) -> list[Path]:
-    """``report.md``, ``report.json`` and ``plots/`` in the suite's output folder (and the same
+    """``report-<name>.md``, ``.json`` and ``report-<name>_plots/`` in the suite's output folder (and the same
     beside ``also`` when given); returns the files written."""
     from mtlkit.bench.suite_plots import write_plots
 
-    text = report_markdown(suite, results, command, wall_seconds)
+    if wall_seconds is None:  # a report of stored results: keep the command and time that trained them
+        try:
+            previous = json.loads((Path(suite.output) / f"report-{suite.name}.json").read_text())
+            command, wall_seconds = previous["command"], previous["wall_seconds"]
+            trained = previous.get("trained_runs")
+        except (OSError, ValueError, KeyError):
+            pass
+    text = report_markdown(suite, results, command, wall_seconds, trained)
     data = summary_json(suite, results)
-    data["command"], data["wall_seconds"] = command, wall_seconds
+    data["command"], data["wall_seconds"], data["trained_runs"] = command, wall_seconds, trained
     written = []
-    for md in [Path(suite.output) / "report.md", *([Path(also)] if also else [])]:
+    # named after the suite: suites may share an output folder (and reuse each other's runs)
+    for md in [Path(suite.output) / f"report-{suite.name}.md", *([Path(also)] if also else [])]:
         md.parent.mkdir(parents=True, exist_ok=True)
         plots = write_plots(suite, results, md.parent / f"{md.stem}_plots")
         figures = "\n".join(f"![{p.stem}]({p.parent.name}/{p.name})" for p in plots)

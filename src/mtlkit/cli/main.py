@@ -137,7 +137,7 @@ def bench(
     baselines, then write its report (tables with 95% intervals, ranks, plots).
 
     Finished runs are stored and skipped when the suite is run again; an interrupted run resumes
-    from its last checkpoint. The report goes to OUTPUT/report.md (and --report).
+    from its last checkpoint. The report goes to OUTPUT/report-NAME.md (and --report).
     """
     import shlex
     import sys
@@ -155,11 +155,13 @@ def bench(
             raise typer.BadParameter("--workers must be >= 1")
         suite.workers = workers
     start = time.perf_counter()
+    trained = None
     if not report_only:
-        run_suite(suite, log=typer.echo)
+        ran = run_suite(suite, log=typer.echo)
+        trained = sum(1 for r in ran.values() if not r.get("reused") and "error" not in r)
     wall = None if report_only else time.perf_counter() - start
     command = "mtlkit bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    for path in write_report(suite, collect_results(suite), command, wall, report):
+    for path in write_report(suite, collect_results(suite), command, wall, report, trained):
         typer.echo(f"wrote {path}")
 
 

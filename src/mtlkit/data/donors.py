@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +115,12 @@ def save_cache(stem: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[st
     place, the tensors last), so an interrupted write leaves no cache that looks complete."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     tensors_path, meta_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    tmp_meta, tmp_tensors = meta_path.with_suffix(".json.tmp"), tensors_path.with_suffix(".safetensors.tmp")
+    # private temporary names: several processes may build the same cache at once (suite workers)
+    token = f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp_meta, tmp_tensors = (
+        meta_path.with_suffix(".json" + token),
+        tensors_path.with_suffix(".safetensors" + token),
+    )
     tmp_meta.write_text(json.dumps(dict(meta)))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_tensors))
     tmp_meta.replace(meta_path)
