@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mtlkit.core.registry import Registry
-from mtlkit.core.tasks import Batch
+from mtlkit.core.tasks import Batch, TaskSet
 from mtlkit.errors import ShapeMismatchError
 
 DATASETS: Registry[Any] = Registry("dataset")
@@ -85,3 +86,18 @@ def loader(
         collate_fn=_keep_batch,
         generator=generator,
     )
+
+
+@dataclass
+class FeatureSplits:
+    """A processed dataset of feature vectors: three splits, the task set and the feature names."""
+
+    train: MultiTaskTensorDataset
+    val: MultiTaskTensorDataset
+    test: MultiTaskTensorDataset
+    tasks: TaskSet
+    feature_names: list[str]
+
+    @property
+    def in_features(self) -> int:
+        return len(self.feature_names)

@@ -29,7 +29,6 @@ import io
 import lzma
 import math
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 
 from mtlkit.core.tasks import Task, TaskSet
-from mtlkit.data.base import DATASETS, MultiTaskTensorDataset
+from mtlkit.data.base import DATASETS, FeatureSplits, MultiTaskTensorDataset
 from mtlkit.data.donors import Donor, DonorFile, package_root
 from mtlkit.errors import DatasetNotAvailableError
 
@@ -92,19 +91,8 @@ def read_frame(path: Path) -> Any:
     return _DataFrameUnpickler(io.BytesIO(lzma.decompress(path.read_bytes()))).load()
 
 
-@dataclass
-class Exam:
-    """The processed dataset: three splits, the 65 school tasks and the feature names."""
-
-    train: MultiTaskTensorDataset
-    val: MultiTaskTensorDataset
-    test: MultiTaskTensorDataset
-    tasks: TaskSet
-    feature_names: list[str]
-
-    @property
-    def in_features(self) -> int:
-        return len(self.feature_names)
+class Exam(FeatureSplits):
+    """ILEA Exam's three splits, the 65 school tasks and the 15 feature names."""
 
 
 def split_by_school(schools: np.ndarray, seed: int) -> dict[str, np.ndarray]:

@@ -47,7 +47,7 @@ import torch
 
 from mtlkit.core.metric import Metric
 from mtlkit.core.tasks import Task, TaskSet
-from mtlkit.data.base import DATASETS, MultiTaskTensorDataset, cache_dir
+from mtlkit.data.base import DATASETS, FeatureSplits, MultiTaskTensorDataset, cache_dir
 from mtlkit.data.donors import Donor, DonorFile, load_cache, package_root, save_cache
 from mtlkit.errors import ConfigError, DatasetNotAvailableError
 
@@ -126,25 +126,16 @@ def qm9_tasks(scales: dict[str, float] | None = None) -> TaskSet:
 
 
 @dataclass
-class QM9:
+class QM9(FeatureSplits):
     """The processed dataset: three splits, the task set, feature names and target statistics.
 
     ``units[task]`` is the unit its MAE is reported in; ``target_mean``/``target_std`` are the
     standardisation statistics (0 and 1 with ``normalize=False``) in the training unit (eV for energies).
     """
 
-    train: MultiTaskTensorDataset
-    val: MultiTaskTensorDataset
-    test: MultiTaskTensorDataset
-    tasks: TaskSet
-    feature_names: list[str]
     units: dict[str, str]
     target_mean: dict[str, float]
     target_std: dict[str, float]
-
-    @property
-    def in_features(self) -> int:
-        return len(self.feature_names)
 
 
 def _floats(text: str) -> np.ndarray:
