@@ -275,21 +275,3 @@ def test_runs_whose_baseline_failed_are_reported_not_run(tmp_path, monkeypatch):
         assert "error" not in results[f"synthetic/shared_bottom/{method}/seed0"]
         assert "baseline" in results[f"synthetic/shared_bottom/{method}/seed1"]["error"]
     assert bench_suite.reference_of(results, "synthetic", "shared_bottom", 1, ["y1", "y2"]) is None
-
-
-def test_cli_refuses_a_bad_suite_with_one_clear_line(tmp_path):
-    import subprocess
-    import sys
-
-    path = tmp_path / "bad.yaml"
-    path.write_text(
-        "name: x\nseeds: [0]\nmethods: [pcgard]\ndatasets: [{name: mmoe_synthetic, architectures: [shared_bottom]}]\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", "from mtlkit.cli.main import main; main()", "bench", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 2
-    assert "error: " in out.stderr and "pcgrad" in out.stderr and "Traceback" not in out.stderr

@@ -64,17 +64,30 @@ def test_train_command_end_to_end(tmp_path):
     assert (tmp_path / "run" / "test_report.json").exists() and (tmp_path / "run" / "run.json").exists()
 
 
+def cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    """The installed command line in a fresh process (errors print as one line, exit status 2)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mtlkit.cli.main", *args], capture_output=True, text=True, cwd=cwd
+    )
+
+
 def test_errors_exit_with_one_clear_line(tmp_path):
     bad = write(tmp_path, {"method": {"name": "mdga"}, "data": {"name": "mmoe_synthetic"}})
-    proc = subprocess.run(
-        [sys.executable, "-m", "mtlkit.cli.main", "train", str(bad)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    proc = cli("train", str(bad), cwd=tmp_path)
     assert proc.returncode == 2
     assert "error: Unknown method 'mdga'. Did you mean 'mgda'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bench_refuses_a_bad_suite_with_one_clear_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "name: x\nseeds: [0]\nmethods: [pcgard]\n"
+        "datasets: [{name: mmoe_synthetic, architectures: [shared_bottom]}]\n"
+    )
+    proc = cli("bench", str(path), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "error: " in proc.stderr and "pcgrad" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -46,6 +46,7 @@ from mtlkit.bench.suite_config import (
     run_config,
 )
 from mtlkit.train.callbacks import Callback
+from mtlkit.version import __version__
 
 BASELINE_METHOD = ComponentSpec("ew", label="single_task")
 TRACE_POINTS = 60
@@ -251,12 +252,13 @@ def execute(job: Job) -> dict[str, Any]:
 
 
 def _train(job: Job, directory: Path) -> dict[str, Any]:
-    from mtlkit import data as mk_data
     from mtlkit.train.evaluate import EvaluationReport
     from mtlkit.train.experiment import run
 
     dataset = load_dataset(job.dataset, job.seed)
-    cfg = run_config(_suite_stub(job), job.dataset, job.architecture, job.method, job.seed, directory)
+    cfg = run_config(
+        job.dataset, job.architecture, job.method, job.seed, directory, job.device, job.log_every
+    )
     tasks = [job.task] if job.task else list(dataset.tasks.names)
     if job.val_reference is not None:
         reference = EvaluationReport(
@@ -272,7 +274,6 @@ def _train(job: Job, directory: Path) -> dict[str, Any]:
     _warm_up(job)
     with PeakMemory(job.device) as memory:
         outcome = run(cfg, dataset, task_names=[job.task] if job.task else None, callbacks=[clock, steps])
-    val = outcome.trainer.evaluate(mk_data.loader(dataset.val, job.dataset.eval_batch_size))
     result: dict[str, Any] = {
         "key": job.key,
         "fingerprint": job.fingerprint,
@@ -287,7 +288,7 @@ def _train(job: Job, directory: Path) -> dict[str, Any]:
         "tasks": tasks,
         "directions": _directions(dataset, tasks),
         "test": outcome.test.metrics,
-        "val": val.metrics,
+        "val": _selected_validation(outcome.trainer, _directions(dataset, tasks)),
         "seconds": clock.elapsed,
         "peak_memory_mib": steps.meter.peak_mib,
         "run_peak_memory_mib": memory.peak_mib,
@@ -296,7 +297,7 @@ def _train(job: Job, directory: Path) -> dict[str, Any]:
         "threads": job.threads,
         "epochs": _epoch_trace(outcome.trainer.history),
         "trace": _step_trace(directory / "steps.csv"),
-        "mtlkit": __import__("mtlkit.version", fromlist=["__version__"]).__version__,
+        "mtlkit": __version__,
         "torch": torch.__version__,
     }
     if job.test_reference is not None:
@@ -317,20 +318,25 @@ def _warm_up(job: Job) -> None:
     mk_methods.create(job.method.name, **job.method.options)
 
 
-def _suite_stub(job: Job) -> SuiteConfig:
-    return SuiteConfig(device=job.device, log_every=job.log_every)
-
-
 def _directions(dataset: Any, tasks: Sequence[str]) -> dict[str, dict[str, bool]]:
     from mtlkit.metrics.task_metrics import directions
 
     return {t: d for t, d in directions(dataset.tasks).items() if t in tasks}
 
 
+def _selected_validation(
+    trainer: Any, directions: Mapping[str, Mapping[str, bool]]
+) -> dict[str, dict[str, float]]:
+    """The validation metrics of the model the run ends with, read from the Trainer's history: the
+    best epoch's where early stopping restored it, else the last epoch's (no second evaluation)."""
+    best = trainer.early_stopping.best_epoch if trainer.early_stopping is not None else None
+    row = trainer.history[(best or len(trainer.history)) - 1]
+    return {t: {m: row[f"val/{t}/{m}"] for m in names} for t, names in directions.items()}
+
+
 def _epoch_trace(history: list[dict[str, float]]) -> list[dict[str, float]]:
-    keep = ("seconds", "val/delta_m")
     return [
-        {"epoch": i + 1, **{k: v for k, v in row.items() if k in keep or k.startswith("val/")}}
+        {"epoch": i + 1, **{k: v for k, v in row.items() if k == "seconds" or k.startswith("val/")}}
         for i, row in enumerate(history)
     ]
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,7 +148,9 @@ def parse_suite(raw: dict[str, Any]) -> SuiteConfig:
     for d in suite.datasets:  # every component and option, before any data is loaded
         for a in d.architectures:
             for m in suite.methods:
-                check_run_config(run_config(suite, d, a, m, suite.seeds[0], Path(".")))
+                cfg = run_config(d, a, m, suite.seeds[0], Path("."), suite.device, suite.log_every)
+                check_values(cfg)
+                check_components(cfg)
     return suite
 
 
@@ -160,12 +161,13 @@ def _unique(labels: list[str], key: str) -> None:
 
 
 def run_config(
-    suite: SuiteConfig,
     dataset: DatasetSpec,
     architecture: ComponentSpec,
     method: ComponentSpec,
     seed: int,
     output: Path,
+    device: str,
+    log_every: int,
 ) -> RunConfig:
     """The :class:`~mtlkit.train.config.RunConfig` of one run of the suite."""
     from mtlkit.train.config import (
@@ -186,9 +188,9 @@ def run_config(
         optimizer=OptimizerConfig(**asdict(dataset.optimizer)),
         trainer=TrainerConfig(
             epochs=dataset.epochs,
-            device=suite.device,
+            device=device,
             grad_clip=dataset.grad_clip,
-            log_every=suite.log_every,
+            log_every=log_every,
             tensorboard=False,
             progress=False,
             early_stopping=early,
@@ -196,13 +198,6 @@ def run_config(
         seed=seed,
         output=str(output),
     )
-
-
-def check_run_config(cfg: RunConfig) -> None:
-    check_values(cfg)
-    check_components(cfg)
-    if cfg.trainer.grad_clip is not None and not math.isfinite(cfg.trainer.grad_clip):
-        raise ConfigError("grad_clip must be finite.")
 
 
 def fingerprint(payload: Any) -> str:

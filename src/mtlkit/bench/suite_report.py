@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -367,11 +368,17 @@ def write_report(
     text = report_markdown(suite, results, command, wall_seconds, trained)
     data = summary_json(suite, results)
     data["command"], data["wall_seconds"], data["trained_runs"] = command, wall_seconds, trained
-    written = []
+    written: list[Path] = []
+    rendered: list[Path] = []
     # named after the suite: suites may share an output folder (and reuse each other's runs)
     for md in [Path(suite.output) / f"report-{suite.name}.md", *([Path(also)] if also else [])]:
         md.parent.mkdir(parents=True, exist_ok=True)
-        plots = write_plots(suite, results, md.parent / f"{md.stem}_plots")
+        folder = md.parent / f"{md.stem}_plots"
+        if rendered:  # the figures are drawn once, then copied beside the second report
+            folder.mkdir(parents=True, exist_ok=True)
+            plots = [Path(shutil.copyfile(f, folder / f.name)) for f in rendered]
+        else:
+            plots = rendered = write_plots(suite, results, folder)
         figures = "\n".join(f"![{p.stem}]({p.parent.name}/{p.name})" for p in plots)
         md.write_text(text + ("\n## Figures\n\n" + figures + "\n" if figures else ""))
         md.with_suffix(".json").write_text(json.dumps(data, indent=1, default=float))

@@ -144,6 +144,11 @@ def _floats(text: str) -> np.ndarray:
     return np.array([float(v) for v in text.replace("[", "").replace("]", "").split(",")]).reshape(-1, 3)
 
 
+def _element_counts(stoichiometry: str) -> np.ndarray:
+    """H, C, N, O, F counts from qm9pack's Stoichiometry column ("[4,1,0,0,0]" for methane)."""
+    return np.array([int(c) for c in stoichiometry.strip("[]").split(",")], dtype=np.float64)
+
+
 def _geometry(xyz: np.ndarray, masses: np.ndarray) -> list[float]:
     centre = (masses[:, None] * xyz).sum(0) / masses.sum()
     rel = xyz - centre
@@ -172,7 +177,7 @@ def _featurise(frame: Any) -> tuple[np.ndarray, np.ndarray]:
         if mol is None:
             raise DatasetNotAvailableError(f"RDKit cannot parse the QM9 SMILES {smiles!r} (row {i}).")
         fingerprints[i] = generator.GetCountFingerprintAsNumPy(mol)
-        counts = np.array([int(c) for c in stoichiometry.strip("[]").split(",")], dtype=np.float64)
+        counts = _element_counts(stoichiometry)
         symbols = [s.strip(" '\"") for s in elements.strip("[]").split(",")]
         masses = np.array([MASSES[s] for s in symbols])
         descriptors[i] = [
@@ -196,9 +201,7 @@ def _featurise(frame: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _targets(frame: Any, energies: str) -> np.ndarray:
-    counts = np.array(
-        [[int(c) for c in s.strip("[]").split(",")] for s in frame["Stoichiometry"]], dtype=np.float64
-    )
+    counts = np.stack([_element_counts(text) for text in frame["Stoichiometry"]])
     columns = []
     for task in TASK_NAMES:
         column, to_unit, _, _ = TARGETS[task]
