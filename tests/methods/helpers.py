@@ -45,19 +45,37 @@ def make_method(name, tasks, net, **options):
 
 
 def supply_more_batches(method, tasks, net):
-    """For a method that uses several batches per step, fill ``extra_losses`` of every
-    ``backward`` call from ``net.more_batches`` (see ``make_problem``) unless a test passes them."""
+    """Fill what a method's ``backward`` needs beyond the losses unless a test passes it: for a
+    method that uses several batches per step, ``extra_losses`` from ``net.more_batches`` (see
+    ``make_problem``); for a method that re-runs the model (``needs_closure``), a ``closure`` that
+    recomputes the losses on the last inputs and targets seen (scaled like the step's losses)."""
     n = method.batches_per_step
-    if n == 1 or not hasattr(net, "more_batches"):
+    closure = method.needs_closure
+    if (n == 1 or not hasattr(net, "more_batches")) and not closure:
         return method
+    last = {}
+    if closure:
+        net.register_forward_pre_hook(lambda module, args: last.__setitem__("x", args[0]))
+        plain = tasks.losses
+
+        def recording(predictions, targets, *args, **kwargs):
+            last["y"] = targets
+            return plain(predictions, targets, *args, **kwargs)
+
+        tasks.losses = recording
     original = method.backward
 
     def backward(losses, *args, **kwargs):
-        if "extra_losses" not in kwargs:
-            scale = kwargs.get("loss_scale") or 1.0
+        scale = kwargs.get("loss_scale") or 1.0
+        if n > 1 and "extra_losses" not in kwargs:
             kwargs["extra_losses"] = [
                 tasks.losses(net(x), y).map(lambda v: v * scale) for x, y in net.more_batches[: n - 1]
             ]
+        if closure and "closure" not in kwargs:
+            kwargs["closure"] = lambda: (
+                tasks.losses(net(last["x"]), last["y"]).map(lambda v: v * scale),
+                None,
+            )
         return original(losses, *args, **kwargs)
 
     method.backward = backward

@@ -14,6 +14,7 @@ from mtlkit.methods.ew import EW
 from mtlkit.methods.excess_mtl import ExcessMTL
 from mtlkit.methods.fairgrad import FairGrad
 from mtlkit.methods.famo import FAMO
+from mtlkit.methods.fmtl import FMTL
 from mtlkit.methods.gls import GLS
 from mtlkit.methods.graddrop import GradDrop
 from mtlkit.methods.gradient_methods import GradientMethod, GramianWeighting, JacobianAggregator
@@ -45,6 +46,7 @@ __all__ = [
     "DWA",
     "EW",
     "FAMO",
+    "FMTL",
     "GLS",
     "IMTL",
     "IMTLG",

@@ -34,7 +34,7 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -55,6 +55,8 @@ from mtlkit.errors import (
 from mtlkit.methods.hparams import HParam, as_config_value, collect, validate
 
 Losses = Mapping[str, Tensor] | Sequence[Tensor]
+#: ``closure() -> (losses, output)``: the model run again on the step's batch (see ``needs_closure``)
+Closure = Callable[[], tuple[Losses, MultiTaskOutput | None]]
 
 
 class Hook(enum.Enum):
@@ -150,6 +152,8 @@ class StepInputs:
         self.extra: list[StepInputs] = []
         #: positions of these tasks in the method's task list (``None``: all, in order)
         self.index: Tensor | None = None
+        #: re-evaluates the losses on the step's batch (methods with ``needs_closure``)
+        self.closure: Closure | None = None
 
     def subset(self, index: Tensor) -> StepInputs:
         """The inputs of the tasks at ``index`` only (a sorted 1-D index into the task list)."""
@@ -234,6 +238,10 @@ class Method(nn.Module):
     uses_task_weights: ClassVar[bool] = False
     #: Every active task's (unscaled) loss must be > 0 (methods that take logarithms of losses).
     positive_losses: ClassVar[bool] = False
+    #: The method re-evaluates the losses on the step's batch at other weights (F-MTL's perturbed
+    #: passes): ``backward`` needs ``closure=``, a callable that runs the model forward on the same
+    #: batch and returns ``(losses, output)`` (scaled like the step's losses under a GradScaler).
+    needs_closure: ClassVar[bool] = False
     _hparams: ClassVar[dict[str, HParam]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -396,6 +404,7 @@ class Method(nn.Module):
         shared: Iterable[Tensor] | None = None,
         loss_scale: float | None = None,
         extra_losses: Sequence[Losses] = (),
+        closure: Closure | None = None,
     ) -> StepInfo:
         """Fill ``.grad`` of every parameter from the task losses; return what was done.
 
@@ -416,8 +425,19 @@ class Method(nn.Module):
                 (``batches_per_step > 1``: MoDo, SDMGrad with ``independent_batches``), the task
                 losses of the other ``batches_per_step - 1`` batches (same model, same scale).
                 The Trainer and the Driver's users draw them from the loader.
+            closure: for methods with :attr:`needs_closure` (F-MTL): re-runs the forward pass on
+                the step's batch and returns ``(losses, output)`` with the same scale as
+                ``losses``. The Trainer passes it; in your own loop see
+                :class:`~mtlkit.methods.Driver`.
         """
+        if self.needs_closure and closure is None:
+            raise LifecycleError(
+                f"{type(self).__name__} re-evaluates the losses on the step's batch at perturbed "
+                "weights: pass closure=, a callable that runs the model on the same batch and returns "
+                "(losses, output) (the Trainer does this by itself)."
+            )
         inputs = self._begin_step(losses, model, output, shared, loss_scale)
+        inputs.closure = closure
         inputs.extra = self._extra_inputs(extra_losses, model, shared, loss_scale)
         aux = self._aux_gradients(inputs, model)  # before the method's backward frees the graph
         info = self._dispatch(inputs)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from mtlkit.core.contract import MultiTaskOutput
 from mtlkit.core.tasks import Task, TaskSet
-from mtlkit.methods.base import Hook, Losses, Method, StepInfo
+from mtlkit.methods.base import Closure, Hook, Losses, Method, StepInfo
 
 
 class Driver:
@@ -73,11 +73,16 @@ class Driver:
         output: MultiTaskOutput | None = None,
         loss_scale: float | None = None,
         extra_losses: Sequence[Losses] = (),
+        closure: Closure | None = None,
     ) -> StepInfo:
         """``method.backward(losses, model, output)``; ``extra_losses`` holds the other batches'
-        losses for methods with ``batches_per_step > 1``."""
+        losses for methods with ``batches_per_step > 1``; ``closure`` re-runs the model on the
+        step's batch for methods with ``needs_closure`` (F-MTL)::
+
+            info = driver.backward(losses, out, closure=lambda: (tasks.losses(model(x), y), None))
+        """
         return self.method.backward(
-            losses, self.model, output, loss_scale=loss_scale, extra_losses=extra_losses
+            losses, self.model, output, loss_scale=loss_scale, extra_losses=extra_losses, closure=closure
         )
 
     def after_step(self, losses: Callable[[], Losses] | Losses) -> None:

@@ -9,7 +9,7 @@ stopping, your own additions -- in :class:`~mtlkit.train.callbacks.Callback` obj
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +186,10 @@ class Trainer:
             losses = losses.map(scaler.scale)
             extra = [e.map(scaler.scale) for e in extra]
             scale = float(scaler.get_scale())
-        info = self.method.backward(losses, self.model, output, loss_scale=scale, extra_losses=extra)
+        closure = self._closure(batch) if self.method.needs_closure else None
+        info = self.method.backward(
+            losses, self.model, output, loss_scale=scale, extra_losses=extra, closure=closure
+        )
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         if self.grad_clip is not None:
@@ -201,6 +204,17 @@ class Trainer:
                 self.method.after_step(self._losses(batch)[0])
         self.last_info = info
         return info
+
+    def _closure(self, batch: Batch) -> Callable[[], tuple[TaskLosses, Any]]:
+        """The forward pass on ``batch`` again, scaled like the step's losses (F-MTL's perturbed
+        passes)."""
+        scaler = self.precision.scaler
+
+        def closure() -> tuple[TaskLosses, Any]:
+            losses, output = self._losses(batch)
+            return (losses.map(scaler.scale) if scaler is not None else losses), output
+
+        return closure
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(
