@@ -8,7 +8,7 @@
 from mtlkit import bench, data, errors, merging, methods, metrics, models, train
 from mtlkit.core.contract import MultiTaskOutput
 from mtlkit.core.engine import GradientEngine
-from mtlkit.core.tasks import Batch, Task, TaskLosses, TaskSet
+from mtlkit.core.tasks import Batch, Task, TaskBatches, TaskLosses, TaskSet
 from mtlkit.train import EvaluationReport, Trainer
 from mtlkit.version import __version__
 
@@ -18,6 +18,7 @@ __all__ = [
     "GradientEngine",
     "MultiTaskOutput",
     "Task",
+    "TaskBatches",
     "TaskLosses",
     "TaskSet",
     "Trainer",

@@ -2,7 +2,7 @@
 
 from mtlkit.core.engine import GradientEngine, ParameterJacobian, RepresentationGradients
 from mtlkit.core.registry import Registry
-from mtlkit.core.tasks import Batch, Task, TaskLosses, TaskSet
+from mtlkit.core.tasks import Batch, Task, TaskBatches, TaskLosses, TaskSet
 
 __all__ = [
     "Batch",
@@ -11,6 +11,7 @@ __all__ = [
     "Registry",
     "RepresentationGradients",
     "Task",
+    "TaskBatches",
     "TaskLosses",
     "TaskSet",
 ]

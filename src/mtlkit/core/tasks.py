@@ -358,3 +358,19 @@ class Batch:
     inputs: Any
     targets: dict[str, Tensor]
     masks: dict[str, Tensor] | None = field(default=None)
+
+
+@dataclass
+class TaskBatches:
+    """One step's data when tasks do not share inputs (multi-input training): ``{task: Batch}``,
+    each task's own inputs and targets. Tasks absent from ``batches`` are not trained this step
+    (alternating training loads only the sampled task's batch)."""
+
+    batches: dict[str, Batch]
+
+    def __post_init__(self) -> None:
+        if not self.batches:
+            raise TaskError("TaskBatches needs at least one task's batch.")
+        bad = [t for t, b in self.batches.items() if not isinstance(b, Batch)]
+        if bad:
+            raise TaskError(f"TaskBatches holds mtlkit.Batch objects; task(s) {bad} hold something else.")

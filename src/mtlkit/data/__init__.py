@@ -12,6 +12,7 @@ from mtlkit.data.multi_images import (
     load_multi_fashion_mnist,
     load_multi_mnist_10k,
 )
+from mtlkit.data.multi_input import MultiInputLoader
 from mtlkit.data.qm9 import QM9, load_qm9
 from mtlkit.data.synthetic import load_mmoe_synthetic, mmoe_synthetic
 
@@ -30,6 +31,7 @@ __all__ = [
     "QM9",
     "CensusIncome",
     "Exam",
+    "MultiInputLoader",
     "MultiTaskTensorDataset",
     "TwoItemImages",
     "available",

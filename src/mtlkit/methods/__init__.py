@@ -1,5 +1,6 @@
 """Multi-task optimisation methods: loss weightings and gradient aggregators."""
 
+from mtlkit.methods.agd import AGD
 from mtlkit.methods.aligned_mtl import AlignedMTL
 from mtlkit.methods.base import Hook, Method, StepInfo, StepInputs
 from mtlkit.methods.cagrad import CAGrad
@@ -42,6 +43,7 @@ from mtlkit.methods.upgrad import UPGrad
 from mtlkit.methods.uw import UW
 
 __all__ = [
+    "AGD",
     "DBMTL",
     "DWA",
     "EW",

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtlkit.core.tasks import Batch
+from mtlkit.core.tasks import Batch, TaskBatches
 from mtlkit.errors import TaskError
 
 
@@ -16,6 +16,8 @@ def move_to(obj: Any, device: torch.device) -> Any:
     """``obj`` with every tensor in it (inside a Batch, mappings, lists, tuples) on ``device``."""
     if isinstance(obj, Batch):
         return Batch(move_to(obj.inputs, device), move_to(obj.targets, device), move_to(obj.masks, device))
+    if isinstance(obj, TaskBatches):
+        return TaskBatches({t: move_to(b, device) for t, b in obj.batches.items()})
     if isinstance(obj, Tensor):
         return obj.to(device, non_blocking=True)
     if isinstance(obj, Mapping):
@@ -25,9 +27,10 @@ def move_to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def unpack_batch(batch: Any) -> Batch:
-    """Accept ``Batch``, ``(x, targets)``, ``(x, targets, masks)`` or a dict with those keys."""
-    if isinstance(batch, Batch):
+def unpack_batch(batch: Any) -> Batch | TaskBatches:
+    """Accept ``Batch``, ``(x, targets)``, ``(x, targets, masks)``, a dict with those keys, or
+    ``TaskBatches`` (multi-input training, passed through)."""
+    if isinstance(batch, (Batch, TaskBatches)):
         return batch
     if isinstance(batch, Mapping) and "inputs" in batch and "targets" in batch:
         return Batch(batch["inputs"], dict(batch["targets"]), batch.get("masks"))

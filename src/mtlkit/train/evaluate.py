@@ -21,6 +21,7 @@ from mtlkit.metrics import delta_m, per_task_delta
 from mtlkit.metrics.task_metrics import compute_metrics, directions, predictions_for
 from mtlkit.train.batches import move_to, unpack_batch
 from mtlkit.train.device import Precision
+from mtlkit.train.multi_input import task_parts
 
 
 @dataclass
@@ -153,28 +154,28 @@ def predict(
     batches = 0
     for raw in loader:
         batches += 1
-        cpu = unpack_batch(raw)
-        batch = move_to(cpu, device)
-        with precision.autocast() if precision is not None else nullcontext():
-            outputs = forward_full(model, batch.inputs).predictions
-            if device.type != "cpu":
-                tasks.check_targets(cpu.targets, outputs, cpu.masks)
-            losses = tasks.losses(outputs, batch.targets, batch.masks)
-        labelled = tasks.labelled_masks(batch.targets, batch.masks)
-        counts = losses.labelled.tolist() if losses.labelled is not None else [0] * len(names)
-        for i, task in enumerate(tasks):
-            name = task.name
-            scores[name].append(predictions_for(task, outputs[name]).cpu().numpy())
-            targets[name].append(batch.targets[task.target_key].float().cpu().numpy())
-            masks[name].append(labelled[name].cpu().numpy())
-            loss_sum[name] += float(losses[name]) * counts[i]
-            count[name] += counts[i]
+        for cpu, part in task_parts(unpack_batch(raw), tasks):  # multi-input: one part per task
+            batch = move_to(cpu, device)
+            with precision.autocast() if precision is not None else nullcontext():
+                outputs = forward_full(model, batch.inputs).predictions
+                if device.type != "cpu":
+                    part.check_targets(cpu.targets, outputs, cpu.masks)
+                losses = part.losses(outputs, batch.targets, batch.masks)
+            labelled = part.labelled_masks(batch.targets, batch.masks)
+            counts = losses.labelled.tolist() if losses.labelled is not None else [0] * len(part)
+            for i, task in enumerate(part):
+                name = task.name
+                scores[name].append(predictions_for(task, outputs[name]).cpu().numpy())
+                targets[name].append(batch.targets[task.target_key].float().cpu().numpy())
+                masks[name].append(labelled[name].cpu().numpy())
+                loss_sum[name] += float(losses[name]) * counts[i]
+                count[name] += counts[i]
     if batches == 0:
         raise EmptyDataError("The evaluation loader yielded no batch; metrics of no sample are undefined.")
-    return Predictions(
-        {t: np.concatenate(v) for t, v in scores.items()},
-        {t: np.concatenate(v) for t, v in targets.items()},
-        {t: np.concatenate(v) for t, v in masks.items()},
+    return Predictions(  # a task with no batch (multi-input) has no sample: NaN metrics
+        {t: np.concatenate(v) if v else np.zeros(0, np.float32) for t, v in scores.items()},
+        {t: np.concatenate(v) if v else np.zeros(0, np.float32) for t, v in targets.items()},
+        {t: np.concatenate(v) if v else np.zeros(0, bool) for t, v in masks.items()},
         {t: (loss_sum[t] / count[t]) if count[t] else math.nan for t in names},
         count,
     )

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mtlkit.core.contract import check_parameter_split, forward_full, unwrap
-from mtlkit.core.tasks import Batch, TaskLosses, TaskSet
+from mtlkit.core.tasks import Batch, TaskBatches, TaskLosses, TaskSet
 from mtlkit.errors import CheckpointError, ConfigError, EmptyDataError, TaskError
 from mtlkit.methods import Hook, Method, StepInfo, add_param_groups
 from mtlkit.methods import create as create_method
@@ -38,6 +38,7 @@ from mtlkit.train.device import AmpMode, Precision, resolve_device
 from mtlkit.train.early_stopping import EarlyStopping
 from mtlkit.train.evaluate import EvaluationReport, evaluate
 from mtlkit.train.logging import LoggingCallback
+from mtlkit.train.multi_input import multi_input_losses
 from mtlkit.train.state import collect_state, restore_state
 from mtlkit.version import __version__
 
@@ -149,12 +150,25 @@ class Trainer:
         self.last_info: StepInfo | None = None
 
     # -- one step -----------------------------------------------------------------------------------
-    def _losses(self, batch: Batch, host: Batch | None = None) -> tuple[TaskLosses, Any]:
+    def _losses(
+        self, batch: Batch | TaskBatches, host: Batch | TaskBatches | None = None
+    ) -> tuple[TaskLosses, Any]:
+        check = host is not None and self.device.type != "cpu"  # range checks on the host copy
         with self.precision.autocast():
-            output = forward_full(self.model, batch.inputs)
-            if host is not None and self.device.type != "cpu":  # range checks on the host copy
-                self.tasks.check_targets(host.targets, output.predictions, host.masks)
-            losses = self.tasks.losses(output.predictions, batch.targets, batch.masks)
+            if isinstance(batch, TaskBatches):  # multi-input: one forward per task's batch
+                if getattr(self.method, "level", "parameter") == "representation":
+                    raise ConfigError(
+                        f"{type(self.method).__name__}(level='representation') needs one shared "
+                        "representation, but in multi-input training each task reads its own inputs; "
+                        "use level='parameter'."
+                    )
+                hosts = host if check and isinstance(host, TaskBatches) else None
+                losses, output = multi_input_losses(self.model, self.tasks, batch, hosts)
+            else:
+                output = forward_full(self.model, batch.inputs)
+                if check and isinstance(host, Batch):
+                    self.tasks.check_targets(host.targets, output.predictions, host.masks)
+                losses = self.tasks.losses(output.predictions, batch.targets, batch.masks)
         if self.precision.dtype is not None:  # methods and their solvers work in float32/float64
             losses = losses.map(lambda v: v.float())
         return losses, output
@@ -205,7 +219,7 @@ class Trainer:
         self.last_info = info
         return info
 
-    def _closure(self, batch: Batch) -> Callable[[], tuple[TaskLosses, Any]]:
+    def _closure(self, batch: Batch | TaskBatches) -> Callable[[], tuple[TaskLosses, Any]]:
         """The forward pass on ``batch`` again, scaled like the step's losses (F-MTL's perturbed
         passes)."""
         scaler = self.precision.scaler
