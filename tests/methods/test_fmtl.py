@@ -160,7 +160,7 @@ def test_only_the_clean_pass_updates_batch_norm_statistics():
 def test_bad_configurations_and_a_missing_closure_are_named():
     with pytest.raises(UnknownNameError, match="pcgrad"):
         mk.methods.create("fmtl", base="pcgrd")
-    with pytest.raises(ConfigError, match="F-MTL cannot wrap"):
+    with pytest.raises(ConfigError, match="FMTL cannot wrap FMTL"):
         mk.methods.create("fmtl", base="fmtl")
     with pytest.raises(ConfigError, match="level"):
         mk.methods.create("fmtl", base="mgda_ub")

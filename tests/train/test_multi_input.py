@@ -76,7 +76,7 @@ def test_every_method_trains_on_multi_input_batches(name):
     method = mk.methods.create(name)
     trainer = mk.Trainer(net, TASKS, method, device="cpu", progress=False)
     loader = multi_loader()
-    if getattr(method, "level", "parameter") == "representation":
+    if method.needs_representation:
         with pytest.raises(ConfigError, match="each task reads its own inputs"):
             trainer.fit(loader, epochs=1)
         return

@@ -310,6 +310,9 @@ class GradientEngine:
         self.reuse_buffers = reuse_buffers
         self._workspace: dict[tuple, Tensor] = {}
         self._verified_splits: set[tuple] = set()
+        #: representation gradients computed ahead (by :meth:`representation_saliency`) for the
+        #: next :meth:`representation_gradients` call on the same losses and representation
+        self._prepared: tuple[tuple[int, ...], RepresentationGradients] | None = None
 
     def _matrix(
         self, slot: int, targets: list[Tensor], k: int, reuse: bool = True
@@ -570,6 +573,12 @@ class GradientEngine:
         restrict = (
             as_param_list(shared) if shared is not None and isinstance(task_specific, Mapping) else None
         )
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and not isinstance(representation, Mapping):
+            key, ready = prepared
+            if key == _key(losses, representation):  # computed ahead: no backward pass at all
+                ready.shared = restrict
+                return ready
         if isinstance(representation, Mapping):
             rep = self._per_task_representation_gradients(losses, representation, names, task_specific)
         else:
@@ -623,6 +632,53 @@ class GradientEngine:
                     head_grads[i].append((task, g))
         return RepresentationGradients(zs, rep_grads, HeadGradients(heads, head_grads))
 
+    def representation_saliency(
+        self,
+        losses: Sequence[Tensor],
+        representation: Tensor,
+        names: Sequence[str] | None = None,
+        task_specific: TaskParams = None,
+        *,
+        prepare: bool = False,
+    ) -> Tensor:
+        """Per-task gradients w.r.t. the shared representation, ``(K, *z.shape)``, as a
+        differentiable function of the model (``create_graph``): a regulariser of them (Rep-MTL's
+        saliency) back-propagates into the heads and the trunk. A task whose loss does not reach
+        the representation gets zeros. The forward graph is kept.
+
+        With ``prepare`` the heads' gradients are taken in the same passes and the detached
+        result is kept for the next :meth:`representation_gradients` call on these losses and this
+        representation, which then costs no backward pass (a representation-level method after
+        the regulariser).
+        """
+        _check_representation(representation, "the shared representation")
+        names = list(names) if names is not None else [str(i) for i in range(len(losses))]
+        heads: list[Tensor] = []
+        per_task: list[list[int]] = [[] for _ in losses]
+        if prepare:
+            heads, per_task = self.task_specific_lists(names, task_specific, losses, [representation])
+        rows: list[Tensor] = []
+        head_grads: list[list[tuple[int, Tensor]]] = [[] for _ in heads]
+        for task, loss in enumerate(losses):
+            idx = per_task[task]
+            if not loss.requires_grad:
+                rows.append(torch.zeros_like(representation))
+                continue
+            grads = torch.autograd.grad(
+                loss, [representation] + [heads[i] for i in idx], create_graph=True, allow_unused=True
+            )
+            rows.append(grads[0] if grads[0] is not None else torch.zeros_like(representation))
+            for i, g in zip(idx, grads[1:], strict=True):
+                if g is not None:
+                    head_grads[i].append((task, g.detach()))
+        saliency = torch.stack(rows)
+        if prepare:
+            ready = RepresentationGradients(
+                [representation], saliency.detach(), HeadGradients(heads, head_grads)
+            )
+            self._prepared = (_key(losses, representation), ready)
+        return saliency
+
     def representation_gramian(
         self,
         losses: Sequence[Tensor],
@@ -633,6 +689,12 @@ class GradientEngine:
     ) -> tuple[Tensor, RepresentationGradients]:
         rep = self.representation_gradients(losses, representation, names, task_specific, shared)
         return rep.gramian(self.chunk_bytes, self.precision), rep
+
+
+def _key(losses: Sequence[Tensor], representation: Tensor) -> tuple[int, ...]:
+    # the losses reach a method as fresh views of the same tensors, so only their number is
+    # compared; a prepared result is used once, by the very next call
+    return (id(representation), len(losses))
 
 
 def _check_representation(z: Tensor, what: str) -> None:

@@ -34,6 +34,7 @@ from mtlkit.methods.nash_mtl import NashMTL
 from mtlkit.methods.pcd import PCD
 from mtlkit.methods.pcgrad import PCGrad
 from mtlkit.methods.registry import METHODS, available, create, method_class, register, register_variant
+from mtlkit.methods.rep_mtl import RepMTL
 from mtlkit.methods.rlw import RLW
 from mtlkit.methods.sdmgrad import SDMGrad
 from mtlkit.methods.si import SI
@@ -83,6 +84,7 @@ __all__ = [
     "MoDo",
     "NashMTL",
     "PCGrad",
+    "RepMTL",
     "SDMGrad",
     "StepInfo",
     "StepInputs",

@@ -450,6 +450,13 @@ class Method(nn.Module):
         return info
 
     @property
+    def needs_representation(self) -> bool:
+        """Whether a step reads the model's shared representation (``output.representation``):
+        representation-level methods and Rep-MTL. Multi-input training, where each task reads
+        its own inputs, has none."""
+        return False
+
+    @property
     def batches_per_step(self) -> int:
         """How many independent batches one step uses (the first one's losses are ``losses``,
         the others' ``extra_losses``)."""

@@ -15,11 +15,12 @@ from mtlkit.errors import ConfigError, NonFiniteLossError, TaskError
 from mtlkit.methods.base import Hook, Method, StepInfo, StepInputs
 from mtlkit.methods.gradient_methods import all_finite, gradient_statistics
 from mtlkit.methods.hparams import boolean, hparam, instance_of, none, number
-from mtlkit.methods.registry import METHODS, register, register_variant
+from mtlkit.methods.registry import register, register_variant
+from mtlkit.methods.wrapping import WrapsMethod
 
 
 @register("fmtl")
-class FMTL(Method):
+class FMTL(WrapsMethod):
     """F-MTL: task-based flat regions (Phan, Tran, Tran, Tran, Truong, Lei, Ho, Phung, Le,
     "Improving Multi-task Learning via Seeking Task-based Flat Regions", arXiv 2211.13723; ICCV
     2025 as "Beyond Losses Reweighting: Empowering Multi-Task Learning via the Generalization
@@ -61,8 +62,6 @@ class FMTL(Method):
     engine: GradientEngine | None = hparam(
         None, instance_of(GradientEngine) | none(), "the gradient engine", config=False
     )
-    base: str = hparam("ew", instance_of(str), "the method that aggregates each family (a registry name)")
-    base_options: dict[str, Any] = hparam({}, instance_of(dict), "options of the base method")
     rho: float = hparam(0.05, number(gt=0), "perturbation radius (official: 0.05 plain, 2 adaptive)")
     adaptive: bool = hparam(False, boolean(), "ASAM-style scale T = |theta| of the perturbation")
     split: bool = hparam(
@@ -71,17 +70,11 @@ class FMTL(Method):
     needs_closure = True
 
     def _validate(self) -> None:
-        name = self.base.lower()
-        if name not in METHODS.available():
-            METHODS.get(name)  # raises the registry's error with close matches
-        probe = METHODS.create(name, **self.base_options)
-        if isinstance(probe, FMTL):
-            raise ConfigError("F-MTL cannot wrap F-MTL; choose an aggregator such as 'pcgrad' as base.")
-        if probe.needs_setup or probe.needs_closure or probe.batches_per_step != 1:
+        probe = self.make_base()
+        if probe.needs_setup:
             raise ConfigError(
-                f"F-MTL's base {self.base!r} needs its own parameters, a closure or several batches per "
-                "step; F-MTL applies its base to vectors, so use an aggregator or a parameter-free "
-                "weighting."
+                f"F-MTL's base {self.base!r} has its own parameters; F-MTL applies its base to "
+                "vectors, so use an aggregator or a parameter-free weighting."
             )
         if Hook.AFTER_STEP in probe.hooks:
             raise ConfigError(
@@ -96,30 +89,13 @@ class FMTL(Method):
 
     def _build(self, tasks: TaskSet) -> None:
         # child modules: their state (warm starts, EMAs) is saved with F-MTL's
-        self.loss_part = METHODS.create(self.base.lower(), **self.base_options)
-        self.loss_part.setup(tasks)
+        self.loss_part = self.make_base()
         if self.split:
-            self.flat_part = METHODS.create(self.base.lower(), **self.base_options)
-            self.flat_part.setup(tasks)
+            self.flat_part = self.make_base()
+        self.setup_parts(tasks)
 
-    def _parts(self) -> list[Method]:
+    def parts(self) -> list[Method]:
         return [m for m in (getattr(self, "loss_part", None), getattr(self, "flat_part", None)) if m]
-
-    # -- lifecycle: the bases' epochs follow F-MTL's -------------------------------------------
-    def begin_epoch(self) -> None:
-        super().begin_epoch()
-        for part in self._parts():
-            part.begin_epoch()
-
-    def abort_epoch(self) -> None:
-        super().abort_epoch()
-        for part in self._parts():
-            part.abort_epoch()
-
-    def on_epoch_end(self) -> None:
-        super().on_epoch_end()
-        for part in self._parts():
-            part.on_epoch_end()
 
     # -- the step ------------------------------------------------------------------------------
     def _engine(self) -> GradientEngine:

@@ -50,6 +50,10 @@ class GradientMethod(Method):
         None, instance_of(GradientEngine) | one_of(None), "the gradient engine", config=False
     )
 
+    @property
+    def needs_representation(self) -> bool:
+        return self.level == "representation"
+
     def _dispatch(self, inputs: StepInputs) -> StepInfo:
         if inputs.knows_shared and not inputs.shared:
             return self._nothing_shared_step(inputs)

@@ -156,11 +156,11 @@ class Trainer:
         check = host is not None and self.device.type != "cpu"  # range checks on the host copy
         with self.precision.autocast():
             if isinstance(batch, TaskBatches):  # multi-input: one forward per task's batch
-                if getattr(self.method, "level", "parameter") == "representation":
+                if self.method.needs_representation:
                     raise ConfigError(
-                        f"{type(self.method).__name__}(level='representation') needs one shared "
-                        "representation, but in multi-input training each task reads its own inputs; "
-                        "use level='parameter'."
+                        f"{self.method!r} reads the model's shared representation, but in multi-input "
+                        "training each task reads its own inputs, so there is none; use a "
+                        "parameter-level method (level='parameter')."
                     )
                 hosts = host if check and isinstance(host, TaskBatches) else None
                 losses, output = multi_input_losses(self.model, self.tasks, batch, hosts)
