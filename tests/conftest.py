@@ -14,10 +14,12 @@ def _seed() -> None:
 
 
 def make_problem(k: int = 3, batch: int = 6, in_features: int = 5, dtype=torch.float64, model: str = "sb"):
-    """A SharedBottom/MMoE model in ``dtype`` with K regression tasks and its losses."""
+    """A SharedBottom/MMoE/ModalityFusion model in ``dtype`` with K regression tasks and its losses."""
     tasks = mk.TaskSet([mk.Task(f"t{i}", loss="mse") for i in range(k)])
     if model == "sb":
         net = mk.models.SharedBottom(in_features, tasks, bottom_dims=[7, 4], tower_dims=[3])
+    elif model == "modality":  # two modalities meeting at a gradient calibration (FULLER)
+        net = mk.models.ModalityFusion(in_features, tasks, encoder_dims=[4], trunk_dims=[4], tower_dims=[3])
     else:
         net = mk.models.MMoE(in_features, tasks, num_experts=3, expert_dims=[4], tower_dims=[3])
     net = net.to(dtype)

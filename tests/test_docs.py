@@ -15,6 +15,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 def test_weightings_user_loop_runs(name):
     if mk.methods.create(name).batches_per_step > 1:
         pytest.skip("uses several batches per step: see test_the_multi_batch_loop_runs")
+    if mk.methods.method_class(name).model_requirement:
+        pytest.skip("needs a model with modality branches: its example is in docs/schemes.md (tested)")
     code = re.findall(r"```python\n(.*?)```", (DOCS / "weightings.md").read_text(), re.S)[0]
     data = mk.data.load_mmoe_synthetic(n_train=256, n_val=64, n_test=64, dim=12)
     model = mk.models.MMoE(12, data.tasks, num_experts=2, expert_dims=[8], tower_dims=[4])
@@ -86,3 +88,11 @@ def test_every_merging_method_is_in_the_merging_table_and_the_example_runs():
         assert f"| `{name}` |" in text, name
     code = re.findall(r"```python\n(.*?)```", text, re.S)[0]
     exec(compile(code, "docs/merging.md", "exec"), {})
+
+
+def test_the_runnable_scheme_examples_run():
+    text = (DOCS / "schemes.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "import mtlkit as mk" in b]
+    assert blocks
+    for code in blocks:
+        exec(compile(code, "docs/schemes.md", "exec"), {})

@@ -32,6 +32,11 @@ POSITIVE = {"si", "gls", "famo", "stch", "db_mtl"}
 BUSY = {"stch": {"warmup_epochs": 0}, "gradnorm": {"initial": "first_epoch"}}
 
 
+def model_for(name: str) -> str:
+    """The test model for a method: one with modality branches where the method needs them."""
+    return "modality" if mk.methods.method_class(name).model_requirement else "sb"
+
+
 def shared_norm(net) -> float:
     return float(torch.cat([p.grad.reshape(-1) for p in net.shared_parameters()]).norm())
 
@@ -45,7 +50,7 @@ def test_the_registry_has_every_method_and_close_matches():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_one_task_works(name):
-    tasks, net, x, y = make_problem(k=1)
+    tasks, net, x, y = make_problem(k=1, model=model_for(name))
     method = make_method(name, tasks, net)
     info = run_steps(method, tasks, net, x, y, steps=3)
     assert info.weights is None or (torch.isfinite(info.weights).all() and info.weights.item() > 0)
@@ -54,7 +59,7 @@ def test_one_task_works(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_a_task_without_labels_gets_weight_zero_and_no_nan(name):
-    tasks, net, x, y = make_problem(k=3)
+    tasks, net, x, y = make_problem(k=3, model=model_for(name))
     method = make_method(name, tasks, net)
     y = dict(y)
     y["t1"] = torch.full_like(y["t1"], float("nan"))  # no labelled sample for t1 in this batch
@@ -70,7 +75,7 @@ def test_a_task_without_labels_gets_weight_zero_and_no_nan(name):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_loss_raises_before_any_update(name, bad):
-    tasks, net, x, y = make_problem(k=2)
+    tasks, net, x, y = make_problem(k=2, model=model_for(name))
     method = make_method(name, tasks, net)
     state = repr(method.state_dict())
     losses = dict(tasks.losses(net(x), y))
@@ -85,7 +90,7 @@ def test_non_finite_loss_raises_before_any_update(name, bad):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_a_non_positive_loss_is_refused_or_handled(name):
-    tasks, net, x, y = make_problem(k=2)
+    tasks, net, x, y = make_problem(k=2, model=model_for(name))
     method = make_method(name, tasks, net)
     state = repr(method.state_dict())
     out = net(x, full_output=True)
@@ -105,7 +110,7 @@ def test_a_non_positive_loss_is_refused_or_handled(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_state_round_trips_and_refuses_other_tasks_and_configurations(name):
-    tasks, net, x, y = make_problem(k=3)
+    tasks, net, x, y = make_problem(k=3, model=model_for(name))
     a = make_method(name, tasks, net)
     run_steps(a, tasks, net, x, y, steps=3, method_lr=0.1, after_scale=0.9)
     b = make_method(name, tasks, net)
@@ -132,7 +137,7 @@ def test_state_round_trips_and_refuses_other_tasks_and_configurations(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_a_saved_state_is_never_aliased(name):
     # neither the method that saved a state nor the one that loaded it changes the saved dict later
-    tasks, net, x, y = make_problem(k=3)
+    tasks, net, x, y = make_problem(k=3, model=model_for(name))
     a = make_method(name, tasks, net, **BUSY.get(name, {}))
     run_steps(a, tasks, net, x, y, steps=2, epoch_every=10**6)  # mid-epoch: running sums in the state
     saved = a.state_dict()
@@ -147,7 +152,7 @@ def test_a_saved_state_is_never_aliased(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_state_lives_in_buffers_parameters_and_extra_state(name):
     # no tensor hides in a plain attribute, where .to() and state_dict() would not see it
-    tasks, net, x, y = make_problem(k=3)
+    tasks, net, x, y = make_problem(k=3, model=model_for(name))
     method = make_method(name, tasks, net)
     run_steps(method, tasks, net, x, y, steps=2)
     hidden = [k for k, v in vars(method).items() if isinstance(v, Tensor)]
@@ -163,7 +168,7 @@ def test_state_lives_in_buffers_parameters_and_extra_state(name):
 def test_gradscaler_loss_scale_is_transparent(name):
     # With losses multiplied by S and loss_scale=S, every gradient (model and method parameters)
     # is exactly S times the unscaled one and the weights are unchanged: what GradScaler expects.
-    tasks, net, x, y = make_problem(k=3)
+    tasks, net, x, y = make_problem(k=3, model=model_for(name))
     scale = 2.0**10
     runs = []
     for s in (None, scale):
@@ -210,7 +215,7 @@ def test_configuration_round_trips_and_bad_options_are_named(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_a_changed_task_set_and_non_scalar_losses_are_refused(name):
-    tasks, net, _, _ = make_problem(k=2)
+    tasks, net, _, _ = make_problem(k=2, model=model_for(name))
     method = make_method(name, tasks, net)
     if Hook.EPOCH_END in method.hooks:
         method.begin_epoch()
@@ -226,7 +231,7 @@ def test_a_changed_task_set_and_non_scalar_losses_are_refused(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_losses_as_a_list_or_a_dict_are_the_same_step(name):
-    tasks, net, x, y = make_problem(k=2)
+    tasks, net, x, y = make_problem(k=2, model=model_for(name))
     method = make_method(name, tasks, net)
     for as_list in (False, True, False):
         out = net(x, full_output=True)
@@ -245,7 +250,7 @@ def test_losses_as_a_list_or_a_dict_are_the_same_step(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_a_skipped_lifecycle_call_is_an_error_on_the_next_step(name):
-    tasks, net, x, y = make_problem(k=2)
+    tasks, net, x, y = make_problem(k=2, model=model_for(name))
     cls = mk.methods.method_class(name)
     method = supply_more_batches(mk.methods.create(name), tasks, net)
     losses = lambda: tasks.losses(net(x), y)  # noqa: E731
@@ -274,7 +279,7 @@ def test_a_skipped_lifecycle_call_is_an_error_on_the_next_step(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_needs_setup_is_declared_by_every_method_with_parameters(name):
-    tasks, net, _, _ = make_problem(k=2)
+    tasks, net, _, _ = make_problem(k=2, model=model_for(name))
     method = mk.methods.create(name)
     method.setup(tasks, model=net)
     if any(True for _ in method.parameters()):
@@ -290,7 +295,12 @@ def test_trainer_resumes_a_killed_run_exactly(name, tmp_path):
 
     def trainer(path, **kw):
         torch.manual_seed(0)
-        model = mk.models.MMoE(6, data.tasks, num_experts=2, expert_dims=[8], tower_dims=[4])
+        if model_for(name) == "modality":
+            model = mk.models.ModalityFusion(
+                6, data.tasks, modality_dims=[4, 2], encoder_dims=[8], trunk_dims=[8], tower_dims=[4]
+            )
+        else:
+            model = mk.models.MMoE(6, data.tasks, num_experts=2, expert_dims=[8], tower_dims=[4])
         method = mk.methods.create(name, **options)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         return mk.Trainer(

@@ -14,7 +14,7 @@ from mtlkit.data.multi_images import (
 )
 from mtlkit.data.multi_input import MultiInputLoader
 from mtlkit.data.qm9 import QM9, load_qm9
-from mtlkit.data.synthetic import load_mmoe_synthetic, mmoe_synthetic
+from mtlkit.data.synthetic import load_mmoe_synthetic, load_modality_bias, mmoe_synthetic
 
 
 def load(name: str, **kwargs: Any) -> Any:
@@ -43,6 +43,7 @@ __all__ = [
     "load_ilea_exam",
     "load_mmoe_synthetic",
     "load_mnist_10k",
+    "load_modality_bias",
     "load_multi_fashion",
     "load_multi_fashion_mnist",
     "load_multi_mnist_10k",

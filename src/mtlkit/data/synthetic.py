@@ -1,14 +1,17 @@
-"""The synthetic two-task regression data of the MMoE paper, with controlled task correlation."""
+"""Synthetic multi-task data: the MMoE paper's two-task regression with controlled task correlation,
+and a two-modality regression with a built-in modality bias (FULLER)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from mtlkit.core.tasks import Task, TaskSet
 from mtlkit.data.base import DATASETS, MultiTaskTensorDataset
+from mtlkit.errors import ConfigError
 
 
 @dataclass
@@ -83,4 +86,64 @@ def load_mmoe_synthetic(
         test=data.subset(cuts[n_train + n_val :]),
         tasks=tasks,
         in_features=dim,
+    )
+
+
+@dataclass
+class ModalitySplits(SyntheticSplits):
+    """Synthetic splits whose inputs concatenate modalities of the widths ``modality_dims``."""
+
+    modality_dims: list[int] = field(default_factory=list)
+
+
+@DATASETS.register("modality_bias")
+def load_modality_bias(
+    n_train: int = 4_000,
+    n_val: int = 1_000,
+    n_test: int = 1_000,
+    dims: tuple[int, int] = (8, 8),
+    scales: tuple[float, float] = (10.0, 0.1),
+    weak_share: float = 0.3,
+    noise: float = 0.05,
+    seed: int = 0,
+) -> ModalitySplits:
+    """Two modalities with a built-in modality bias (FULLER's setting, Huang et al., ICCV 2023, as
+    a generator): a strong modality ``x_a`` of large scale that explains most of each target and a
+    weak one ``x_b`` of small scale that explains ``weak_share`` of it; two regression tasks.
+
+    ``y_t = (1 - weak_share) f_t(x_a / s_a) + weak_share g_t(x_b / s_b) + noise`` with random
+    two-layer tanh features ``f_t``, ``g_t`` (one per task), so both modalities carry signal for
+    both tasks but the weak one's gradients are small and a jointly trained network learns it
+    late. The inputs are ``[x_a, x_b]`` (``modality_dims``, for
+    :class:`~mtlkit.models.ModalityFusion`); evaluation with ``x_a`` zeroed measures how much a
+    model learned from the weak modality.
+    """
+    if not 0 <= weak_share <= 1:
+        raise ConfigError(f"weak_share must lie in [0, 1], got {weak_share}.")
+    gen = torch.Generator().manual_seed(seed)
+    n = n_train + n_val + n_test
+    da, db = dims
+    za, zb = torch.randn(n, da, generator=gen), torch.randn(n, db, generator=gen)
+
+    def feature(z: Tensor) -> Tensor:
+        w1 = torch.randn(z.shape[1], 16, generator=gen) / z.shape[1] ** 0.5
+        w2 = torch.randn(16, generator=gen) / 4
+        out = torch.tanh(z @ w1) @ w2
+        return (out - out.mean()) / out.std()
+
+    targets = {}
+    for t in ("y1", "y2"):
+        clean = (1 - weak_share) * feature(za) + weak_share * feature(zb)
+        targets[t] = clean + noise * torch.randn(n, generator=gen)
+    x = torch.cat([za * scales[0], zb * scales[1]], dim=1)
+    data = MultiTaskTensorDataset(x, targets)
+    cuts = torch.arange(n)
+    tasks = TaskSet([Task(t, loss="mse", metrics=["mse", "r2"]) for t in ("y1", "y2")])
+    return ModalitySplits(
+        train=data.subset(cuts[:n_train]),
+        val=data.subset(cuts[n_train : n_train + n_val]),
+        test=data.subset(cuts[n_train + n_val :]),
+        tasks=tasks,
+        in_features=da + db,
+        modality_dims=[da, db],
     )

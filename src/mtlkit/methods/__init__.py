@@ -16,6 +16,7 @@ from mtlkit.methods.excess_mtl import ExcessMTL
 from mtlkit.methods.fairgrad import FairGrad
 from mtlkit.methods.famo import FAMO
 from mtlkit.methods.fmtl import FMTL
+from mtlkit.methods.fuller import FULLER
 from mtlkit.methods.gls import GLS
 from mtlkit.methods.graddrop import GradDrop
 from mtlkit.methods.gradient_methods import GradientMethod, GramianWeighting, JacobianAggregator
@@ -50,6 +51,7 @@ __all__ = [
     "EW",
     "FAMO",
     "FMTL",
+    "FULLER",
     "GLS",
     "IMTL",
     "IMTLG",

@@ -242,6 +242,9 @@ class Method(nn.Module):
     #: passes): ``backward`` needs ``closure=``, a callable that runs the model forward on the same
     #: batch and returns ``(losses, output)`` (scaled like the step's losses under a GradScaler).
     needs_closure: ClassVar[bool] = False
+    #: What the model must provide beyond the contract (``None``: nothing), in words for errors
+    #: and listings (FULLER: a gradient calibration where the modality branches meet).
+    model_requirement: ClassVar[str | None] = None
     _hparams: ClassVar[dict[str, HParam]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

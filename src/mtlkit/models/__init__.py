@@ -13,6 +13,7 @@ from mtlkit.models.esmm import ESMM
 from mtlkit.models.home import HoME
 from mtlkit.models.lenet import MultiLeNet
 from mtlkit.models.mmoe import MMoE
+from mtlkit.models.modality import ModalityFusion
 from mtlkit.models.mtan import MTAN
 from mtlkit.models.ple import CGC, PLE
 from mtlkit.models.shared_bottom import SharedBottom
@@ -41,6 +42,7 @@ __all__ = [
     "EfficientNetLite0",
     "HoME",
     "MMoE",
+    "ModalityFusion",
     "MultiLeNet",
     "MultiTaskModel",
     "MultiTaskModule",
