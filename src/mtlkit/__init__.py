@@ -5,7 +5,7 @@
 >>> method = mk.methods.create("mgda")
 """
 
-from mtlkit import bench, data, errors, merging, methods, metrics, models, train
+from mtlkit import bench, data, errors, merging, methods, metrics, models, relatedness, train
 from mtlkit.core.contract import MultiTaskOutput
 from mtlkit.core.engine import GradientEngine
 from mtlkit.core.tasks import Batch, Task, TaskBatches, TaskLosses, TaskSet
@@ -30,5 +30,6 @@ __all__ = [
     "methods",
     "metrics",
     "models",
+    "relatedness",
     "train",
 ]

@@ -4,6 +4,7 @@ from typing import Any
 
 from mtlkit.data.base import DATASETS, MultiTaskTensorDataset, cache_dir, loader
 from mtlkit.data.census import CensusIncome, load_census_income
+from mtlkit.data.diffusion import DiffusionLoader, NoiseSchedule, interval_tasks
 from mtlkit.data.exam import Exam, load_ilea_exam
 from mtlkit.data.images import load_digits_8x8, load_fashion_mnist, load_mnist_10k
 from mtlkit.data.multi_images import (
@@ -30,12 +31,15 @@ __all__ = [
     "DATASETS",
     "QM9",
     "CensusIncome",
+    "DiffusionLoader",
     "Exam",
     "MultiInputLoader",
     "MultiTaskTensorDataset",
+    "NoiseSchedule",
     "TwoItemImages",
     "available",
     "cache_dir",
+    "interval_tasks",
     "load",
     "load_census_income",
     "load_digits_8x8",

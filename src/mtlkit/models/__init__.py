@@ -7,6 +7,7 @@ from torch import nn
 from mtlkit.models.aitm import AITM
 from mtlkit.models.base import MODELS, MultiTaskModel, MultiTaskModule, MultiTaskOutput, mlp
 from mtlkit.models.cross_stitch import CrossStitch
+from mtlkit.models.denoiser import TimestepDenoiser
 from mtlkit.models.dselect_k import DSelectK
 from mtlkit.models.efficientnet_lite import EfficientNetLite0, load_efficientnet_lite0
 from mtlkit.models.esmm import ESMM
@@ -49,6 +50,7 @@ __all__ = [
     "MultiTaskOutput",
     "SharedBottom",
     "SoftSharing",
+    "TimestepDenoiser",
     "available",
     "create",
     "load_efficientnet_lite0",
