@@ -85,3 +85,7 @@ class MGDA(GramianWeighting):
 
 
 register_variant("mgda_ub", MGDA, level="representation")
+# ParetoGNN (Ju et al., ICLR 2023): MGDA over pretext losses on the shared encoder, weights from
+# unit-normalised gradients applied to the raw losses (its default grad_norm='l2'); the official
+# Frank-Wolfe solver (250 iterations) is replaced by the exact min-norm solver
+register_variant("paretognn", MGDA, normalization="l2")
