@@ -16,8 +16,9 @@ GRAMIAN = [n for n in mk.methods.available() if issubclass(mk.methods.method_cla
 #: that break structural ties by index (Krum: two mutual nearest neighbours score the same), or
 #: that treat one task differently by design (PCD: the first task is the primary one)
 NOT_EQUIVARIANT = {"pcgrad", "gradvac", "krum", "pcd"}
-#: methods whose weights exist only for full-rank Gramians (elsewhere: finite, path dependent)
-FULL_RANK = {"nash_mtl", "fairgrad"}
+#: methods whose weights exist only for full-rank Gramians (elsewhere: finite, path dependent),
+#: or are unique only there (MGDA on unit gradients: two coinciding directions tie)
+FULL_RANK = {"nash_mtl", "fairgrad", "paretognn"}
 #: w(c G) = c^p w(G); methods with an absolute constant in their update have no such law
 SCALE_DEGREE = {"nash_mtl": -0.5, "fairgrad": -0.5, "dibs_mtl": -0.5}
 #: sdmgrad: sqrt(C_kk + 1e-4); modo: the step gamma G lambda; pcd: 1/sqrt(v_k + 1e-8) (the paper's)

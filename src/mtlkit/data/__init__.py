@@ -7,6 +7,7 @@ from mtlkit.data.census import CensusIncome, load_census_income
 from mtlkit.data.diffusion import DiffusionLoader, NoiseSchedule, interval_tasks
 from mtlkit.data.exam import Exam, load_ilea_exam
 from mtlkit.data.images import load_digits_8x8, load_fashion_mnist, load_mnist_10k
+from mtlkit.data.label_masks import with_label_masks
 from mtlkit.data.multi_images import (
     TwoItemImages,
     load_multi_fashion,
@@ -54,4 +55,5 @@ __all__ = [
     "load_qm9",
     "loader",
     "mmoe_synthetic",
+    "with_label_masks",
 ]

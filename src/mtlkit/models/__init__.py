@@ -12,6 +12,7 @@ from mtlkit.models.dselect_k import DSelectK
 from mtlkit.models.efficientnet_lite import EfficientNetLite0, load_efficientnet_lite0
 from mtlkit.models.esmm import ESMM
 from mtlkit.models.home import HoME
+from mtlkit.models.info_mtl import InfoMTL
 from mtlkit.models.lenet import MultiLeNet
 from mtlkit.models.mmoe import MMoE
 from mtlkit.models.modality import ModalityFusion
@@ -42,6 +43,7 @@ __all__ = [
     "DSelectK",
     "EfficientNetLite0",
     "HoME",
+    "InfoMTL",
     "MMoE",
     "ModalityFusion",
     "MultiLeNet",
