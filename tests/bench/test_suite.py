@@ -55,9 +55,45 @@ def test_ranks_share_ties_and_put_nan_last():
     assert ranks({"a": 1.0, "b": 2.0}, higher_is_better=False) == {"a": 1.0, "b": 2.0}
 
 
-def test_all_expands_to_every_registered_method(tmp_path):
+def test_all_expands_to_every_method_that_runs_on_any_architecture(tmp_path):
     suite = tiny(tmp_path, methods=["all"])
-    assert [m.name for m in suite.methods] == mk.methods.available()
+    everything = mk.methods.available()
+    needs_a_model = [n for n in everything if mk.methods.method_class(n).model_requirement]
+    assert needs_a_model == ["fuller"]
+    assert [m.name for m in suite.methods] == [n for n in everything if n not in needs_a_model]
+
+
+def test_a_dataset_may_run_its_own_methods(tmp_path):
+    base = tiny(tmp_path)
+    modality = {
+        **tiny_dataset(),
+        "label": "two modalities",
+        "architectures": [{"name": "modality_fusion", "options": {"encoder_dims": [8], "trunk_dims": [8]}}],
+        "methods": ["ew", "fuller"],
+    }
+    suite = tiny(tmp_path, datasets=[tiny_dataset(), modality])
+    jobs = bench_suite.method_jobs(suite, {}, {"synthetic": ["y1", "y2"], "two modalities": ["y1", "y2"]})
+    pairs = {(j.dataset.title, j.method.title) for j in jobs}
+    assert pairs == {
+        ("synthetic", "ew"),
+        ("synthetic", "MGDA"),
+        ("two modalities", "ew"),
+        ("two modalities", "fuller"),
+    }
+    assert base.datasets[0].methods is None
+    with pytest.raises(ConfigError, match="appear twice"):
+        tiny(tmp_path, datasets=[{**modality, "methods": ["fuller", "fuller"]}])
+
+
+def tiny_dataset():
+    return {
+        "name": "mmoe_synthetic",
+        "label": "synthetic",
+        "options": {"n_train": 600, "n_val": 200, "n_test": 200, "dim": 8},
+        "epochs": 2,
+        "batch_size": 100,
+        "architectures": [{"name": "shared_bottom", "options": {"bottom_dims": [16], "tower_dims": [8]}}],
+    }
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,7 @@ from mtlkit.bench.suite_config import (
     DatasetSpec,
     SuiteConfig,
     fingerprint,
+    methods_for,
     run_config,
 )
 from mtlkit.train.callbacks import Callback
@@ -405,7 +406,7 @@ def method_jobs(
         for a in d.architectures:
             for seed in suite.seeds:
                 ref = reference_of(baselines, d.title, a.title, seed, task_names[d.title])
-                for m in suite.methods:
+                for m in methods_for(suite, d):
                     jobs.append(
                         Job(
                             "multi_task",
@@ -525,5 +526,5 @@ def _planned_prefixes(suite: SuiteConfig) -> tuple[str, ...]:
     for d in suite.datasets:
         for a in d.architectures:
             out.append(f"{d.title}/{a.title}/single_task/")
-            out += [f"{d.title}/{a.title}/{m.title}/" for m in suite.methods]
+            out += [f"{d.title}/{a.title}/{m.title}/" for m in methods_for(suite, d)]
     return tuple(out)

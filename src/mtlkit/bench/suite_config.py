@@ -8,7 +8,7 @@ A suite is methods x architectures x datasets x seeds::
     workers: 2
     methods: [all]                    # every registered method; or names / {name, options, label}
     datasets:
-      - name: qm9
+      - name: qm9                     # (a dataset may name its own `methods:` instead)
         train_size: 40000             # a seeded subset of the training split (null: all of it)
         epochs: 3
         batch_size: 256
@@ -69,6 +69,8 @@ class DatasetSpec:
     grad_clip: float | None = None
     selection: str = "last"
     architectures: list[Any] = field(default_factory=list)
+    #: the methods run on this dataset instead of the suite's (e.g. FULLER on a modality model)
+    methods: list[Any] | None = None
 
     @property
     def title(self) -> str:
@@ -98,13 +100,18 @@ def _component(value: Any, key: str) -> ComponentSpec:
 
 
 def expand_methods(entries: list[Any]) -> list[ComponentSpec]:
-    """Method entries with ``all`` expanded to every registered method (in registry order)."""
-    from mtlkit.methods import available
+    """Method entries with ``all`` expanded to every registered method (in registry order) that
+    runs on any architecture (FULLER, which needs modality branches, must be named)."""
+    from mtlkit.methods import available, method_class
 
     out: list[ComponentSpec] = []
     for i, entry in enumerate(entries):
-        if entry == "all":
-            out += [ComponentSpec(name) for name in available()]
+        if entry == "all":  # methods that need a particular model (FULLER) are named explicitly
+            out += [
+                ComponentSpec(name)
+                for name in available()
+                if not getattr(method_class(name), "model_requirement", None)
+            ]
         else:
             out.append(_component(entry, f"methods[{i}]"))
     return out
@@ -143,15 +150,27 @@ def parse_suite(raw: dict[str, Any]) -> SuiteConfig:
             raise ConfigError(f"{key}.architectures: name at least one model.")
         d.architectures = [_component(a, f"{key}.architectures[{j}]") for j, a in enumerate(d.architectures)]
         _unique([a.title for a in d.architectures], f"{key}.architectures")
+        if d.methods is not None:
+            d.methods = expand_methods(d.methods)
+            if not d.methods:
+                raise ConfigError(
+                    f"{key}.methods: name at least one method (or leave it out for the suite's)."
+                )
+            _unique([m.title for m in d.methods], f"{key}.methods")
     _unique([d.title for d in suite.datasets], "datasets")
     _unique([m.title for m in suite.methods], "methods")
     for d in suite.datasets:  # every component and option, before any data is loaded
         for a in d.architectures:
-            for m in suite.methods:
+            for m in methods_for(suite, d):
                 cfg = run_config(d, a, m, suite.seeds[0], Path("."), suite.device, suite.log_every)
                 check_values(cfg)
                 check_components(cfg)
     return suite
+
+
+def methods_for(suite: SuiteConfig, dataset: DatasetSpec) -> list[ComponentSpec]:
+    """The methods run on ``dataset``: its own list when it has one, else the suite's."""
+    return dataset.methods if dataset.methods is not None else suite.methods
 
 
 def _unique(labels: list[str], key: str) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtlkit.bench.suite_config import SuiteConfig
+from mtlkit.bench.suite_config import SuiteConfig, methods_for
 
 #: more tasks than this: the table shows the mean of the tasks' main metric instead of one column each
 MAX_TASK_COLUMNS = 12
@@ -143,7 +143,7 @@ def build_tables(suite: SuiteConfig, results: Mapping[str, dict[str, Any]]) -> l
                     for t, m, _ in columns
                 }
             rows = []
-            for method in suite.methods:
+            for method in methods_for(suite, d):
                 runs = [r for r in multi if r["method"] == method.title]
                 failed = [r for r in mine if "error" in r and f"/{method.title}/" in r["key"]]
                 rows.append(
@@ -304,8 +304,10 @@ def report_markdown(
         parts += [f"- {protocol}"]
     for t in tables:
         parts += ["", f"## {t.dataset}, {t.architecture}", "", markdown_table(t)]
-    if len(tables) > 1:
-        parts += ["", "## Ranks across datasets (by mean Δm%)", "", rank_table(tables)]
+    own = {d.title for d in suite.datasets if d.methods is not None}  # other methods: not ranked together
+    ranked = [t for t in tables if t.dataset not in own]
+    if len(ranked) > 1:
+        parts += ["", "## Ranks across datasets (by mean Δm%)", "", rank_table(ranked)]
     failures = sorted((k, r["error"]) for k, r in results.items() if "error" in r)
     if failures:
         parts += ["", "## Failed runs", ""] + [f"- `{k}`: {e}" for k, e in failures]
