@@ -20,6 +20,10 @@ backward + optimizer.step(). Configurations:
                and LibMTL 1.1.5; every aggregator name and the LibMTL shims are in ``anchors.py``).
 
 ``aggregators.py`` runs every gradient method beside its anchors, up to K = 256, with these steps.
+Schemes around a base method are named ``mtlkit:<scheme>+<base>`` (``fmtl+pcgrad``,
+``rep_mtl+mgda_ub``); F-MTL gets the forward pass on the step's batch as its ``closure``.
+``--model fusion`` replaces the first trunk layer by two modality branches meeting at a gradient
+calibration (every configuration then runs on that model, so FULLER's ratio is like for like).
 
 Every (configuration, K) runs in its own forked child (so peak RSS is its own), pinned to one
 core with one intra-op thread; each K block is repeated in interleaved rounds so that load from
@@ -28,7 +32,7 @@ all rounds; ratio = median over rounds of (config median / ``sum`` median in the
 Memory = the child's peak RSS minus its RSS just before the first step (dRSS).
 
 usage: python benchmarks/step_cost.py [--ks 2 10 40] [--rounds 5] [--steps 20] [--out FILE.md]
-       [--configs ...] [--before OLD_CHECKOUT/src] [--in-process]
+       [--configs ...] [--before OLD_CHECKOUT/src] [--in-process] [--model mlp|fusion]
 """
 
 from __future__ import annotations
@@ -52,15 +56,28 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 IN, TRUNK, HEAD, BATCH = 256, (512, 512, 256), 64, 256
+FUSION = os.environ.get("MTLKIT_STEP_COST_MODEL") == "fusion"  # set by --model (inherited by children)
 
 
 class RefModel(nn.Module):
-    """The reference MLP in mtlkit's multi-task model protocol."""
+    """The reference MLP in mtlkit's multi-task model protocol. With ``fusion`` (``--model fusion``)
+    the first layer is two modality branches (each half of the input to 256 units) meeting at a
+    gradient calibration, so FULLER runs; every configuration then uses that model."""
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, fusion: bool = False) -> None:
         super().__init__()
         layers, width = [], IN
-        for d in TRUNK:
+        self.branches = nn.ModuleList()
+        self.calibration = None
+        dims = TRUNK
+        if fusion:
+            from mtlkit.core.gradient_calibration import ModalityGradientCalibration
+
+            half = IN // 2
+            self.branches = nn.ModuleList([nn.Sequential(nn.Linear(half, 256), nn.ReLU()) for _ in range(2)])
+            self.calibration = ModalityGradientCalibration()
+            width, dims = 512, TRUNK[1:]
+        for d in dims:
             layers += [nn.Linear(width, d), nn.ReLU()]
             width = d
         self.trunk = nn.Sequential(*layers)
@@ -71,6 +88,9 @@ class RefModel(nn.Module):
         self.last_features = None
 
     def forward(self, x, full_output=False):
+        if self.calibration is not None:
+            parts = self.calibration(*(b(p) for b, p in zip(self.branches, x.chunk(2, dim=1), strict=True)))
+            x = torch.cat(parts, dim=1)
         z = self.trunk(x)
         self.last_features = z  # the representation as the `before:` configurations read it
         out = {n: h(z).squeeze(-1) for n, h in zip(self.names, self.heads, strict=True)}
@@ -81,7 +101,7 @@ class RefModel(nn.Module):
         return out
 
     def shared_parameters(self):
-        return list(self.trunk.parameters())
+        return list(self.branches.parameters()) + list(self.trunk.parameters())
 
     def task_parameters(self):
         return {n: list(h.parameters()) for n, h in zip(self.names, self.heads, strict=True)}
@@ -105,7 +125,7 @@ def make_step(config: str, k: int, device: str = "cpu") -> Callable[[], None]:
     """The training step of ``config`` at K tasks, on a fresh model (seed 0). Steps built from a
     method or an aggregator carry it as ``step.method`` / ``step.aggregator`` (for solver timing)."""
     torch.manual_seed(0)
-    model = RefModel(k).to(device)
+    model = RefModel(k, fusion=FUSION).to(device)
     x = torch.randn(BATCH, IN, device=device)
     y = torch.randn(BATCH, k, device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -219,6 +239,9 @@ def create_method(name: str):
 
     if name in ENGINE_VARIANTS:
         return mk.methods.MGDA(engine=mk.GradientEngine(**ENGINE_VARIANTS[name]))
+    if "+" in name:  # a scheme around a base method: ``fmtl+pcgrad``, ``rep_mtl+mgda_ub``
+        scheme, base_name = name.split("+", 1)
+        return mk.methods.create(scheme, base=base_name)
     base = name.removesuffix("-rep")
     options = dict(LOSS_WEIGHTINGS.get(base, {}))
     if base != name:
@@ -245,12 +268,15 @@ def _mtlkit_step(name, model, batch, losses_of, opt) -> Callable[[], None]:
     def named(inputs, targets, out):
         return dict(zip(model.names, losses_of(inputs, targets, out), strict=True))
 
+    def again():  # F-MTL's forward passes at its perturbed weights
+        return named(x, y, None), None
+
     def step():
         opt.zero_grad(set_to_none=True)
         out = model(x, full_output=True)
         losses = named(x, y, out.predictions)
         others = [named(xe, ye, model(xe)) for xe, ye in extra]
-        method.backward(losses, model, out, extra_losses=others)
+        method.backward(losses, model, out, extra_losses=others, closure=again)
         opt.step()
         if after:
             with torch.no_grad():
@@ -431,6 +457,12 @@ def main() -> None:
     parser.add_argument("--core", type=int, default=None, help="CPU core to pin to (default: the last one)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
+        "--model",
+        choices=("mlp", "fusion"),
+        default="mlp",
+        help="fusion: two modality branches at a gradient calibration in place of the first layer (FULLER)",
+    )
+    parser.add_argument(
         "--before", default=None, help="src folder of another mtlkit checkout (before:* configs)"
     )
     parser.add_argument(
@@ -440,6 +472,9 @@ def main() -> None:
         "lower noise for small differences, no peak-memory figures)",
     )
     args = parser.parse_args()
+    global FUSION
+    FUSION = args.model == "fusion"
+    os.environ["MTLKIT_STEP_COST_MODEL"] = args.model
     if args.before:
         install_before(args.before)
     elif any(c.startswith("before:") for c in (args.configs or [])):
@@ -542,7 +577,12 @@ def report(results: dict[int, dict[str, dict]], args, configs: list[str]) -> str
         f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()} ({_cpu_model()}), "
         f"{os.cpu_count()} CPUs, 1 thread pinned to one core, {'one process, ' if args.in_process else 'one forked process per cell, '}"
         f"{args.rounds} interleaved rounds x {args.steps} steps "
-        f"(after {args.warmup} warm-up steps), batch {BATCH}, trunk {IN}-{'-'.join(map(str, TRUNK))}, heads {TRUNK[-1]}-{HEAD}-1."
+        f"(after {args.warmup} warm-up steps), batch {BATCH}, trunk {IN}-{'-'.join(map(str, TRUNK))}, heads {TRUNK[-1]}-{HEAD}-1"
+        + (
+            " (fusion: the first layer is two 128-to-256 modality branches meeting at a gradient calibration)."
+            if FUSION
+            else "."
+        )
     )
     return "\n".join(["# Step cost", "", env, "", *lines, *targets, *mem, ""])
 
