@@ -13,7 +13,7 @@ images (Fashion-MNIST's test split; the digits not used for training). Runs, per
 
 Every run takes the same number of optimiser steps (the joint epoch's), Adam lr 1e-3, batch 256.
 
-usage: python benchmarks/multi_input.py [--fashion 20000] [--digits 5000] [--epochs 2]
+usage: python benchmarks/multi_input.py [--fashion 60000] [--digits 5000] [--epochs 3]
                                        [--seeds 0 1] [--out benchmarks/results/multi_input.md]
 """
 
@@ -95,11 +95,7 @@ def run(data, label: str, method: str, schedule: str | None, steps: int, seed: i
     model = mk.models.MultiLeNet((1, 28, 28), tasks, out_features=10)
     trainer = mk.Trainer(model, tasks, method, device="cpu", progress=False, seed=seed)
     start = time.perf_counter()
-    if schedule is None and not single:
-        trainer.fit(loader, epochs=1)  # the joint epoch: `steps` steps
-    else:
-        epochs = max(1, round(steps / len(loader)))
-        trainer.fit(loader, epochs=epochs)
+    trainer.fit(loader, epochs=max(1, round(steps / len(loader))))  # about `steps` steps for every run
     return {
         "accuracy": accuracy(trainer, data, names),
         "steps": trainer.step,
@@ -109,9 +105,9 @@ def run(data, label: str, method: str, schedule: str | None, steps: int, seed: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fashion", type=int, default=20000)
+    parser.add_argument("--fashion", type=int, default=60000)
     parser.add_argument("--digits", type=int, default=5000)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/multi_input.md"))
     args = parser.parse_args()

@@ -157,3 +157,13 @@ def test_bases_with_parameters_post_step_and_epoch_hooks_train_inside_rep_mtl(ba
     held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert all(id(p) in held for p in own)
     assert trainer.step == 8
+
+
+def test_the_chunked_alignment_equals_the_whole_matrix_and_its_gradient():
+    a = torch.rand(3, 10, 5, dtype=torch.float64, requires_grad=True)
+    whole = saliency_alignment(a, 0.3, chunk=1000)
+    (g_whole,) = torch.autograd.grad(whole, a)
+    chunked = saliency_alignment(a, 0.3, chunk=4)  # 30 anchors in chunks of 4 (the last one short)
+    (g_chunked,) = torch.autograd.grad(chunked, a)
+    torch.testing.assert_close(chunked, whole, atol=1e-14, rtol=0)
+    torch.testing.assert_close(g_chunked, g_whole, atol=1e-14, rtol=0)

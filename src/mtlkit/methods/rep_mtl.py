@@ -6,7 +6,9 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from mtlkit.core.contract import MultiTaskOutput
 from mtlkit.core.engine import GradientEngine, reachable_leaves
@@ -44,20 +46,37 @@ def saliency_entropy(p: Tensor) -> Tensor:
     return -(p * p.clamp_min(_TINY).log()).sum(dim=0).mean()
 
 
-def saliency_alignment(a: Tensor, tau: float) -> Tensor:
+def saliency_alignment(a: Tensor, tau: float, chunk: int = 512) -> Tensor:
     """CSA: InfoNCE over the (sample, task) channel profiles ``a`` (A, B, C), L2-normalised. For
     the anchor (i, k) the positives are (i, j), j != k (the same sample seen by the other tasks);
-    every other (sample, task) pair is in the denominator, the anchor itself excluded."""
+    every other (sample, task) pair is in the denominator, the anchor itself excluded.
+
+    The denominators need every pair's similarity, ``O((B A)^2 C)`` work; they are computed
+    ``chunk`` anchors at a time under activation checkpointing, so memory stays ``O(chunk B A)``
+    instead of the ``(B A)^2`` matrix (2.8 GB at B = 256, A = 40)."""
     num_tasks, batch, _ = a.shape
-    v = torch.nn.functional.normalize(a.transpose(0, 1).reshape(batch * num_tasks, -1), dim=1, eps=_TINY)
-    sim = v @ v.T / tau
-    sample = torch.arange(batch, device=a.device).repeat_interleave(num_tasks)
-    self_mask = torch.eye(batch * num_tasks, dtype=torch.bool, device=a.device)
-    positive = (sample[:, None] == sample[None, :]) & ~self_mask
-    others = sim.masked_fill(self_mask, float("-inf"))
-    log_all = torch.logsumexp(others, dim=1)
-    log_pos = torch.logsumexp(others.masked_fill(~positive, float("-inf")), dim=1)
-    return (log_all - log_pos).mean()
+    v = F.normalize(a.transpose(0, 1).reshape(batch * num_tasks, -1), dim=1, eps=_TINY)
+    grouped = v.view(batch, num_tasks, -1)
+    same = grouped @ grouped.transpose(1, 2) / tau  # (B, A, A): the positives and the anchor
+    eye = torch.eye(num_tasks, dtype=torch.bool, device=a.device)
+    log_pos = torch.logsumexp(same.masked_fill(eye, float("-inf")), dim=2).reshape(-1)
+    parts = [
+        checkpoint(
+            _log_denominator, v[start : start + chunk], v, torch.tensor(start), tau, use_reentrant=False
+        )
+        for start in range(0, len(v), chunk)
+    ]
+    return (torch.cat(parts) - log_pos).mean()
+
+
+def _log_denominator(rows: Tensor, every: Tensor, start: Tensor, tau: float) -> Tensor:
+    """``log sum_{m != n} exp(<v_n, v_m> / tau)`` for the anchors ``rows`` (starting at ``start``)."""
+    sims = rows @ every.T / tau
+    index = torch.arange(len(rows), device=rows.device)
+    sims = sims.index_put(
+        (index, index + int(start)), torch.tensor(float("-inf"), dtype=sims.dtype, device=sims.device)
+    )
+    return torch.logsumexp(sims, dim=1)
 
 
 @register("rep_mtl")
