@@ -20,7 +20,6 @@ usage: python benchmarks/multi_input.py [--fashion 60000] [--digits 5000] [--epo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ import torch
 
 import mtlkit as mk
 from mtlkit.data import MultiTaskTensorDataset
-from tables import mean_sd
+from tables import mean_sd, write_results
 
 TASKS = mk.TaskSet(
     [mk.Task("fashion", loss="ce", metrics=["accuracy"]), mk.Task("digits", loss="ce", metrics=["accuracy"])]
@@ -152,10 +151,7 @@ def main() -> None:
         secs = statistics.mean(r["seconds"] for r in runs)
         lines.append(f"| {label} | {cells[0]} | {cells[1]} | {delta} | {runs[0]['steps']} | {secs:.0f} |")
     text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    print(text)
+    write_results(args.out, text, results)
 
 
 if __name__ == "__main__":

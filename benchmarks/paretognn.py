@@ -17,7 +17,6 @@ usage: python benchmarks/paretognn.py [--seeds 0 1 2] [--steps 200] [--out bench
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -38,7 +37,7 @@ from mtlkit.data.graphs import (
 )
 from mtlkit.metrics.embedding_probe import linear_probe_accuracy, link_auc
 from mtlkit.models.gcn import GraphPretext
-from tables import mean_sd
+from tables import mean_sd, write_results
 
 ALL = ("link", "recon", "ming")
 RUNS: list[tuple[str, tuple[str, ...], str, dict, bool]] = [  # label, tasks, method, options, scaled
@@ -156,10 +155,7 @@ def main() -> None:
         "is still 100x larger; only the normalised update is invariant.",
     ]
     text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    print(text)
+    write_results(args.out, text, results)
 
 
 if __name__ == "__main__":
