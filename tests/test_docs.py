@@ -90,9 +90,10 @@ def test_every_merging_method_is_in_the_merging_table_and_the_example_runs():
     exec(compile(code, "docs/merging.md", "exec"), {})
 
 
-def test_the_runnable_scheme_examples_run():
-    text = (DOCS / "schemes.md").read_text()
+@pytest.mark.parametrize("page", ["schemes.md", "relatedness.md"])
+def test_the_runnable_examples_of_a_page_run(page):
+    text = (DOCS / page).read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "import mtlkit as mk" in b]
     assert blocks
     for code in blocks:
-        exec(compile(code, "docs/schemes.md", "exec"), {})
+        exec(compile(code, f"docs/{page}", "exec"), {})

@@ -134,12 +134,12 @@ class Trainer:
         self.keep_checkpoints = keep_checkpoints
         self.early_stopping = early_stopping
         builtin: list[Callback] = []
-        if self.log_dir is not None:
-            builtin.append(LoggingCallback(self.log_dir, log_every, tensorboard))
         if early_stopping is not None:
             early_stopping.check(self)
             builtin.append(early_stopping)
-        self.callbacks = check_callbacks([*builtin, *callbacks])
+        # logging last: what the other callbacks add to an epoch's row reaches epochs.csv
+        logging = [LoggingCallback(self.log_dir, log_every, tensorboard)] if self.log_dir is not None else []
+        self.callbacks = check_callbacks([*builtin, *callbacks, *logging])
         # Progress counters, saved in every checkpoint.
         self.step = 0
         self.epoch = 0
