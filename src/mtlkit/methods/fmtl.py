@@ -7,9 +7,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mtlkit.core.engine import GradientEngine
+from mtlkit.core.module_state import normalization_buffers, restore_buffers
 from mtlkit.core.tasks import TaskLosses, TaskSet
 from mtlkit.errors import ConfigError, NonFiniteLossError, TaskError
 from mtlkit.methods.base import Hook, Method, StepInfo, StepInputs
@@ -118,7 +119,7 @@ class FMTL(WrapsMethod):
         active = [k for k in range(len(inputs.names)) if bool(inputs.active[k])]
         sam = torch.zeros_like(g)
         sam_heads: dict[int, Tensor] = {}
-        bn_state = _batch_norm_buffers(inputs._model)
+        bn_state = normalization_buffers(inputs._model)
         saved = [p.detach().clone() for p in shared]
         saved_heads = {i: heads[i].detach().clone() for k in active for i in own[k]}
         try:
@@ -145,7 +146,7 @@ class FMTL(WrapsMethod):
                 _restore(shared, saved, [heads[i] for i in own[k]], [saved_heads[i] for i in own[k]])
         finally:
             _restore(shared, saved, [heads[i] for i in saved_heads], list(saved_heads.values()))
-            _load_batch_norm_buffers(bn_state)
+            restore_buffers(bn_state)
         if not all_finite(sam):
             raise NonFiniteLossError(
                 "F-MTL: a gradient at a perturbed point is not finite; nothing was updated."
@@ -234,25 +235,6 @@ def _restore(
     with torch.no_grad():
         for p, s in zip(shared + heads, saved + saved_heads, strict=True):
             p.copy_(s)
-
-
-def _batch_norm_buffers(model: nn.Module | None) -> list[tuple[Tensor, Tensor]]:
-    """Copies of every normalisation layer's running statistics (restored after the perturbed
-    passes, so only the clean pass updates them)."""
-    if model is None:
-        return []
-    out = []
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase):
-            for buf in module.buffers(recurse=False):
-                out.append((buf, buf.detach().clone()))
-    return out
-
-
-def _load_batch_norm_buffers(state: list[tuple[Tensor, Tensor]]) -> None:
-    with torch.no_grad():
-        for buf, value in state:
-            buf.copy_(value)
 
 
 register_variant("fmtl_pcgrad", FMTL, base="pcgrad")

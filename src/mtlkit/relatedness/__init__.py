@@ -2,6 +2,15 @@
 affinity between diffusion timesteps)."""
 
 from mtlkit.relatedness.gradient_statistics import GradientStatistics, pairwise_statistics
+from mtlkit.relatedness.tag import TaskAffinity, lookahead_affinity, select_groups
 from mtlkit.relatedness.timestep_affinity import affinity_decay, timestep_affinity
 
-__all__ = ["GradientStatistics", "affinity_decay", "pairwise_statistics", "timestep_affinity"]
+__all__ = [
+    "GradientStatistics",
+    "TaskAffinity",
+    "affinity_decay",
+    "lookahead_affinity",
+    "pairwise_statistics",
+    "select_groups",
+    "timestep_affinity",
+]

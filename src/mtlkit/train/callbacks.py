@@ -31,6 +31,11 @@ class Callback:
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         """Before the first batch of ``epoch`` (0-based; also when an epoch is resumed)."""
 
+    def on_train_batch_start(self, trainer: Trainer, batch: Any) -> None:
+        """Before a training step on ``batch`` (moved to the device), with the weights and the
+        optimiser state of the step; whatever a callback changes here it must restore (TAG's
+        lookahead)."""
+
     def on_step_end(self, trainer: Trainer, info: StepInfo) -> None:
         """After every optimiser step (``trainer.step`` already counts it)."""
 

@@ -190,6 +190,8 @@ class Trainer:
         hosts = [unpack_batch(b) for b in group]
         moved = [move_to(h, self.device) for h in hosts]
         self.model.train()
+        for cb in self.callbacks:
+            cb.on_train_batch_start(self, moved[0])
         self.optimizer.zero_grad(set_to_none=True)
         losses, output = self._losses(moved[0], hosts[0])
         extra = [self._losses(b, h)[0] for b, h in zip(moved[1:], hosts[1:], strict=True)]
