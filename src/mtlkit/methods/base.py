@@ -204,6 +204,28 @@ class StepInputs:
         return 1.0 if self.loss_scale is None else float(self.loss_scale)
 
 
+def gradients_of(total: Tensor, model: nn.Module | None) -> list[tuple[Tensor, Tensor]]:
+    """``(parameter, d total / d parameter)`` for the model's trainable parameters (without a
+    model: every leaf the graph reaches) that ``total`` reaches; the graph is kept, nothing is
+    written."""
+    if not total.requires_grad:
+        return []
+    params: list[Tensor]
+    if model is not None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        params = [p for p in reachable_leaves([total], set()) if p.requires_grad]
+    grads = torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
+    return [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+
+
+def add_gradients(pairs: Iterable[tuple[Tensor, Tensor]]) -> None:
+    """Accumulate ``(parameter, gradient)`` pairs into ``.grad`` (in the parameter's dtype)."""
+    for p, g in pairs:
+        g = g.to(p.dtype)
+        p.grad = g if p.grad is None else p.grad.add_(g)
+
+
 def state_copy(obj: Any) -> Any:
     """``obj`` (a tensor, ``None``, or a dict/list/tuple of them and plain values) with every
     tensor detached and cloned to the CPU, so a saved state never aliases the live one."""
@@ -446,8 +468,7 @@ class Method(nn.Module):
         info = self._dispatch(inputs)
         if inputs.output is not None and inputs.output.aux_losses:
             info.aux_losses = {k: v.detach() for k, v in inputs.output.aux_losses.items()}
-        for p, g in aux:  # written only once the method's checks have passed
-            p.grad = g if p.grad is None else p.grad.add_(g)
+        add_gradients(aux)  # written only once the method's checks have passed
         self._remember_versions(inputs, model)
         self._after_step_due = Hook.AFTER_STEP in self.hooks
         return info
@@ -498,16 +519,7 @@ class Method(nn.Module):
             raise NonFiniteLossError(
                 f"The model's auxiliary loss(es) {bad} are not finite; nothing was updated."
             )
-        total = values.sum() * inputs.scale
-        if not total.requires_grad:
-            return []
-        params: list[Tensor]
-        if model is not None:
-            params = [p for p in model.parameters() if p.requires_grad]
-        else:
-            params = [p for p in reachable_leaves([total], set()) if p.requires_grad]
-        grads = torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
-        return [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+        return gradients_of(values.sum() * inputs.scale, model)
 
     def _remember_versions(self, inputs: StepInputs, model: nn.Module | None) -> None:
         """Note the version counters of the method's parameters and of one model parameter, so

@@ -9,7 +9,7 @@ from torch import nn
 
 from mtlkit.core.contract import unwrap
 from mtlkit.core.gradient_calibration import ModalityGradientCalibration
-from mtlkit.core.tasks import TaskLosses, TaskSet
+from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import ConfigError, EngineError
 from mtlkit.methods.base import Method, StepInfo, StepInputs
 from mtlkit.methods.gradient_methods import GradientMethod
@@ -93,14 +93,11 @@ class FULLER(WrapsMethod):
                 "ModalityGradientCalibration where they meet: use mk.models.ModalityFusion, or place "
                 "one (mtlkit.core.gradient_calibration) on the branch outputs before the fusion."
             )
-        losses = TaskLosses(dict(zip(inputs.names, inputs.values, strict=True)), inputs.active.long())
-        assert inputs.output is not None
-        output = inputs.output._replace(aux_losses=None)  # written once, by FULLER's own backward
         with ExitStack() as stack:
             for cal in calibrations:
                 stack.enter_context(cal.active())
                 cal.last_norms = None
-            info = self.task_level.backward(losses, inputs._model, output, loss_scale=inputs.loss_scale)
+            info = self.base_backward(self.task_level, inputs)
         norms = [cal.last_norms for cal in calibrations if cal.last_norms is not None]
         if norms:
             info.extras = {**info.extras, "branch_norms": norms[0][0], "calibrated_norms": norms[0][1]}

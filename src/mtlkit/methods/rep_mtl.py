@@ -10,11 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from mtlkit.core.contract import MultiTaskOutput
-from mtlkit.core.engine import GradientEngine, reachable_leaves
-from mtlkit.core.tasks import TaskLosses, TaskSet
+from mtlkit.core.engine import GradientEngine
+from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import EngineError, LifecycleError
-from mtlkit.methods.base import Hook, Losses, Method, StepInfo, StepInputs
+from mtlkit.methods.base import Hook, Losses, Method, StepInfo, StepInputs, add_gradients, gradients_of
 from mtlkit.methods.hparams import hparam, instance_of, none, number, one_of
 from mtlkit.methods.registry import register
 from mtlkit.methods.wrapping import WrapsMethod
@@ -194,30 +193,9 @@ class RepMTL(WrapsMethod):
         )
         tsr, csa = self.regularizer(saliency / inputs.scale, inputs.active)
         penalty = self.lambda_tsr * tsr + self.lambda_csa * csa
-        written: list[tuple[Tensor, Tensor]] = []
-        if penalty.requires_grad:
-            model = inputs._model
-            params = (
-                [p for p in model.parameters() if p.requires_grad]
-                if model is not None
-                else [p for p in reachable_leaves([penalty], set()) if p.requires_grad]
-            )
-            grads = torch.autograd.grad(penalty * inputs.scale, params, retain_graph=True, allow_unused=True)
-            written = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+        written = gradients_of(penalty * inputs.scale, inputs._model)  # before the base frees the graph
         del saliency
-        losses = TaskLosses(
-            dict(zip(inputs.names, inputs.values, strict=True)), inputs.active.to(torch.int64)
-        )
-        assert inputs.output is not None
-        output = MultiTaskOutput(inputs.output.predictions, z, None)  # aux losses: written once, by us
-        info = self.base_method.backward(
-            losses,
-            inputs._model,
-            output,
-            shared=inputs._shared if inputs._model is None else None,
-            loss_scale=inputs.loss_scale,
-        )
-        for p, g in written:
-            p.grad = g.to(p.dtype) if p.grad is None else p.grad.add_(g.to(p.dtype))
+        info = self.base_backward(self.base_method, inputs)
+        add_gradients(written)
         info.extras = {**info.extras, "tsr": tsr.detach(), "csa": csa.detach()}
         return info

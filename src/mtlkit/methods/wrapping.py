@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mtlkit.core.tasks import TaskSet
+from mtlkit.core.tasks import TaskLosses, TaskSet
 from mtlkit.errors import ConfigError
-from mtlkit.methods.base import Method
+from mtlkit.methods.base import Method, StepInfo, StepInputs
 from mtlkit.methods.hparams import hparam, instance_of
 from mtlkit.methods.registry import METHODS
 
@@ -36,6 +36,20 @@ class WrapsMethod(Method):
                 "step; it cannot run inside this scheme."
             )
         return base
+
+    def base_backward(self, base: Method, inputs: StepInputs) -> StepInfo:
+        """``base.backward`` on this step's losses, with the tasks that had no label still
+        unlabelled and without the model's auxiliary losses (the scheme's own ``backward``
+        writes those once)."""
+        losses = TaskLosses(dict(zip(inputs.names, inputs.values, strict=True)), inputs.active.long())
+        output = inputs.output._replace(aux_losses=None) if inputs.output is not None else None
+        return base.backward(
+            losses,
+            inputs._model,
+            output,
+            shared=inputs._shared if inputs._model is None else None,
+            loss_scale=inputs.loss_scale,
+        )
 
     def parts(self) -> list[Method]:
         """The base copies this scheme runs (empty before setup)."""
