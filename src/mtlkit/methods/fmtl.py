@@ -13,7 +13,7 @@ from mtlkit.core.engine import GradientEngine
 from mtlkit.core.module_state import normalization_buffers, restore_buffers
 from mtlkit.core.tasks import TaskLosses, TaskSet
 from mtlkit.errors import ConfigError, NonFiniteLossError, TaskError
-from mtlkit.methods.base import Hook, Method, StepInfo, StepInputs
+from mtlkit.methods.base import Hook, Method, StepInfo, StepInputs, add_gradients
 from mtlkit.methods.gradient_methods import all_finite, gradient_statistics
 from mtlkit.methods.hparams import boolean, hparam, instance_of, none, number
 from mtlkit.methods.registry import register, register_variant
@@ -160,15 +160,8 @@ class FMTL(WrapsMethod):
         else:
             direction, info = self._aggregate(self.loss_part, sam, inputs, labelled)
             extras = {"sam_weights": info.weights}
-        offset = 0
-        for p in shared:
-            n = p.numel()
-            step = direction[offset : offset + n].view(p.shape).to(p.dtype)
-            p.grad = step.clone() if p.grad is None else p.grad.add_(step)
-            offset += n
-        for i, grad in sam_heads.items():
-            p = heads[i]
-            p.grad = grad.to(p.dtype) if p.grad is None else p.grad.add_(grad.to(p.dtype))
+        jac.write_shared_flat(direction)
+        add_gradients((heads[i], grad) for i, grad in sam_heads.items())
         gram = (g.double() @ g.double().T) / inputs.scale**2
         norms, cos = gradient_statistics(gram)
         return StepInfo(

@@ -59,17 +59,15 @@ def lookahead_affinity(
         losses = tasks.losses(out.predictions, batch.targets, batch.masks)
         before = torch.stack([v.detach() for v in losses.values()]).double()
         labelled = losses.labelled if losses.labelled is not None else torch.ones(len(before))
-        rows = engine.jacobian(list(losses.values()), shared).rows().clone()
+        jac = engine.jacobian(list(losses.values()), shared)
+        rows = jac.rows().clone()
         restore_buffers(buffers)
         sources = [rows[i] for i in range(len(rows))] + ([rows.sum(0)] if combined else [])
         out_rows = []
         for g in sources:
             for p in params:
                 p.grad = None
-            offset = 0
-            for p in shared:
-                p.grad = g[offset : offset + p.numel()].view(p.shape).to(p.dtype).clone()
-                offset += p.numel()
+            jac.write_shared_flat(g)  # source i's gradient on the shared parameters only
             optimizer.step()
             with torch.no_grad():
                 after_out = forward_full(model, batch.inputs)
