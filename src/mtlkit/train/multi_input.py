@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from mtlkit.core.contract import MultiTaskOutput, forward_full
 from mtlkit.core.tasks import Batch, TaskBatches, TaskLosses, TaskSet
-from mtlkit.errors import MissingTaskError, TaskError
+from mtlkit.errors import TaskError
 
 
 def check_task_names(tasks: TaskSet, batches: TaskBatches) -> None:
@@ -29,26 +29,23 @@ def multi_input_losses(
     there is no shared representation (each task read different inputs). ``hosts``: host copies
     of the batches, whose targets are range-checked (the Trainer passes them on accelerators).
     """
-    check_task_names(tasks, batches)
     values: dict[str, Tensor] = {}
     counts: dict[str, Tensor] = {}
     predictions: dict[str, Tensor] = {}
     aux: dict[str, Tensor] = {}
-    for task in tasks:
-        batch = batches.batches.get(task.name)
-        if batch is None:
-            continue
+    for batch, part in task_parts(batches, tasks):
+        name = part.names[0]
         output = forward_full(model, batch.inputs)
-        pred = output.predictions[task.name]
-        target = _target(batch, task.target_key, task.name)
+        mine = {name: output.predictions[name]}
         if hosts is not None:
-            host = hosts.batches[task.name]
-            TaskSet([task]).check_targets(host.targets, {task.name: pred}, host.masks)
-        mask = batch.masks.get(task.name) if batch.masks else None
-        values[task.name], counts[task.name] = task.loss_value(pred, target, mask)
-        predictions[task.name] = pred
-        for name, value in (output.aux_losses or {}).items():
-            aux[f"{task.name}/{name}"] = value
+            host = hosts.batches[name]
+            part.check_targets(host.targets, mine, host.masks)
+        losses = part.losses(mine, batch.targets, batch.masks)
+        values[name] = losses[name]
+        counts[name] = losses.labelled[0]  # type: ignore[index]
+        predictions[name] = mine[name]
+        for key, value in (output.aux_losses or {}).items():
+            aux[f"{name}/{key}"] = value
     first = next(iter(values.values()))
     zero = torch.zeros((), dtype=first.dtype, device=first.device)
     none = torch.zeros_like(next(iter(counts.values())))
@@ -64,11 +61,3 @@ def task_parts(batch: Batch | TaskBatches, tasks: TaskSet) -> list[tuple[Batch, 
         return [(batch, tasks)]
     check_task_names(tasks, batch)
     return [(b, TaskSet([tasks[name]])) for name, b in batch.batches.items()]
-
-
-def _target(batch: Batch, key: str, name: str) -> Tensor:
-    if key not in batch.targets:
-        raise MissingTaskError(
-            f"Task {name!r}'s batch has no target {key!r}; it has {sorted(batch.targets)}."
-        )
-    return batch.targets[key]
