@@ -22,6 +22,7 @@ from mtlkit.core.contract import forward_full
 from mtlkit.core.module_state import normalization_buffers, restore_buffers
 from mtlkit.core.tasks import Batch
 from mtlkit.errors import ConfigError
+from mtlkit.relatedness.rows import directed_entries
 from mtlkit.train.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -96,10 +97,7 @@ class CrossLossSimilarity(Callback):
     ) -> None:
         if self.r is None:
             return
-        a = self.relatedness()
-        for i, src in enumerate(self.names):
-            for j, dst in enumerate(self.names):
-                row[f"relatedness/cross_loss/{src}->{dst}"] = float(a[i, j])
+        row.update(directed_entries("relatedness/cross_loss", self.names, self.relatedness()))
 
     def state_dict(self) -> dict[str, Any]:
         return {"names": list(self.names), "r": self.r}

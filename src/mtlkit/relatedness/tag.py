@@ -27,6 +27,7 @@ from mtlkit.core.engine import GradientEngine
 from mtlkit.core.module_state import normalization_buffers, restore_buffers
 from mtlkit.core.tasks import Batch, TaskSet
 from mtlkit.errors import ConfigError
+from mtlkit.relatedness.rows import directed_entries
 from mtlkit.train.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -145,10 +146,7 @@ class TaskAffinity(Callback):
     ) -> None:
         if self.total is None:
             return
-        a = self.matrix()
-        for i, src in enumerate(self.names):
-            for j, dst in enumerate(self.names):
-                row[f"relatedness/tag/{src}->{dst}"] = float(a[i, j])
+        row.update(directed_entries("relatedness/tag", self.names, self.matrix()))
 
     def state_dict(self) -> dict[str, Any]:
         return {"names": list(self.names), "total": self.total, "counts": self.counts}
