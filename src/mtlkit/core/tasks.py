@@ -374,3 +374,20 @@ class TaskBatches:
         bad = [t for t, b in self.batches.items() if not isinstance(b, Batch)]
         if bad:
             raise TaskError(f"TaskBatches holds mtlkit.Batch objects; task(s) {bad} hold something else.")
+
+
+def unpack_batch(batch: Any) -> Batch | TaskBatches:
+    """Accept ``Batch``, ``(x, targets)``, ``(x, targets, masks)``, a dict with those keys, or
+    ``TaskBatches`` (multi-input training, passed through)."""
+    if isinstance(batch, (Batch, TaskBatches)):
+        return batch
+    if isinstance(batch, Mapping) and "inputs" in batch and "targets" in batch:
+        return Batch(batch["inputs"], dict(batch["targets"]), batch.get("masks"))
+    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3) and isinstance(batch[1], Mapping):
+        return Batch(
+            batch[0], dict(batch[1]), dict(batch[2]) if len(batch) == 3 and batch[2] is not None else None
+        )
+    raise TaskError(
+        "A batch must be (inputs, {task: target}), (inputs, targets, {task: mask}), a dict with "
+        f"'inputs' and 'targets', or mtlkit.Batch; got {type(batch).__name__}."
+    )

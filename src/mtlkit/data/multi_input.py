@@ -15,8 +15,8 @@ from typing import Any, Literal
 import torch
 
 from mtlkit.core.task_sampling import TaskSchedule, make_schedule
-from mtlkit.core.tasks import Batch, TaskBatches
-from mtlkit.errors import ConfigError, EmptyDataError
+from mtlkit.core.tasks import Batch, TaskBatches, unpack_batch
+from mtlkit.errors import ConfigError, EmptyDataError, TaskError
 
 Mode = Literal["longest", "shortest", "sequential"]
 
@@ -135,15 +135,13 @@ class _Restarting:
 
 
 def _as_batch(batch: Any, name: str) -> Batch:
-    if isinstance(batch, Batch):
-        return batch
-    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3) and isinstance(batch[1], Mapping):
-        masks = batch[2] if len(batch) == 3 else None
-        return Batch(batch[0], dict(batch[1]), dict(masks) if masks is not None else None)
-    raise ConfigError(
-        f"Task {name!r}'s loader must yield mtlkit.Batch or (inputs, {{task: target}}); "
-        f"got {type(batch).__name__}."
-    )
+    try:
+        out = unpack_batch(batch)
+    except TaskError as exc:
+        raise ConfigError(f"Task {name!r}'s loader yields something that is not a batch: {exc}") from None
+    if not isinstance(out, Batch):
+        raise ConfigError(f"Task {name!r}'s loader must yield one task's mtlkit.Batch, not TaskBatches.")
+    return out
 
 
 def _length(loader: Iterable[Any]) -> int:

@@ -1,4 +1,5 @@
-"""Batch plumbing: the batch forms the Trainer accepts and moving them to a device."""
+"""Batch plumbing: moving batches to a device (the batch forms the Trainer accepts are
+:func:`mtlkit.core.tasks.unpack_batch`'s)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtlkit.core.tasks import Batch, TaskBatches
-from mtlkit.errors import TaskError
+from mtlkit.core.tasks import Batch, TaskBatches, unpack_batch
 
 
 def move_to(obj: Any, device: torch.device) -> Any:
@@ -27,18 +27,4 @@ def move_to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def unpack_batch(batch: Any) -> Batch | TaskBatches:
-    """Accept ``Batch``, ``(x, targets)``, ``(x, targets, masks)``, a dict with those keys, or
-    ``TaskBatches`` (multi-input training, passed through)."""
-    if isinstance(batch, (Batch, TaskBatches)):
-        return batch
-    if isinstance(batch, Mapping) and "inputs" in batch and "targets" in batch:
-        return Batch(batch["inputs"], dict(batch["targets"]), batch.get("masks"))
-    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3) and isinstance(batch[1], Mapping):
-        return Batch(
-            batch[0], dict(batch[1]), dict(batch[2]) if len(batch) == 3 and batch[2] is not None else None
-        )
-    raise TaskError(
-        "A batch must be (inputs, {task: target}), (inputs, targets, {task: mask}), a dict with "
-        f"'inputs' and 'targets', or mtlkit.Batch; got {type(batch).__name__}."
-    )
+__all__ = ["move_to", "unpack_batch"]
