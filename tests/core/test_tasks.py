@@ -174,3 +174,36 @@ def test_every_error_is_a_value_or_runtime_error():
     for cls in classes:
         if cls is not errors.MtlkitError:
             assert issubclass(cls, (ValueError, RuntimeError)), cls
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    values=st.lists(st.one_of(st.floats(-5, 5), st.just(math.nan)), min_size=2, max_size=12),
+    loss=st.sampled_from(["mse", "l1", "huber", "bce", "ce"]),
+    width=st.sampled_from([1, 3]),
+)
+def test_per_sample_losses_sum_to_the_task_loss(values, loss, width):
+    """sums.sum() / counts.sum() is the task's loss, for scalar and multi-entry targets."""
+    n = len(values)
+    raw = torch.tensor(values, dtype=torch.float64)
+    if loss == "ce":
+        target = torch.where(torch.isnan(raw), -1, raw.abs().round().long() % 3)
+        pred = torch.linspace(-1, 1, n * 3, dtype=torch.float64).view(n, 3)
+    else:
+        target = torch.sigmoid(raw) if loss == "bce" else raw
+        target = target[:, None].repeat(1, width) if width > 1 else target
+        pred = torch.linspace(-1, 1, target.numel(), dtype=torch.float64).view(target.shape)
+    task = mk.Task("t", loss=loss)
+    sums, counts = task.sample_losses(pred, target)
+    value, count = task.loss_value(pred, target)
+    assert sums.shape == counts.shape == (n,) and int(counts.sum()) == int(count)
+    torch.testing.assert_close(sums.sum() / counts.sum().clamp(min=1), value)
+
+
+def test_per_sample_losses_of_a_callable_need_one_value_per_sample():
+    per_sample = mk.Task("p", loss=lambda p, t: (p - t) ** 2)
+    target = torch.tensor([1.0, math.nan, 3.0])
+    sums, counts = per_sample.sample_losses(torch.zeros(3), target)
+    assert sums.tolist() == [1.0, 0.0, 9.0] and counts.tolist() == [1, 0, 1]
+    with pytest.raises(TaskError, match="one value per"):
+        mk.Task("s", loss=lambda p, t: ((p - t) ** 2).mean()).sample_losses(torch.zeros(3), target)

@@ -183,16 +183,47 @@ class Task:
         if target.device.type == "cpu":  # free on the host; the Trainer checks device batches on the host
             self.check_target_values(target, valid, pred.shape)
         count = valid.sum()
+        if not isinstance(self.loss, str):
+            return self._custom_loss(pred, target, valid), count
+        values = self._entry_losses(pred, target, valid)
+        return values.sum() / count.clamp(min=1).to(values.dtype), count
+
+    def _entry_losses(self, pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+        """A built-in loss per target entry, 0 where unlabelled (no NaN in either pass)."""
         if self.loss in CLASS_INDEX_LOSSES:
             safe_target = torch.where(valid, target, torch.zeros_like(target))
             values = F.cross_entropy(pred, safe_target, reduction="none")
-        elif isinstance(self.loss, str):
+        else:
+            assert isinstance(self.loss, str)
             safe_target = torch.where(valid, target, pred.detach())
             values = ELEMENTWISE_LOSSES[self.loss](pred, safe_target)
-        else:
-            return self._custom_loss(pred, target, valid), count
-        total = torch.where(valid, values, torch.zeros_like(values)).sum()
-        return total / count.clamp(min=1).to(values.dtype), count
+        return torch.where(valid, values, torch.zeros_like(values))
+
+    def sample_losses(
+        self, pred: Tensor, target: Tensor, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Each sample's summed loss over its labelled entries and their number, both (B,): the
+        task's loss is ``sums.sum() / counts.sum()``. Influence functions need the per-sample
+        terms; a callable loss must then return per-sample values (one per labelled row)."""
+        pred, target = self.align(pred, target)
+        valid = self.labelled_mask(target, mask)
+        if target.device.type == "cpu":
+            self.check_target_values(target, valid, pred.shape)
+        rows = valid.reshape(valid.shape[0], -1)
+        if isinstance(self.loss, str):
+            values = self._entry_losses(pred, target, valid)
+            return values.reshape(values.shape[0], -1).sum(1), rows.sum(1)
+        labelled = rows.all(dim=1)
+        fn = self.loss
+        value = fn(pred[labelled], target[labelled])
+        if not isinstance(value, Tensor) or value.shape != (int(labelled.sum()),):
+            raise TaskError(
+                f"Task {self.name!r}: per-sample losses need a loss callable that returns one value per "
+                f"labelled sample, shape ({int(labelled.sum())},); got "
+                f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}."
+            )
+        sums = value.new_zeros(pred.shape[0]).index_put((labelled.nonzero().squeeze(1),), value)
+        return sums, labelled.long()
 
     def _custom_loss(self, pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
         # A user's callable sees only fully labelled samples (every entry of the row labelled),

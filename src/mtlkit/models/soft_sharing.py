@@ -116,13 +116,20 @@ class SoftSharing(MultiTaskModule):
             groups += [list(g) for g in zip(*per_task, strict=True)]
         return groups
 
+    def regularization_loss(self) -> Tensor:
+        """``strength * R(W_1..W_T)``: the coupling penalty, a function of the parameters alone
+        (influence functions include it in the objective's Hessian)."""
+        groups = self.coupled_groups()
+        if not groups or len(self.task_names) < 2:
+            return next(self.parameters()).new_zeros(())
+        return self.strength * coupling_penalty(groups, self.penalty)
+
     def forward_tasks(self, x: Tensor, tasks: list[str]) -> MultiTaskOutput:
         self.inputs.check(x, type(self).__name__)
         flat, _ = self.inputs(x)
         hidden = {t: self.bodies[t](flat) for t in tasks}
         out = {t: self.outputs[t](hidden[t]) for t in tasks}
         aux = None
-        groups = self.coupled_groups()
-        if self.training and self.strength > 0 and groups and len(self.task_names) > 1:
-            aux = {"soft_sharing": self.strength * coupling_penalty(groups, self.penalty)}
+        if self.training and self.strength > 0 and len(self.task_names) > 1 and self.coupled_groups():
+            aux = {"soft_sharing": self.regularization_loss()}
         return MultiTaskOutput(out, hidden if self.bodies[tasks[0]] else None, aux)

@@ -1,0 +1,215 @@
+"""The multi-task training objective as a function of a chosen set of parameters, for influence
+functions: Hessian-vector products, per-task validation gradients and per-sample gradient dot
+products, all through ``torch.func`` on the unchanged model.
+
+``L(w) = sum_l S_l(w) / N_l + R(w) + (weight_decay / 2) ||w||^2``, where ``S_l`` sums task ``l``'s
+loss over its labelled training entries and ``N_l`` counts them (each task's loss is its mean,
+as in training), and ``R`` is the model's own ``regularization_loss()`` when it defines one (the
+soft-sharing coupling penalty). Parameters outside ``w`` stay fixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, jvp, vmap
+from torch.utils.data import DataLoader, RandomSampler
+
+from mtlkit.core.contract import supports_full_output, task_parameters, unwrap
+from mtlkit.core.tasks import Batch, TaskSet, unpack_batch
+from mtlkit.errors import ConfigError
+
+PARAMETER_CHOICES = ("all", "last")
+
+
+def influence_parameters(model: nn.Module, parameters: str | Sequence[nn.Parameter]) -> list[nn.Parameter]:
+    """``"all"`` (every trainable parameter), ``"last"`` (the last shared layer and every
+    task-specific parameter: the usual restriction for deep models) or an explicit list."""
+    inner = unwrap(model)
+    if isinstance(parameters, str):
+        if parameters == "all":
+            return [p for p in inner.parameters() if p.requires_grad]
+        if parameters == "last":
+            last = getattr(inner, "last_shared_parameters", None)
+            specific = task_parameters(inner)
+            if not callable(last) or specific is None:
+                raise ConfigError(
+                    "parameters='last' needs a model with last_shared_parameters() and task_parameters() "
+                    "(an mtlkit MultiTaskModule); pass the parameters as a list instead."
+                )
+            chosen = list(last()) + [p for ps in specific.values() for p in ps]
+            return [p for p in dict.fromkeys(chosen) if p.requires_grad]
+        raise ConfigError(
+            f"parameters must be one of {PARAMETER_CHOICES} or a list of parameters, got {parameters!r}."
+        )
+    chosen = list(dict.fromkeys(parameters))
+    owned = {id(p) for p in inner.parameters()}
+    if not chosen or any(id(p) not in owned for p in chosen):
+        raise ConfigError("parameters must be a non-empty list of the model's own parameters.")
+    return chosen
+
+
+def reiterable_batches(data: Any, what: str) -> Any:
+    """A loader that yields the same batches in the same order each time it is iterated (points
+    are identified by their position)."""
+    if isinstance(data, DataLoader) and isinstance(data.sampler, RandomSampler):
+        raise ConfigError(
+            f"The {what} loader shuffles: influence scores identify points by position; use shuffle=False."
+        )
+    if iter(data) is data:
+        raise ConfigError(f"The {what} data is a one-shot iterator; pass a loader or a list of batches.")
+    return data
+
+
+class _Penalty(nn.Module):
+    """Calls the model's ``regularization_loss()`` under ``functional_call``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self) -> Tensor:
+        return self.model.regularization_loss()  # type: ignore[operator]
+
+
+class TrainingObjective:
+    """The objective over ``params`` (flat vector ``w``), evaluated on ``train`` (re-iterable
+    batches in a fixed order). The model must be in eval mode while it is used."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tasks: TaskSet,
+        train: Iterable[Any],
+        params: Sequence[nn.Parameter],
+        weight_decay: float = 0.0,
+    ) -> None:
+        if not weight_decay >= 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {weight_decay!r}.")
+        self.model, self.tasks, self.train = unwrap(model), tasks, reiterable_batches(train, "training")
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self.names = [names[id(p)] for p in params]
+        self.shapes = [p.shape for p in params]
+        self.sizes = [p.numel() for p in params]
+        self.w = torch.cat([p.detach().reshape(-1) for p in params])
+        self.weight_decay = float(weight_decay)
+        self.penalty = (
+            _Penalty(self.model) if callable(getattr(self.model, "regularization_loss", None)) else None
+        )
+        self.full = supports_full_output(self.model)
+        self.counts = self._entry_counts()
+
+    @property
+    def dim(self) -> int:
+        return int(self.w.numel())
+
+    def unflatten(self, w: Tensor) -> dict[str, Tensor]:
+        return {n: t.view(s) for n, t, s in zip(self.names, w.split(self.sizes), self.shapes, strict=True)}
+
+    def predictions(self, w: Tensor, inputs: Any) -> dict[str, Tensor]:
+        kwargs = {"full_output": True} if self.full else {}
+        out = functional_call(self.model, self.unflatten(w), (inputs,), kwargs, strict=False)
+        return dict(out.predictions if self.full else out)
+
+    def sample_losses(self, w: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Per task and sample, the summed loss over labelled entries and their count: (K, B)."""
+        preds = self.predictions(w, batch.inputs)
+        sums, counts = [], []
+        for t in self.tasks:
+            mask = batch.masks.get(t.name) if batch.masks else None
+            s, c = t.sample_losses(preds[t.name], batch.targets[t.target_key], mask)
+            sums.append(s)
+            counts.append(c)
+        return torch.stack(sums), torch.stack(counts)
+
+    def batches(self) -> Iterable[Batch]:
+        for raw in self.train:
+            batch = unpack_batch(raw)
+            if not isinstance(batch, Batch):
+                raise ConfigError("Influence scores take ordinary batches (every task on the same inputs).")
+            yield batch
+
+    def _entry_counts(self) -> Tensor:
+        total = None
+        with torch.no_grad():
+            for batch in self.batches():
+                _, c = self.sample_losses(self.w, batch)
+                total = c.sum(1) if total is None else total + c.sum(1)
+        if total is None:
+            raise ConfigError("The training data is empty.")
+        if bool((total == 0).any()):
+            empty = [t for t, n in zip(self.tasks.names, total.tolist(), strict=True) if n == 0]
+            raise ConfigError(f"Task(s) {empty} have no labelled training entry.")
+        return total
+
+    def regularizer(self, w: Tensor) -> Tensor:
+        value = 0.5 * self.weight_decay * w.pow(2).sum()
+        if self.penalty is not None:
+            value = value + functional_call(
+                self.penalty, {f"model.{k}": v for k, v in self.unflatten(w).items()}, ()
+            )
+        return value
+
+    def batch_objective(
+        self, batch: Batch, counts: Tensor, with_regularizer: bool
+    ) -> Callable[[Tensor], Tensor]:
+        """``w -> sum_l S_l^batch(w) / counts_l`` (+ the regulariser)."""
+
+        def f(w: Tensor) -> Tensor:
+            sums, _ = self.sample_losses(w, batch)
+            value = (sums.sum(1) / counts.to(sums.dtype)).sum()
+            return value + self.regularizer(w) if with_regularizer else value
+
+        return f
+
+    def hvp(self, vectors: Tensor) -> Tensor:
+        """``H v`` of the whole objective for each row of ``vectors`` (m, P): one pass over the data."""
+        total = torch.zeros_like(vectors)
+        for i, batch in enumerate(self.batches()):
+            total += self._batch_hvp(self.batch_objective(batch, self.counts, i == 0), vectors)
+        return total
+
+    def stochastic_hvp(self, batch: Batch, batches: int, vectors: Tensor) -> Tensor:
+        """An unbiased estimate of ``H v`` from one of the ``batches`` training batches drawn
+        uniformly: its share of the objective times ``batches``, plus the regulariser's term."""
+        data = self._batch_hvp(self.batch_objective(batch, self.counts, False), vectors)
+        return batches * data + self._batch_hvp(self.regularizer, vectors)
+
+    def _batch_hvp(self, f: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
+        w = self.w
+        return vmap(lambda v: jvp(grad(f), (w,), (v,))[1])(vectors)
+
+    def point_products(self, directions: Tensor) -> tuple[Tensor, Tensor]:
+        """For each training sample ``i``, source task ``l`` and direction ``u_k`` (rows of
+        ``directions``), ``u_k . grad s_li``: (N, K, m), and the entry counts (N, K)."""
+        products, counts = [], []
+        for batch in self.batches():
+            fn = lambda w, batch=batch: self.sample_losses(w, batch)[0]  # noqa: E731
+            tangents = vmap(lambda u, fn=fn: jvp(fn, (self.w,), (u,))[1])(directions)  # (m, K, B)
+            with torch.no_grad():
+                _, c = self.sample_losses(self.w, batch)
+            products.append(tangents.permute(2, 1, 0).detach())
+            counts.append(c.t())
+        return torch.cat(products), torch.cat(counts)
+
+    def task_gradients(self, data: Iterable[Any], what: str) -> Tensor:
+        """Each task's mean-loss gradient over ``data`` (K, P)."""
+        total, counts = None, None
+        for raw in reiterable_batches(data, what):
+            batch = unpack_batch(raw)
+            if not isinstance(batch, Batch):
+                raise ConfigError("Influence scores take ordinary batches (every task on the same inputs).")
+            jac = jacrev(lambda w, batch=batch: self.sample_losses(w, batch)[0].sum(1))(self.w)
+            with torch.no_grad():
+                _, c = self.sample_losses(self.w, batch)
+            total = jac if total is None else total + jac
+            counts = c.sum(1) if counts is None else counts + c.sum(1)
+        if total is None or counts is None:
+            raise ConfigError(f"The {what} data is empty.")
+        if bool((counts == 0).any()):
+            empty = [t for t, n in zip(self.tasks.names, counts.tolist(), strict=True) if n == 0]
+            raise ConfigError(f"Task(s) {empty} have no labelled entry in the {what} data.")
+        return total.detach() / counts.to(total.dtype).unsqueeze(1)
