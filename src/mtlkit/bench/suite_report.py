@@ -19,49 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from mtlkit.bench.suite_config import SuiteConfig, methods_for
+from mtlkit.metrics.summary import Summary
 
 #: more tasks than this: the table shows the mean of the tasks' main metric instead of one column each
 MAX_TASK_COLUMNS = 12
-
-
-def t_quantile(df: int) -> float:
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, df))
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Mean and 95% interval half-width (NaN with one value) of a list of numbers."""
-
-    mean: float
-    half_width: float
-    n: int
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> Summary:
-        vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-        if not vals:
-            return cls(math.nan, math.nan, 0)
-        if len(vals) == 1:
-            return cls(vals[0], math.nan, 1)
-        sd = statistics.stdev(vals)
-        return cls(statistics.fmean(vals), t_quantile(len(vals) - 1) * sd / math.sqrt(len(vals)), len(vals))
-
-    @property
-    def low(self) -> float:
-        return self.mean - self.half_width
-
-    @property
-    def high(self) -> float:
-        return self.mean + self.half_width
-
-    def text(self, digits: int) -> str:
-        if math.isnan(self.mean):
-            return "—"
-        if math.isnan(self.half_width):
-            return f"{self.mean:.{digits}f}"
-        return f"{self.mean:.{digits}f} ± {self.half_width:.{digits}f}"
 
 
 def ranks(values: Mapping[str, float], higher_is_better: bool) -> dict[str, float]:

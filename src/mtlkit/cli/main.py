@@ -166,6 +166,41 @@ def bench(
 
 
 @app.command()
+def affinity(
+    config: Annotated[Path, typer.Argument(help="YAML run configuration with an affinity: section.")],
+    output: Annotated[str | None, typer.Option("--out", help="Override the output directory.")] = None,
+    train_groups: Annotated[
+        bool | None, typer.Option(help="Train the suggested groups against all-in-one and single-task.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override trainer.epochs.")] = None,
+) -> None:
+    """Measure task relatedness (TAG, gradient cosines, cross-loss similarity, MTIF) in one
+    all-in-one run, choose task groups, and optionally train them against all-in-one and
+    single-task training.
+
+    Writes affinity.json, affinity.md and affinity.png (heat maps) to the output directory.
+    """
+    from mtlkit.relatedness.affinity_config import load_affinity_config
+
+    job = load_affinity_config(config)
+    if output is not None:
+        job.run.output = output
+    if train_groups is not None:
+        job.affinity.train_groups = train_groups
+    if epochs is not None:
+        if epochs < 0:
+            raise typer.BadParameter("--epochs must be >= 0")
+        job.run.trainer.epochs = epochs
+    from mtlkit.relatedness.affinity_job import run_affinity
+
+    result, paths = run_affinity(job, log=typer.echo)
+    for measure, groups in result.groups.items():
+        typer.echo(f"{measure} groups: " + ", ".join("{" + ", ".join(g) + "}" for g in groups))
+    for path in paths:
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/demo"),
     epochs: Annotated[int, typer.Option(help="Epochs per run.")] = 3,

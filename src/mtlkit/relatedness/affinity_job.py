@@ -1,0 +1,290 @@
+"""``mtlkit affinity CONFIG.yaml``: measure task relatedness during one all-in-one training run
+(TAG's lookahead affinity, gradient cosines on a fixed validation probe, the accumulated
+cross-loss similarity) and after it (MTIF's task-level influence), choose task groups from each
+measure, and optionally train the groups against all-in-one and single-task training.
+
+Writes ``affinity.json`` (matrices, agreement, groups, comparison), ``affinity.md`` and
+``affinity.png`` (one heat map per measure) to the run's output folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from mtlkit import data as mk_data
+from mtlkit.core.tasks import TaskSet
+from mtlkit.metrics.delta import delta_m
+from mtlkit.metrics.summary import Summary
+from mtlkit.relatedness.affinity_config import AffinityJob
+from mtlkit.relatedness.cross_loss import CrossLossSimilarity
+from mtlkit.relatedness.gradient_statistics import GradientStatistics
+from mtlkit.relatedness.mtif import influence_scores
+from mtlkit.relatedness.tag import TaskAffinity, group_scores, select_groups
+from mtlkit.train.experiment import run
+
+Log = Callable[[str], None]
+TITLES = {
+    "tag": "TAG lookahead affinity (Z/lr)",
+    "cosine": "gradient cosine (probe)",
+    "mtif": "MTIF task influence",
+    "cross_loss": "cross-loss weight",
+}
+
+
+@dataclass
+class AffinityResult:
+    tasks: list[str]
+    matrices: dict[str, list[list[float]]]
+    groups: dict[str, list[list[str]]]
+    agreement: dict[str, dict[str, float]]
+    comparison: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _dataset(job: AffinityJob) -> Any:
+    cfg = job.run
+    dataset = mk_data.load(cfg.data.name, **cfg.data.options)
+    size = job.affinity.train_size
+    if size is not None and size < len(dataset.train):
+        dataset.train = dataset.train.subset(torch.arange(size))
+    return dataset
+
+
+def _with(cfg: Any, output: Path, seed: int) -> Any:
+    out = copy.deepcopy(cfg)
+    out.output, out.seed = str(output), seed
+    return out
+
+
+def measure(job: AffinityJob, output: Path, log: Log = print) -> tuple[AffinityResult, Any]:
+    """One all-in-one run with every measure attached, then MTIF at its final weights."""
+    import time
+
+    a = job.affinity
+    dataset = _dataset(job)
+    tasks: TaskSet = dataset.tasks
+    probe = dataset.val.__getitems__(list(range(min(a.probe_size, len(dataset.val)))))
+    tag = TaskAffinity(every=a.every)
+    cosine = GradientStatistics(probe=probe, every=a.every)
+    cross = CrossLossSimilarity()
+    start = time.perf_counter()
+    result = run(_with(job.run, output / "measure", a.seeds[0]), dataset, callbacks=[tag, cosine, cross])
+    seconds = {"measured run": time.perf_counter() - start}
+    log(f"measured run: {seconds['measured run']:.0f} s")
+    matrices = {
+        "tag": tag.matrix(),
+        "cosine": torch.stack([torch.tensor(m["cos"]) for m in cosine.epoch_means]).mean(0),
+        "cross_loss": cross.relatedness(),
+    }
+    if a.mtif is not None:
+        start = time.perf_counter()
+        scores = influence_scores(
+            result.trainer.model,
+            tasks,
+            mk_data.loader(dataset.train, 4096),
+            mk_data.loader(dataset.val, job.run.data.eval_batch_size),
+            solver=a.mtif.solver,
+            parameters=a.mtif.parameters,
+            damping=a.mtif.damping,
+            seed=a.seeds[0],
+        )
+        matrices["mtif"] = scores.task_matrix()
+        seconds["mtif"] = time.perf_counter() - start
+        log(f"MTIF ({a.mtif.solver}): {seconds['mtif']:.0f} s")
+    names = list(tasks.names)
+    groups = {}
+    for m in a.group_by:
+        chosen, _ = select_groups(matrices[m].double().numpy(), a.budget)
+        groups[m] = [[names[i] for i in g] for g in chosen]
+    out = AffinityResult(
+        names,
+        {k: v.double().tolist() for k, v in matrices.items()},
+        groups,
+        agreement(matrices),
+        seconds=seconds,
+    )
+    return out, dataset
+
+
+def agreement(matrices: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """For each pair of measures, over the off-diagonal (source != target) entries: the fraction
+    of directed pairs on which they agree that the source helps (a positive value; for the
+    cross-loss weights, which are never negative, a source the filter keeps) and, with more than
+    two entries, the Spearman correlation of the values."""
+    out: dict[str, dict[str, float]] = {}
+    keys = [k for k in TITLES if k in matrices]
+    k = next(iter(matrices.values())).shape[0]
+    off = ~torch.eye(k, dtype=torch.bool)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            x, y = matrices[a][off].double(), matrices[b][off].double()
+            same = (x > 0) == (y > 0)
+            entry = {"sign_agreement": float(same.double().mean())}
+            if x.numel() > 2 and float(x.std()) > 0 and float(y.std()) > 0:
+                entry["spearman"] = float(spearmanr(x.numpy(), y.numpy())[0])
+            out[f"{a}~{b}"] = entry
+    return out
+
+
+def _assign(
+    groups: Sequence[Sequence[str]], matrix: list[list[float]], names: list[str]
+) -> dict[str, tuple[str, ...]]:
+    """TAG's rule: each task is served by the chosen group in which it scores best."""
+    a = np.asarray(matrix)
+    best: dict[str, tuple[float, tuple[str, ...]]] = {}
+    for g in groups:
+        idx = [names.index(t) for t in g]
+        for j, score in group_scores(a, idx).items():
+            t = names[j]
+            if t not in best or score > best[t][0]:
+                best[t] = (score, tuple(g))
+    return {t: best[t][1] for t in names}
+
+
+def compare(
+    job: AffinityJob, result: AffinityResult, dataset: Any, output: Path, log: Log = print
+) -> dict[str, Any]:
+    """Train all-in-one, single-task and every suggested group for each seed; Δm% against
+    single-task for all-in-one and for each measure's grouping."""
+    names = result.tasks
+    everything = tuple(names)
+    assignments = {m: _assign(g, result.matrices[m], names) for m, g in result.groups.items()}
+    needed = {everything} | {(t,) for t in names}
+    for plan in assignments.values():
+        needed |= set(plan.values())
+    per_seed: list[dict[str, Any]] = []
+    for seed in job.affinity.seeds:
+        reports = {}
+        for group in sorted(needed, key=lambda g: (len(g), g)):
+            slug = "+".join(group) if len(group) < len(names) else "all"
+            res = run(
+                _with(job.run, output / f"groups/seed{seed}/{slug}", seed), dataset, task_names=list(group)
+            )
+            reports[group] = res.test
+            log(f"seed {seed}, tasks {slug}: trained in {res.seconds:.0f} s")
+        single = {t: reports[(t,)].metrics[t] for t in names}
+        directions = {t: reports[(t,)].directions[t] for t in names}
+
+        entry: dict[str, Any] = {"seed": seed, "single-task": single}
+        entry["all-in-one"] = {t: reports[everything].metrics[t] for t in names}
+        for m, plan in assignments.items():
+            entry[f"{m} groups"] = {t: reports[plan[t]].metrics[t] for t in names}
+        entry["delta_m"] = {
+            k: delta_m(entry[k], single, directions)
+            for k in ["all-in-one", *(f"{m} groups" for m in assignments)]
+        }
+        per_seed.append(entry)
+    return {
+        "assignments": {m: {t: list(g) for t, g in p.items()} for m, p in assignments.items()},
+        "seeds": per_seed,
+    }
+
+
+def plot(result: AffinityResult, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in TITLES if k in result.matrices]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        m = np.asarray(result.matrices[key])
+        off = m[~np.eye(len(m), dtype=bool)]
+        scale = float(np.abs(off).max()) if off.size and np.abs(off).max() > 0 else 1.0
+        im = ax.imshow(m, cmap="RdBu", vmin=-scale, vmax=scale)
+        ax.set_xticks(range(len(result.tasks)), result.tasks, rotation=90)
+        ax.set_yticks(range(len(result.tasks)), result.tasks)
+        ax.set_xlabel("target")
+        ax.set_ylabel("source")
+        ax.set_title(TITLES[key], fontsize=9)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def markdown(result: AffinityResult, title: str) -> str:
+    lines = [f"# Task relatedness: {title}", ""]
+    lines += [
+        "Matrices: row = source task, column = target task; positive = the source helps the target.",
+        "",
+    ]
+    for key in [k for k in TITLES if k in result.matrices]:
+        lines += [f"## {TITLES[key]}", "", "| source \\ target | " + " | ".join(result.tasks) + " |"]
+        lines.append("|---" * (len(result.tasks) + 1) + "|")
+        for name, row in zip(result.tasks, result.matrices[key], strict=True):
+            lines.append(f"| {name} | " + " | ".join(f"{v:.3g}" for v in row) + " |")
+        lines.append("")
+    lines += ["## Agreement between the measures (off-diagonal entries)", ""]
+    lines += [
+        "Agreement: the fraction of directed pairs both measures call helpful (value > 0; for the "
+        "cross-loss weights, a source the filter keeps) or both harmful. Spearman: of the values.",
+        "",
+        "| measures | agreement | Spearman |",
+        "|---|---|---|",
+    ]
+    for pair, v in result.agreement.items():
+        rho = f"{v['spearman']:.2f}" if "spearman" in v else "—"
+        lines.append(f"| {pair} | {v['sign_agreement']:.2f} | {rho} |")
+    lines += ["", "## Suggested groups", ""]
+    for m, groups in result.groups.items():
+        lines.append(f"- {m}: " + ", ".join("{" + ", ".join(g) + "}" for g in groups))
+    comparison = result.comparison
+    if comparison:
+        rows = list(comparison["seeds"][0]["delta_m"])
+        seeds = [s["seed"] for s in comparison["seeds"]]
+        lines += [
+            "",
+            f"## Grouping against all-in-one (test split, seeds {seeds})",
+            "",
+            "Δm% against single-task training with the same network (mean ± 95% Student-t interval "
+            "over seeds; positive = better than single-task). A task served by a singleton group is "
+            "its single-task model.",
+            "",
+            "| training | " + " | ".join(result.tasks) + " | Δm% |",
+            "|---" * (len(result.tasks) + 2) + "|",
+        ]
+        for label in ["single-task", *rows]:
+            cells = []
+            for t in result.tasks:
+                values = [next(iter(s[label][t].values())) for s in comparison["seeds"]]
+                cells.append(f"{statistics.mean(values):.4g}")
+            dm = (
+                "0"
+                if label == "single-task"
+                else Summary.of([s["delta_m"][label] for s in comparison["seeds"]]).text(2)
+            )
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {dm} |")
+        lines.append("")
+        lines.append("Task metrics: the main metric of each task, mean over seeds.")
+    lines += ["", "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()), ""]
+    return "\n".join(lines)
+
+
+def run_affinity(
+    job: AffinityJob, title: str | None = None, log: Log = print
+) -> tuple[AffinityResult, list[Path]]:
+    """Measure, choose groups, optionally compare; write JSON, Markdown and the heat maps."""
+    output = Path(job.run.output)
+    result, dataset = measure(job, output, log)
+    if job.affinity.train_groups:
+        result.comparison = compare(job, result, dataset, output, log)
+    output.mkdir(parents=True, exist_ok=True)
+    paths = [output / "affinity.json", output / "affinity.md", output / "affinity.png"]
+    paths[0].write_text(json.dumps(result.__dict__, indent=1))
+    paths[1].write_text(markdown(result, title or job.run.data.name))
+    plot(result, paths[2])
+    return result, paths

@@ -1,0 +1,86 @@
+"""``mtlkit affinity``: its configuration is checked before any data is loaded; a run writes the
+matrices, groups, agreement and the group comparison; the pieces (agreement, assignment) on
+hand-made matrices."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from mtlkit.cli.main import app
+from mtlkit.errors import ConfigError
+from mtlkit.relatedness.affinity_config import load_affinity_config
+from mtlkit.relatedness.affinity_job import _assign, agreement
+
+BASE = {
+    "seed": 0,
+    "data": {"name": "mmoe_synthetic", "batch_size": 128},
+    "model": {"name": "shared_bottom", "options": {"bottom_dims": [8], "tower_dims": [4]}},
+    "method": {"name": "ew"},
+    "trainer": {"epochs": 1, "progress": False, "tensorboard": False},
+}
+
+
+def write(tmp_path, affinity):
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "output": str(tmp_path / "out"), "affinity": affinity}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("affinity", "match"),
+    [
+        ({"budjet": 2}, "Did you mean affinity.budget"),
+        ({"budget": 0}, "budget must be >= 1"),
+        ({"group_by": ["tag", "loss"]}, "group_by"),
+        ({"mtif": None, "group_by": ["mtif"]}, "mtif is null"),
+        ({"mtif": {"solver": "newton"}}, "solver"),
+        ({"seeds": []}, "seeds"),
+        ({"train_size": 0}, "train_size"),
+    ],
+)
+def test_bad_affinity_configs_are_refused_before_loading_data(tmp_path, affinity, match):
+    with pytest.raises(ConfigError, match=match):
+        load_affinity_config(write(tmp_path, affinity))
+
+
+def test_the_command_writes_matrices_groups_and_the_comparison(tmp_path):
+    path = write(tmp_path, {"every": 5, "train_size": 2000, "train_groups": True, "seeds": [0, 1]})
+    result = CliRunner().invoke(app, ["affinity", str(path)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    data = json.loads((out / "affinity.json").read_text())
+    assert data["tasks"] == ["y1", "y2"]
+    assert set(data["matrices"]) == {"tag", "cosine", "cross_loss", "mtif"}
+    assert all(len(m) == 2 and len(m[0]) == 2 for m in data["matrices"].values())
+    assert data["matrices"]["cosine"][0][0] == pytest.approx(1.0)
+    assert set(data["groups"]) == {"tag", "cosine", "mtif"} and "tag~mtif" in data["agreement"]
+    seeds = data["comparison"]["seeds"]
+    assert [s["seed"] for s in seeds] == [0, 1]
+    assert set(seeds[0]["delta_m"]) == {"all-in-one", "tag groups", "cosine groups", "mtif groups"}
+    assert (out / "affinity.png").stat().st_size > 0 and "Suggested groups" in (
+        out / "affinity.md"
+    ).read_text()
+    assert "tag groups:" in result.output
+
+
+def test_agreement_counts_directed_pairs_and_correlates_values():
+    a = torch.tensor([[1.0, 0.5, -0.2], [0.3, 1.0, 0.1], [-0.4, 0.2, 1.0]])
+    b = a.clone()
+    b[0, 2] = 0.3  # one of six directed pairs disagrees in sign
+    out = agreement({"tag": a, "mtif": b})
+    assert out["tag~mtif"]["sign_agreement"] == pytest.approx(5 / 6)
+    assert -1 <= out["tag~mtif"]["spearman"] <= 1
+    kept = agreement({"tag": a, "cross_loss": (a > 0).double() * 0.5})
+    assert kept["tag~cross_loss"]["sign_agreement"] == 1.0  # kept sources are the helpful ones
+
+
+def test_each_task_is_served_by_the_group_where_it_scores_best():
+    names = ["a", "b", "c", "d"]
+    m = [[0, 1, 0.1, 0], [1, 0, 0, 0], [0.1, 0, 0, 2], [0, 0, 2, 0]]
+    plan = _assign([("a", "b"), ("c", "d"), ("a", "c")], m, names)
+    assert plan == {"a": ("a", "b"), "b": ("a", "b"), "c": ("c", "d"), "d": ("c", "d")}
