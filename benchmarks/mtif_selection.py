@@ -7,7 +7,10 @@ For each seed: a shared-bottom MLP trained with EW (Adam 1e-3) on the full data;
 every training label on the target's validation loss at the trained weights (``--solver``, on the
 last shared layer and the task towers); then the retrains, each from the first run's
 initialisation with the same batch order. Rules: ``negative`` (every auxiliary label with a
-negative score) and ``q10`` (the 10% lowest-scored auxiliary labels), each with its random control.
+negative normalisation-aware score), the same with the standard first-order score (``H^{-1} g / N``,
+whose scores inside a harmful task are mostly negative, where the normalisation-aware ones sum to
+zero within a task), ``q10`` (the 10% lowest-scored auxiliary labels), each with its random control,
+and ``task-level`` (every auxiliary task whose MTIF task influence on the target is negative).
 
 usage: python benchmarks/mtif_selection.py --dataset census_income --target income
        python benchmarks/mtif_selection.py --dataset qm9 --target r2 --train-size 48000
@@ -75,18 +78,24 @@ def one_seed(dataset, seed: int, args) -> dict:
         seed=seed,
     )
     influence_s = time.perf_counter() - start
-    rules = {
-        "negative": select_points(scores, [args.target], drop="negative"),
-        "q10": select_points(scores, [args.target], drop=0.1),
-    }
     n = len(dataset.train)
     aux = [t for t in dataset.tasks.names if t != args.target]
+    target = dataset.tasks.index(args.target)
+    harmful = [t for t in aux if float(scores.task_matrix()[dataset.tasks.index(t), target]) < 0]
+    rules = {
+        "negative": select_points(scores, [args.target], drop="negative"),
+        "negative, standard form": select_points(scores, [args.target], drop="negative", normalized=False),
+        "q10": select_points(scores, [args.target], drop=0.1),
+        "task-level": {t: torch.zeros(n, dtype=torch.bool) for t in harmful},
+    }
     keeps = {}
     for rule, keep in rules.items():
         keeps[f"MTIF {rule}"] = keep
-        keeps[f"random {rule}"] = random_selection(keep, scores, seed=1000 + seed)
+        if rule != "task-level":
+            keeps[f"random {rule}"] = random_selection(keep, scores, seed=1000 + seed)
     keeps["auxiliary tasks removed"] = {t: torch.zeros(n, dtype=torch.bool) for t in aux}
     out = {"full": base, "metric": metric, "higher": higher, "train_s": seconds, "influence_s": influence_s}
+    out["harmful tasks"] = harmful
     out["dropped"] = {}
     for label, keep in keeps.items():
         trainer = train(dataset, drop_points(dataset.train, keep), init, seed, args)
@@ -159,6 +168,10 @@ def main() -> None:
         + ", ".join(
             f"{r} {statistics.mean(run['predicted'][r] for run in runs):+.2e}" for r in runs[0]["predicted"]
         )
+        + ".",
+        "",
+        "Auxiliary tasks with a negative MTIF task influence on the target, per seed: "
+        + "; ".join(", ".join(r["harmful tasks"]) or "none" for r in runs)
         + ".",
     ]
     text = "\n".join(lines) + "\n"

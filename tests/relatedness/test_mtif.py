@@ -417,3 +417,31 @@ def test_last_layers_of_a_network_and_cg_against_exact_on_them():
     )
     assert torch.allclose(cg.products, exact.products, rtol=1e-5, atol=1e-10)
     assert len(last) < len(list(model.parameters()))
+
+
+def test_gauss_newton_equals_the_hessian_of_a_linear_model_and_is_positive_semidefinite_for_a_network(
+    problem, exact
+):
+    gn = problem.scores("exact", curvature="gauss_newton")  # squared loss, linear in w: GN is H
+    assert torch.allclose(gn.products, exact.products, rtol=1e-9, atol=1e-12)
+    from mtlkit.relatedness.ihvp import hessian
+    from mtlkit.relatedness.objective import TrainingObjective
+
+    torch.manual_seed(0)
+    tasks = mk.TaskSet([mk.Task("a", "mse"), mk.Task("b", "bce"), mk.Task("c", "ce")])
+    model = (
+        mk.models.SharedBottom(
+            4, tasks, bottom_dims=[6], tower_dims=[], out_features={"a": 1, "b": 1, "c": 3}
+        )
+        .double()
+        .eval()
+    )
+    x = torch.randn(50, 4, dtype=torch.float64)
+    targets = {"a": x[:, 0], "b": (x[:, 1] > 0).double(), "c": (x[:, 2] > 0).long() + (x[:, 3] > 0).long()}
+    data = loader(MultiTaskTensorDataset(x, targets), 25)
+    params = list(model.parameters())
+    h = hessian(TrainingObjective(model, tasks, data, params))
+    g = hessian(TrainingObjective(model, tasks, data, params, curvature="gauss_newton"))
+    assert torch.linalg.eigvalsh(h).min() < -1e-6  # the network's Hessian is indefinite
+    assert torch.linalg.eigvalsh(g).min() > -1e-10  # its Gauss-Newton matrix is not
+    assert not torch.allclose(g, h)

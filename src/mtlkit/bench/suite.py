@@ -215,12 +215,7 @@ def load_dataset(spec: DatasetSpec, seed: int) -> Any:
     factory = mk_data.DATASETS.get(spec.name)
     if "seed" in inspect.signature(factory).parameters and "seed" not in options:
         options["seed"] = seed
-    dataset = mk_data.load(spec.name, **options)
-    n = len(dataset.train)
-    if spec.train_size is not None and spec.train_size < n:
-        keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: spec.train_size]
-        dataset = dataclasses.replace(dataset, train=dataset.train.subset(keep.sort().values))
-    return dataset
+    return mk_data.seeded_subset(mk_data.load(spec.name, **options), spec.train_size, seed)
 
 
 def execute(job: Job) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from mtlkit.data.base import DATASETS, MultiTaskTensorDataset, cache_dir, loader
+from mtlkit.data.base import DATASETS, MultiTaskTensorDataset, cache_dir, loader, seeded_subset
 from mtlkit.data.census import CensusIncome, load_census_income
 from mtlkit.data.diffusion import DiffusionLoader, NoiseSchedule, interval_tasks
 from mtlkit.data.exam import Exam, load_ilea_exam
@@ -55,5 +55,6 @@ __all__ = [
     "load_qm9",
     "loader",
     "mmoe_synthetic",
+    "seeded_subset",
     "with_label_masks",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -101,3 +102,13 @@ class FeatureSplits:
     @property
     def in_features(self) -> int:
         return len(self.feature_names)
+
+
+def seeded_subset(dataset: Any, size: int | None, seed: int) -> Any:
+    """``dataset`` (a split container with ``train``) with its training split cut to a seeded random
+    subset of ``size`` rows in their original order; unchanged when ``size`` is None or too big."""
+    n = len(dataset.train)
+    if size is None or size >= n:
+        return dataset
+    keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
+    return dataclasses.replace(dataset, train=dataset.train.subset(keep.sort().values))

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mtlkit.core.yaml_files import read_yaml_mapping
 from mtlkit.errors import ConfigError
 from mtlkit.relatedness.ihvp import SOLVERS
-from mtlkit.relatedness.objective import PARAMETER_CHOICES
+from mtlkit.relatedness.mtif import SOLVER_OPTIONS
+from mtlkit.relatedness.objective import CURVATURES, PARAMETER_CHOICES
 from mtlkit.train.config import RunConfig, check_components, check_values, from_dict
 
 MEASURES = ("tag", "cosine", "mtif", "cross_loss")
@@ -18,9 +20,14 @@ GROUPING_MEASURES = ("tag", "cosine", "mtif")
 
 @dataclass
 class MtifSettings:
+    """:func:`~mtlkit.relatedness.mtif.influence_scores`'s settings; ``options`` are the solver's own
+    (``max_iterations`` for ``cg`` ...)."""
+
     solver: str = "ekfac"
     parameters: str = "last"
     damping: float | None = None
+    curvature: str = "hessian"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -29,7 +36,7 @@ class AffinitySettings:
     rows of the fixed batch for gradient cosines; ``budget``: the number of task groups;
     ``group_by``: the measures whose groupings are reported (and trained); ``mtif``: the influence
     settings (null: no MTIF); ``train_groups``: train every suggested grouping, all-in-one and
-    single-task, for each of ``seeds``; ``train_size``: the first rows of the training split only."""
+    single-task, for each of ``seeds``; ``train_size``: a seeded subset (seed 0) of the training split."""
 
     every: int = 10
     probe_size: int = 512
@@ -63,6 +70,16 @@ def check_settings(a: AffinitySettings) -> None:
     if a.mtif is not None:
         if a.mtif.solver not in SOLVERS:
             raise ConfigError(f"affinity.mtif.solver must be one of {SOLVERS}; got {a.mtif.solver!r}.")
+        allowed = SOLVER_OPTIONS[a.mtif.solver]
+        unknown = sorted(set(a.mtif.options) - allowed)
+        if unknown:
+            raise ConfigError(
+                f"affinity.mtif.options: solver {a.mtif.solver!r} takes {sorted(allowed)}, not {unknown}."
+            )
+        if a.mtif.curvature not in CURVATURES:
+            raise ConfigError(
+                f"affinity.mtif.curvature must be one of {CURVATURES}; got {a.mtif.curvature!r}."
+            )
         if a.mtif.parameters not in PARAMETER_CHOICES:
             raise ConfigError(
                 f"affinity.mtif.parameters must be one of {PARAMETER_CHOICES}; got {a.mtif.parameters!r}."

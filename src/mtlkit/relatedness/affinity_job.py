@@ -10,6 +10,7 @@ Writes ``affinity.json`` (matrices, agreement, groups, comparison), ``affinity.m
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import statistics
 from collections.abc import Callable, Sequence
@@ -23,9 +24,10 @@ from scipy.stats import spearmanr
 
 from mtlkit import data as mk_data
 from mtlkit.core.tasks import TaskSet
+from mtlkit.errors import ConfigError
 from mtlkit.metrics.delta import delta_m
 from mtlkit.metrics.summary import Summary
-from mtlkit.relatedness.affinity_config import AffinityJob
+from mtlkit.relatedness.affinity_config import AffinityJob, AffinitySettings
 from mtlkit.relatedness.cross_loss import CrossLossSimilarity
 from mtlkit.relatedness.gradient_statistics import GradientStatistics
 from mtlkit.relatedness.mtif import influence_scores
@@ -53,17 +55,26 @@ class AffinityResult:
 
 def _dataset(job: AffinityJob) -> Any:
     cfg = job.run
-    dataset = mk_data.load(cfg.data.name, **cfg.data.options)
-    size = job.affinity.train_size
-    if size is not None and size < len(dataset.train):
-        dataset.train = dataset.train.subset(torch.arange(size))
-    return dataset
+    return mk_data.seeded_subset(mk_data.load(cfg.data.name, **cfg.data.options), job.affinity.train_size, 0)
 
 
 def _with(cfg: Any, output: Path, seed: int) -> Any:
     out = copy.deepcopy(cfg)
     out.output, out.seed = str(output), seed
     return out
+
+
+def _claim(folder: Path, settings: AffinitySettings) -> None:
+    """A killed measuring run resumes from its checkpoint (the measures' state included); one made
+    with other affinity settings must not be resumed into this job's results."""
+    path = folder / "affinity_settings.json"
+    wanted = json.loads(json.dumps(dataclasses.asdict(settings)))
+    if path.exists() and json.loads(path.read_text()) != wanted:
+        raise ConfigError(
+            f"{folder} holds a measuring run made with other affinity settings; use a fresh output directory."
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(wanted, indent=1))
 
 
 def measure(job: AffinityJob, output: Path, log: Log = print) -> tuple[AffinityResult, Any]:
@@ -77,10 +88,16 @@ def measure(job: AffinityJob, output: Path, log: Log = print) -> tuple[AffinityR
     tag = TaskAffinity(every=a.every)
     cosine = GradientStatistics(probe=probe, every=a.every)
     cross = CrossLossSimilarity()
+    _claim(output / "measure", a)
     start = time.perf_counter()
     result = run(_with(job.run, output / "measure", a.seeds[0]), dataset, callbacks=[tag, cosine, cross])
     seconds = {"measured run": time.perf_counter() - start}
     log(f"measured run: {seconds['measured run']:.0f} s")
+    if not cosine.epoch_means:
+        raise ConfigError(
+            f"The measured run took {result.trainer.step} steps, fewer than affinity.every ({a.every}): "
+            "nothing was measured. Lower affinity.every or train longer."
+        )
     matrices = {
         "tag": tag.matrix(),
         "cosine": torch.stack([torch.tensor(m["cos"]) for m in cosine.epoch_means]).mean(0),
@@ -96,7 +113,9 @@ def measure(job: AffinityJob, output: Path, log: Log = print) -> tuple[AffinityR
             solver=a.mtif.solver,
             parameters=a.mtif.parameters,
             damping=a.mtif.damping,
+            curvature=a.mtif.curvature,
             seed=a.seeds[0],
+            **a.mtif.options,
         )
         matrices["mtif"] = scores.task_matrix()
         seconds["mtif"] = time.perf_counter() - start

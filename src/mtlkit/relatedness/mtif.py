@@ -158,6 +158,7 @@ def influence_scores(
     parameters: str | Sequence[nn.Parameter] = "all",
     damping: float | None = None,
     weight_decay: float = 0.0,
+    curvature: str = "hessian",
     seed: int = 0,
     **options: Any,
 ) -> InfluenceScores:
@@ -175,6 +176,9 @@ def influence_scores(
         damping: added to the Hessian's diagonal; default 0 for the exact solvers, ``1e-3 trace(H)/P``
             for ``cg`` and ``lissa``, 0.1 x the mean corrected eigenvalue for ``ekfac``.
         weight_decay: the training objective's L2 term ``(weight_decay/2)||w||^2``, part of ``H``.
+        curvature: ``"hessian"`` or ``"gauss_newton"`` (:mod:`mtlkit.relatedness.objective`; for
+            non-convex networks, where the Hessian is indefinite and CG or LiSSA may fail).
+            EK-FAC is a Gauss-Newton approximation whatever this says.
         seed: seeds the stochastic parts (Hutchinson probes, LiSSA batches, EK-FAC's sampled targets).
         options: the solver's own (``chunk``; ``max_iterations``, ``tolerance``; ``depth``,
             ``repeats``, ``scale``).
@@ -192,7 +196,7 @@ def influence_scores(
     was_training = inner.training
     inner.eval()
     try:
-        objective = TrainingObjective(inner, task_set, train, params, weight_decay)
+        objective = TrainingObjective(inner, task_set, train, params, weight_decay, curvature)
         g_val = objective.task_gradients(val, "validation")
         if not bool(torch.isfinite(g_val).all()):
             raise ConfigError("The validation gradients are not finite; check the model and the data.")

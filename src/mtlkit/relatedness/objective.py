@@ -6,16 +6,21 @@ products, all through ``torch.func`` on the unchanged model.
 loss over its labelled training entries and ``N_l`` counts them (each task's loss is its mean,
 as in training), and ``R`` is the model's own ``regularization_loss()`` when it defines one (the
 soft-sharing coupling penalty). Parameters outside ``w`` stay fixed.
+
+The curvature is the Hessian, or (``curvature="gauss_newton"``) the generalised Gauss-Newton
+matrix of the data term (the Hessian of the losses with respect to the predictions, pulled back
+through the network's Jacobian; positive semi-definite for convex losses, the usual choice for
+non-convex networks), plus the regulariser's Hessian.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, jvp, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.utils.data import DataLoader, RandomSampler
 
 from mtlkit.core.contract import supports_full_output, task_parameters, unwrap
@@ -23,6 +28,7 @@ from mtlkit.core.tasks import Batch, TaskSet, unpack_batch
 from mtlkit.errors import ConfigError
 
 PARAMETER_CHOICES = ("all", "last")
+CURVATURES = ("hessian", "gauss_newton")
 
 
 def influence_parameters(model: nn.Module, parameters: str | Sequence[nn.Parameter]) -> list[nn.Parameter]:
@@ -86,9 +92,13 @@ class TrainingObjective:
         train: Iterable[Any],
         params: Sequence[nn.Parameter],
         weight_decay: float = 0.0,
+        curvature: str = "hessian",
     ) -> None:
         if not weight_decay >= 0:
             raise ConfigError(f"weight_decay must be >= 0, got {weight_decay!r}.")
+        if curvature not in CURVATURES:
+            raise ConfigError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
+        self.curvature = curvature
         self.model, self.tasks, self.train = unwrap(model), tasks, reiterable_batches(train, "training")
         names = {id(p): n for n, p in self.model.named_parameters()}
         self.names = [names[id(p)] for p in params]
@@ -116,7 +126,10 @@ class TrainingObjective:
 
     def sample_losses(self, w: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         """Per task and sample, the summed loss over labelled entries and their count: (K, B)."""
-        preds = self.predictions(w, batch.inputs)
+        return self.losses_of(self.predictions(w, batch.inputs), batch)
+
+    def losses_of(self, preds: Mapping[str, Tensor], batch: Batch) -> tuple[Tensor, Tensor]:
+        """:meth:`sample_losses` from given predictions."""
         sums, counts = [], []
         for t in self.tasks:
             mask = batch.masks.get(t.name) if batch.masks else None
@@ -166,21 +179,47 @@ class TrainingObjective:
         return f
 
     def hvp(self, vectors: Tensor) -> Tensor:
-        """``H v`` of the whole objective for each row of ``vectors`` (m, P): one pass over the data."""
-        total = torch.zeros_like(vectors)
-        for i, batch in enumerate(self.batches()):
-            total += self._batch_hvp(self.batch_objective(batch, self.counts, i == 0), vectors)
+        """The curvature times each row of ``vectors`` (m, P): one pass over the data."""
+        total = self._batch_hvp(self.regularizer, vectors)
+        for batch in self.batches():
+            total += self._data_product(batch, vectors)
         return total
 
     def stochastic_hvp(self, batch: Batch, batches: int, vectors: Tensor) -> Tensor:
-        """An unbiased estimate of ``H v`` from one of the ``batches`` training batches drawn
+        """An unbiased estimate of :meth:`hvp` from one of the ``batches`` training batches drawn
         uniformly: its share of the objective times ``batches``, plus the regulariser's term."""
-        data = self._batch_hvp(self.batch_objective(batch, self.counts, False), vectors)
-        return batches * data + self._batch_hvp(self.regularizer, vectors)
+        return batches * self._data_product(batch, vectors) + self._batch_hvp(self.regularizer, vectors)
+
+    def _data_product(self, batch: Batch, vectors: Tensor) -> Tensor:
+        with torch.no_grad():  # torch.func differentiates anyway; no graph over the fixed parameters
+            if self.curvature == "hessian":
+                return self._batch_hvp(self.batch_objective(batch, self.counts, False), vectors)
+            return self._batch_gnvp(batch, vectors)
 
     def _batch_hvp(self, f: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
         w = self.w
-        return vmap(lambda v: jvp(grad(f), (w,), (v,))[1])(vectors)
+        with torch.no_grad():
+            return vmap(lambda v: jvp(grad(f), (w,), (v,))[1])(vectors)
+
+    def _batch_gnvp(self, batch: Batch, vectors: Tensor) -> Tensor:
+        """``J^T H_out J v``: the Gauss-Newton product, with ``H_out`` the Hessian of the batch's
+        share of the objective with respect to the predictions (positive semi-definite for mse,
+        bce and ce, so conjugate gradient never meets negative curvature)."""
+
+        def outputs(w: Tensor) -> dict[str, Tensor]:
+            return self.predictions(w, batch.inputs)
+
+        def loss(preds: dict[str, Tensor]) -> Tensor:
+            sums, _ = self.losses_of(preds, batch)
+            return (sums.sum(1) / self.counts.to(sums.dtype)).sum()
+
+        preds, pullback = vjp(outputs, self.w)  # type: ignore[misc]
+
+        def product(v: Tensor) -> Tensor:
+            jv = jvp(outputs, (self.w,), (v,))[1]
+            return pullback(jvp(grad(loss), (preds,), (jv,))[1])[0]
+
+        return vmap(product)(vectors)
 
     def point_products(self, directions: Tensor) -> tuple[Tensor, Tensor]:
         """For each training sample ``i``, source task ``l`` and direction ``u_k`` (rows of
@@ -188,8 +227,8 @@ class TrainingObjective:
         products, counts = [], []
         for batch in self.batches():
             fn = lambda w, batch=batch: self.sample_losses(w, batch)[0]  # noqa: E731
-            tangents = vmap(lambda u, fn=fn: jvp(fn, (self.w,), (u,))[1])(directions)  # (m, K, B)
             with torch.no_grad():
+                tangents = vmap(lambda u, fn=fn: jvp(fn, (self.w,), (u,))[1])(directions)  # (m, K, B)
                 _, c = self.sample_losses(self.w, batch)
             products.append(tangents.permute(2, 1, 0).detach())
             counts.append(c.t())
@@ -202,8 +241,8 @@ class TrainingObjective:
             batch = unpack_batch(raw)
             if not isinstance(batch, Batch):
                 raise ConfigError("Influence scores take ordinary batches (every task on the same inputs).")
-            jac = jacrev(lambda w, batch=batch: self.sample_losses(w, batch)[0].sum(1))(self.w)
             with torch.no_grad():
+                jac = jacrev(lambda w, batch=batch: self.sample_losses(w, batch)[0].sum(1))(self.w)
                 _, c = self.sample_losses(self.w, batch)
             total = jac if total is None else total + jac
             counts = c.sum(1) if counts is None else counts + c.sum(1)
