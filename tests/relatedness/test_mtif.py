@@ -225,7 +225,8 @@ class TwoLayer(nn.Module):
                 self.heads[k].weight.copy_(torch.tensor(w[D * (k + 1) : D * (k + 2)])[None])
 
     def forward(self, x):
-        return {f"t{k}": (self.shared(x) + h(x)).squeeze(-1) for k, h in enumerate(self.heads)}
+        shared = self.shared(x)  # once per forward: EK-FAC refuses a reused layer
+        return {f"t{k}": (shared + h(x)).squeeze(-1) for k, h in enumerate(self.heads)}
 
     def shared_parameters(self):
         return list(self.shared.parameters())
@@ -244,6 +245,13 @@ def test_ekfac_ranks_points_like_retraining_and_is_named_for_linear_layers(probl
         assert pearsonr(h[source * N : (source + 1) * N, source, source], actual[:, source])[0] >= 0.85
     with pytest.raises(ConfigError, match="nn.Linear"):
         problem.scores("ekfac")  # bare Parameters, not Linear layers
+
+    class Reused(TwoLayer):
+        def forward(self, x):  # the shared layer applied once per task: one Kronecker factor is wrong
+            return {f"t{k}": (self.shared(x) + h(x)).squeeze(-1) for k, h in enumerate(self.heads)}
+
+    with pytest.raises(ConfigError, match="reused"):
+        influence_scores(Reused(problem.w), TASKS, train, val, solver="ekfac", weight_decay=2 * RIDGE)
 
 
 def test_soft_sharing_without_coupling_has_no_cross_task_influence_and_with_it_does():

@@ -109,6 +109,10 @@ class EKFAC:
         def keep(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
             if args[0].dim() != 2:
                 raise ConfigError("EK-FAC here takes Linear layers applied to (batch, features) inputs.")
+            if id(module) in inputs:
+                raise ConfigError(
+                    "EK-FAC needs each Linear layer applied once per forward pass; one is reused."
+                )
             inputs[id(module)] = args[0].detach()
             outputs[id(module)] = out
 
@@ -132,6 +136,8 @@ class EKFAC:
         first: bool,
     ) -> None:
         obj = self.objective
+        inputs.clear()
+        outputs.clear()
         with torch.enable_grad():
             preds = forward_full(obj.model, batch.inputs).predictions
             for l_index, task in enumerate(obj.tasks):

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from mtlkit.core.contract import supports_full_output, task_parameters, unwrap
 from mtlkit.core.tasks import Batch, TaskSet, unpack_batch
 from mtlkit.errors import ConfigError
+from mtlkit.train.batches import move_to
 
 PARAMETER_CHOICES = ("all", "last")
 CURVATURES = ("hessian", "gauss_newton")
@@ -139,11 +140,15 @@ class TrainingObjective:
         return torch.stack(sums), torch.stack(counts)
 
     def batches(self) -> Iterable[Batch]:
-        for raw in self.train:
+        return self._ordinary(self.train)
+
+    def _ordinary(self, data: Iterable[Any]) -> Iterable[Batch]:
+        """The data's batches as ``Batch`` objects on the parameters' device."""
+        for raw in data:
             batch = unpack_batch(raw)
             if not isinstance(batch, Batch):
                 raise ConfigError("Influence scores take ordinary batches (every task on the same inputs).")
-            yield batch
+            yield move_to(batch, self.w.device)
 
     def _entry_counts(self) -> Tensor:
         total = None
@@ -237,10 +242,7 @@ class TrainingObjective:
     def task_gradients(self, data: Iterable[Any], what: str) -> Tensor:
         """Each task's mean-loss gradient over ``data`` (K, P)."""
         total, counts = None, None
-        for raw in reiterable_batches(data, what):
-            batch = unpack_batch(raw)
-            if not isinstance(batch, Batch):
-                raise ConfigError("Influence scores take ordinary batches (every task on the same inputs).")
+        for batch in self._ordinary(reiterable_batches(data, what)):
             with torch.no_grad():
                 jac = jacrev(lambda w, batch=batch: self.sample_losses(w, batch)[0].sum(1))(self.w)
                 _, c = self.sample_losses(self.w, batch)
