@@ -12,8 +12,13 @@ whose scores inside a harmful task are mostly negative, where the normalisation-
 zero within a task), ``q10`` (the 10% lowest-scored auxiliary labels), each with its random control,
 and ``task-level`` (every auxiliary task whose MTIF task influence on the target is negative).
 
+With ``--corrupt q`` a fraction ``q`` of every auxiliary task's training labels is corrupted
+first (the influence-based data-cleaning setting), and the report gives the share of corrupted
+labels among those each rule drops.
+
 usage: python benchmarks/mtif_selection.py --dataset census_income --target income
-       python benchmarks/mtif_selection.py --dataset qm9 --target r2 --train-size 48000
+       python benchmarks/mtif_selection.py --dataset qm9 --target r2 --train-size 48000 --batch-size 256
+       python benchmarks/mtif_selection.py --dataset census_income --target income --corrupt 0.3
 """
 
 from __future__ import annotations
@@ -58,20 +63,50 @@ def target_metric(trainer: mk.Trainer, dataset, target: str) -> tuple[str, float
     return name, report.metrics[target][name], report.directions[target][name]
 
 
+def corrupt(dataset, target: str, fraction: float, seed: int) -> tuple[MultiTaskTensorDataset, dict]:
+    """The training split with ``fraction`` of each auxiliary task's labels corrupted (seeded):
+    ``bce`` labels flipped, ``ce`` labels moved to another class, regression targets permuted among
+    the corrupted rows. Returns the split and ``{task: corrupted mask}``."""
+    train_set = dataset.train
+    g = torch.Generator().manual_seed(10_000 + seed)
+    targets, corrupted = dict(train_set.targets), {}
+    for task in dataset.tasks:
+        if task.name == target:
+            continue
+        y = targets[task.target_key].clone()
+        n = y.shape[0]
+        chosen = torch.randperm(n, generator=g)[: int(fraction * n)]
+        if task.loss == "bce":
+            y[chosen] = 1 - y[chosen]
+        elif task.loss == "ce":
+            classes = int(y.max()) + 1
+            y[chosen] = (y[chosen] + torch.randint(1, classes, (len(chosen),), generator=g)) % classes
+        else:
+            y[chosen] = y[chosen[torch.randperm(len(chosen), generator=g)]]
+        targets[task.target_key] = y
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[chosen] = True
+        corrupted[task.name] = mask
+    return MultiTaskTensorDataset(train_set.inputs, targets, train_set.masks), corrupted
+
+
 def one_seed(dataset, seed: int, args) -> dict:
     torch.manual_seed(seed)
     init = mk.models.SharedBottom(
         dataset.in_features, dataset.tasks, bottom_dims=[256, 128], tower_dims=[64]
     ).state_dict()
+    train_set, corrupted = dataset.train, {}
+    if args.corrupt > 0:
+        train_set, corrupted = corrupt(dataset, args.target, args.corrupt, seed)
     start = time.perf_counter()
-    full = train(dataset, dataset.train, init, seed, args)
+    full = train(dataset, train_set, init, seed, args)
     seconds = time.perf_counter() - start
     metric, base, higher = target_metric(full, dataset, args.target)
     start = time.perf_counter()
     scores = influence_scores(
         full.model,
         dataset.tasks,
-        loader(dataset.train, 4096),
+        loader(train_set, 4096),
         loader(dataset.val, 8192),
         solver=args.solver,
         parameters="last",
@@ -97,10 +132,14 @@ def one_seed(dataset, seed: int, args) -> dict:
     out = {"full": base, "metric": metric, "higher": higher, "train_s": seconds, "influence_s": influence_s}
     out["harmful tasks"] = harmful
     out["dropped"] = {}
+    out["precision"] = {}
     for label, keep in keeps.items():
-        trainer = train(dataset, drop_points(dataset.train, keep), init, seed, args)
+        trainer = train(dataset, drop_points(train_set, keep), init, seed, args)
         out[label] = target_metric(trainer, dataset, args.target)[1]
         out["dropped"][label] = sum(int((~m).sum()) for m in keep.values())
+        if corrupted and out["dropped"][label]:
+            hits = sum(int((~keep[t] & corrupted[t]).sum()) for t in keep if t in corrupted)
+            out["precision"][label] = hits / out["dropped"][label]
         print(f"seed {seed} {label}: {out[label]:.5f} (full {base:.5f})", file=sys.stderr)
     out["predicted"] = {
         r: float(scores.predict_removal(k)[dataset.tasks.index(args.target)]) for r, k in rules.items()
@@ -122,6 +161,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--train-size", type=int, default=None)
     parser.add_argument("--solver", default="ekfac")
+    parser.add_argument("--corrupt", type=float, default=0.0, help="fraction of auxiliary labels to corrupt")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("MTLKIT_THREADS", "2")))
@@ -147,20 +187,33 @@ def main() -> None:
         "last shared layer and the towers, scored against the validation split; retrains start from "
         "the full run's initialisation with the same batch order. `gain`: the paired change of the "
         f"target's test {metric} against the full run, signed so that positive is better (mean ± 95% "
-        "Student-t interval over seeds).",
+        "Student-t interval over seeds)."
+        + (
+            f" {args.corrupt:.0%} of every auxiliary task's training labels are corrupted (seeded per "
+            "seed: binary labels flipped, classes moved, regression targets permuted among the "
+            "corrupted rows); `corrupted among dropped` is the fraction of dropped labels that were "
+            f"corrupted (chance: {args.corrupt:.2f})."
+            if args.corrupt
+            else ""
+        ),
         "",
         f"Full run: {metric} {statistics.mean(r['full'] for r in runs):.5f} "
         f"(train {statistics.mean(r['train_s'] for r in runs):.0f} s, influence "
         f"{statistics.mean(r['influence_s'] for r in runs):.0f} s per seed).",
         "",
-        f"| training data | labels dropped | test {metric} | gain |",
-        "|---|---|---|---|",
+        f"| training data | labels dropped | test {metric} | gain |"
+        + (" corrupted among dropped |" if args.corrupt else ""),
+        "|---|---|---|---|" + ("---|" if args.corrupt else ""),
     ]
     for label in labels:
         values = [r[label] for r in runs]
         gains = [sign * (r[label] - r["full"]) for r in runs]
         dropped = statistics.mean(r["dropped"][label] for r in runs)
-        lines.append(f"| {label} | {dropped:,.0f} | {statistics.mean(values):.5f} | {interval(gains)} |")
+        row = f"| {label} | {dropped:,.0f} | {statistics.mean(values):.5f} | {interval(gains)} |"
+        if args.corrupt:
+            precision = [r["precision"][label] for r in runs if label in r["precision"]]
+            row += f" {statistics.mean(precision):.3f} |" if precision else " — |"
+        lines.append(row)
     lines += [
         "",
         "MTIF's first-order prediction of the change of the target's validation loss for each rule "
@@ -175,7 +228,8 @@ def main() -> None:
         + ".",
     ]
     text = "\n".join(lines) + "\n"
-    out = args.out or Path(f"benchmarks/results/mtif_selection_{args.dataset}.md")
+    suffix = f"_corrupt{round(100 * args.corrupt)}" if args.corrupt else ""
+    out = args.out or Path(f"benchmarks/results/mtif_selection_{args.dataset}{suffix}.md")
     write_results(out, text, {"args": vars(args) | {"out": str(out)}, "runs": runs})
 
 
