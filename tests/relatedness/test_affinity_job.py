@@ -5,6 +5,7 @@ hand-made matrices."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,17 @@ BASE = {
     "method": {"name": "ew"},
     "trainer": {"epochs": 1, "progress": False, "tensorboard": False},
 }
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "benchmarks" / "relatedness").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_shipped_affinity_configs_validate(path):
+    job = load_affinity_config(path)
+    assert job.affinity.train_groups and len(job.affinity.seeds) >= 3
 
 
 def write(tmp_path, affinity):
