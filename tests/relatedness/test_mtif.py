@@ -254,12 +254,18 @@ def test_ekfac_ranks_points_like_retraining_and_is_named_for_linear_layers(probl
         influence_scores(Reused(problem.w), TASKS, train, val, solver="ekfac", weight_decay=2 * RIDGE)
 
 
+def two_related_tasks(seed, n, dim, noise, shift):
+    """Inputs, the rule ``w`` and noisy targets: task a follows ``w``, task b ``w + shift``."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=gen, dtype=torch.float64)
+    w = torch.randn(dim, generator=gen, dtype=torch.float64)
+    targets = {"a": x @ w + noise * torch.randn(n, generator=gen, dtype=torch.float64)}
+    targets["b"] = x @ (w + shift) + noise * torch.randn(n, generator=gen, dtype=torch.float64)
+    return x, w, targets, gen
+
+
 def test_soft_sharing_without_coupling_has_no_cross_task_influence_and_with_it_does():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(60, 4, generator=gen, dtype=torch.float64)
-    w = torch.randn(4, generator=gen, dtype=torch.float64)
-    targets = {"a": x @ w + 0.1 * torch.randn(60, generator=gen, dtype=torch.float64)}
-    targets["b"] = x @ (w + 0.2) + 0.1 * torch.randn(60, generator=gen, dtype=torch.float64)
+    x, _, targets, _ = two_related_tasks(0, 60, 4, 0.1, 0.2)
     tasks = mk.TaskSet([mk.Task("a", "mse"), mk.Task("b", "mse")])
     data = loader(MultiTaskTensorDataset(x, targets), 20)
     for strength, cross in ((0.0, False), (0.5, True)):
@@ -274,11 +280,7 @@ def test_soft_sharing_without_coupling_has_no_cross_task_influence_and_with_it_d
 
 
 def test_soft_sharing_leave_one_out_fidelity():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(50, 3, generator=gen, dtype=torch.float64)
-    w = torch.randn(3, generator=gen, dtype=torch.float64)
-    targets = {"a": x @ w + 0.3 * torch.randn(50, generator=gen, dtype=torch.float64)}
-    targets["b"] = x @ (w + 0.3) + 0.3 * torch.randn(50, generator=gen, dtype=torch.float64)
+    x, w, targets, gen = two_related_tasks(1, 50, 3, 0.3, 0.3)
     xv = torch.randn(200, 3, generator=gen, dtype=torch.float64)
     val_t = {"a": xv @ w, "b": xv @ (w + 0.3)}
     tasks = mk.TaskSet([mk.Task("a", "mse"), mk.Task("b", "mse")])
