@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -53,6 +54,7 @@ def write(tmp_path, affinity):
         ({"mtif": {"solver": "newton"}}, "solver"),
         ({"seeds": []}, "seeds"),
         ({"train_size": 0}, "train_size"),
+        ({"singleton_score": float("nan")}, "singleton_score"),
     ],
 )
 def test_bad_affinity_configs_are_refused_before_loading_data(tmp_path, affinity, match):
@@ -74,6 +76,11 @@ def test_the_command_writes_matrices_groups_and_the_comparison(tmp_path):
     seeds = data["comparison"]["seeds"]
     assert [s["seed"] for s in seeds] == [0, 1]
     assert set(seeds[0]["delta_m"]) == {"all-in-one", "tag groups", "cosine groups", "mtif groups"}
+    observed = data["comparison"]["observed_transfer"]
+    assert observed["y1"] == pytest.approx(sum(s["transfer"]["y1"] for s in seeds) / 2)
+    predicted = data["comparison"]["predicted_transfer"]
+    assert predicted["cosine"]["onto"]["y1"] == pytest.approx(data["matrices"]["cosine"][1][0])
+    assert 0 <= predicted["tag"]["sign_match"] <= 1
     assert (out / "affinity.png").stat().st_size > 0 and "Suggested groups" in (
         out / "affinity.md"
     ).read_text()
@@ -89,6 +96,17 @@ def test_agreement_counts_directed_pairs_and_correlates_values():
     assert -1 <= out["tag~mtif"]["spearman"] <= 1
     kept = agreement({"tag": a, "cross_loss": (a > 0).double() * 0.5})
     assert kept["tag~cross_loss"]["sign_agreement"] == 1.0  # kept sources are the helpful ones
+
+
+def test_a_task_trains_alone_when_every_group_brings_it_negative_affinity_if_singletons_score_zero():
+    from mtlkit.relatedness import select_groups
+
+    a = np.array([[1.0, -0.2], [0.3, 1.0]])  # row = source: task 1 helps task 0, task 0 hurts task 1
+    assert select_groups(a, budget=2)[0] == [(0, 1)]  # official: never alone
+    groups, _ = select_groups(a, budget=2, singleton_score=0.0)
+    assert sorted(groups) == [(0, 1), (1,)]
+    plan = _assign([("b",), ("a", "b")], a.tolist(), ["a", "b"], singleton_score=0.0)
+    assert plan == {"a": ("a", "b"), "b": ("b",)}
 
 
 def test_each_task_is_served_by_the_group_where_it_scores_best():

@@ -3,6 +3,7 @@ keys) plus an ``affinity:`` section, every key and range checked before any data
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from mtlkit.errors import ConfigError
 from mtlkit.relatedness.ihvp import SOLVERS
 from mtlkit.relatedness.mtif import SOLVER_OPTIONS
 from mtlkit.relatedness.objective import CURVATURES, PARAMETER_CHOICES
+from mtlkit.relatedness.tag import OFFICIAL_SINGLETON_SCORE
 from mtlkit.train.config import RunConfig, check_components, check_values, from_dict
 
 MEASURES = ("tag", "cosine", "mtif", "cross_loss")
@@ -33,7 +35,9 @@ class MtifSettings:
 @dataclass
 class AffinitySettings:
     """``every``: steps between TAG lookaheads and gradient measurements; ``probe_size``: validation
-    rows of the fixed batch for gradient cosines; ``budget``: the number of task groups;
+    rows of the fixed batch for gradient cosines; ``budget``: the number of task groups; ``singleton_score``: a task alone scores this in the group
+    selection (the official -1e6 never trains a task alone; 0 does when every group would bring it
+    negative affinity);
     ``group_by``: the measures whose groupings are reported (and trained); ``mtif``: the influence
     settings (null: no MTIF); ``train_groups``: train every suggested grouping, all-in-one and
     single-task, for each of ``seeds``; ``train_size``: a seeded subset (seed 0) of the training split."""
@@ -41,6 +45,7 @@ class AffinitySettings:
     every: int = 10
     probe_size: int = 512
     budget: int = 2
+    singleton_score: float = OFFICIAL_SINGLETON_SCORE
     group_by: list[str] = field(default_factory=lambda: list(GROUPING_MEASURES))
     mtif: MtifSettings | None = field(default_factory=MtifSettings)
     train_groups: bool = False
@@ -58,6 +63,8 @@ def check_settings(a: AffinitySettings) -> None:
     for key, value in (("every", a.every), ("probe_size", a.probe_size), ("budget", a.budget)):
         if value < 1:
             raise ConfigError(f"affinity.{key} must be >= 1; got {value!r}.")
+    if not math.isfinite(a.singleton_score):
+        raise ConfigError(f"affinity.singleton_score must be a finite number; got {a.singleton_score!r}.")
     if a.train_size is not None and a.train_size < 1:
         raise ConfigError(f"affinity.train_size must be >= 1 or null; got {a.train_size!r}.")
     bad = [m for m in a.group_by if m not in GROUPING_MEASURES]

@@ -25,13 +25,13 @@ from scipy.stats import spearmanr
 from mtlkit import data as mk_data
 from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import ConfigError
-from mtlkit.metrics.delta import delta_m
+from mtlkit.metrics.delta import delta_m, per_task_delta
 from mtlkit.metrics.summary import Summary
 from mtlkit.relatedness.affinity_config import AffinityJob, AffinitySettings
 from mtlkit.relatedness.cross_loss import CrossLossSimilarity
 from mtlkit.relatedness.gradient_statistics import GradientStatistics
 from mtlkit.relatedness.mtif import influence_scores
-from mtlkit.relatedness.tag import TaskAffinity, group_scores, select_groups
+from mtlkit.relatedness.tag import OFFICIAL_SINGLETON_SCORE, TaskAffinity, group_scores, select_groups
 from mtlkit.train.experiment import run
 
 Log = Callable[[str], None]
@@ -123,7 +123,7 @@ def measure(job: AffinityJob, output: Path, log: Log = print) -> tuple[AffinityR
     names = list(tasks.names)
     groups = {}
     for m in a.group_by:
-        chosen, _ = select_groups(matrices[m].double().numpy(), a.budget)
+        chosen, _ = select_groups(matrices[m].double().numpy(), a.budget, singleton_score=a.singleton_score)
         groups[m] = [[names[i] for i in g] for g in chosen]
     out = AffinityResult(
         names,
@@ -156,14 +156,17 @@ def agreement(matrices: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
 
 
 def _assign(
-    groups: Sequence[Sequence[str]], matrix: list[list[float]], names: list[str]
+    groups: Sequence[Sequence[str]],
+    matrix: list[list[float]],
+    names: list[str],
+    singleton_score: float = OFFICIAL_SINGLETON_SCORE,
 ) -> dict[str, tuple[str, ...]]:
     """TAG's rule: each task is served by the chosen group in which it scores best."""
     a = np.asarray(matrix)
     best: dict[str, tuple[float, tuple[str, ...]]] = {}
     for g in groups:
         idx = [names.index(t) for t in g]
-        for j, score in group_scores(a, idx).items():
+        for j, score in group_scores(a, idx, singleton_score).items():
             t = names[j]
             if t not in best or score > best[t][0]:
                 best[t] = (score, tuple(g))
@@ -177,7 +180,8 @@ def compare(
     single-task for all-in-one and for each measure's grouping."""
     names = result.tasks
     everything = tuple(names)
-    assignments = {m: _assign(g, result.matrices[m], names) for m, g in result.groups.items()}
+    singleton = job.affinity.singleton_score
+    assignments = {m: _assign(g, result.matrices[m], names, singleton) for m, g in result.groups.items()}
     needed = {everything} | {(t,) for t in names}
     for plan in assignments.values():
         needed |= set(plan.values())
@@ -202,11 +206,33 @@ def compare(
             k: delta_m(entry[k], single, directions)
             for k in ["all-in-one", *(f"{m} groups" for m in assignments)]
         }
+        entry["transfer"] = per_task_delta(entry["all-in-one"], single, directions)
         per_seed.append(entry)
+    observed = {t: statistics.mean(s["transfer"][t] for s in per_seed) for t in names}
     return {
         "assignments": {m: {t: list(g) for t, g in p.items()} for m, p in assignments.items()},
         "seeds": per_seed,
+        "observed_transfer": observed,
+        "predicted_transfer": predicted_transfer(result, observed),
     }
+
+
+def predicted_transfer(result: AffinityResult, observed: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """For each measure: the mean affinity onto each task from the others (its predicted transfer
+    to that task) and the fraction of tasks where its sign matches the observed transfer (the
+    per-task relative change of all-in-one against single-task training)."""
+    names = result.tasks
+    out: dict[str, dict[str, Any]] = {}
+    for key, matrix in result.matrices.items():
+        a = np.asarray(matrix)
+        onto = {
+            t: float(np.mean([a[i, j] for i in range(len(names)) if i != j])) for j, t in enumerate(names)
+        }
+        if key == "cross_loss":  # weights are never negative: a source kept by the filter counts as helpful
+            onto = {t: v if v > 0 else -1.0 for t, v in onto.items()}
+        hits = [(onto[t] > 0) == (observed[t] > 0) for t in names]
+        out[key] = {"onto": onto, "sign_match": float(np.mean(hits))}
+    return out
 
 
 def plot(result: AffinityResult, path: Path) -> Path:
@@ -289,6 +315,23 @@ def markdown(result: AffinityResult, title: str) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {dm} |")
         lines.append("")
         lines.append("Task metrics: the main metric of each task, mean over seeds.")
+        observed = comparison["observed_transfer"]
+        lines += [
+            "",
+            "## Predicted against observed transfer",
+            "",
+            "Observed: the per-task relative change (%) of all-in-one against single-task training "
+            "(mean over seeds). Predicted: each measure's mean affinity onto the task from the others "
+            "(cross-loss: + where the filter keeps a source). `sign match`: the fraction of tasks where "
+            "the two signs agree.",
+            "",
+            "| | " + " | ".join(result.tasks) + " | sign match |",
+            "|---" * (len(result.tasks) + 2) + "|",
+            "| observed transfer (%) | " + " | ".join(f"{observed[t]:+.2f}" for t in result.tasks) + " | |",
+        ]
+        for key, v in comparison["predicted_transfer"].items():
+            predicted = " | ".join(f"{v['onto'][t]:+.3g}" for t in result.tasks)
+            lines.append(f"| {key} | {predicted} | {v['sign_match']:.2f} |")
     lines += ["", "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()), ""]
     return "\n".join(lines)
 

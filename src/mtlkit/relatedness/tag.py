@@ -157,21 +157,33 @@ class TaskAffinity(Callback):
             self.total, self.counts = state["total"], state["counts"]
 
 
-def group_scores(affinity: np.ndarray, group: Sequence[int]) -> dict[int, float]:
+#: a singleton group's score in the official notebook: training a task alone is never chosen
+OFFICIAL_SINGLETON_SCORE = -1e6
+
+
+def group_scores(
+    affinity: np.ndarray, group: Sequence[int], singleton_score: float = OFFICIAL_SINGLETON_SCORE
+) -> dict[int, float]:
     """TAG's score of each member ``j`` of ``group``: the mean affinity onto ``j`` from its
-    group-mates; a singleton scores -1e6 (strongly discouraged, as in the official notebook)."""
+    group-mates; a singleton scores ``singleton_score`` (-1e6, strongly discouraged, as in the
+    official notebook; 0 lets a task train alone when every group would bring it negative
+    affinity, an mtlkit option)."""
     if len(group) == 1:
-        return {group[0]: -1e6}
+        return {group[0]: singleton_score}
     return {j: float(np.mean([affinity[i, j] for i in group if i != j])) for j in group}
 
 
 def select_groups(
-    affinity: np.ndarray | Tensor, budget: int, max_combinations: int = 2_000_000
+    affinity: np.ndarray | Tensor,
+    budget: int,
+    max_combinations: int = 2_000_000,
+    singleton_score: float = OFFICIAL_SINGLETON_SCORE,
 ) -> tuple[list[tuple[int, ...]], float]:
     """At most ``budget`` (possibly overlapping) task groups covering every task that maximise the
     mean over tasks of the best score a task gets in a chosen group containing it. Exhaustive
     over all subsets when that is at most ``max_combinations`` choices, else greedy (add the group
-    that raises the objective most, ``budget`` times). Returns the groups and the objective."""
+    that raises the objective most, ``budget`` times). ``singleton_score``: see :func:`group_scores`.
+    Returns the groups and the objective."""
     a = np.asarray(affinity, dtype=np.float64)
     k = a.shape[0]
     if a.shape != (k, k) or not np.isfinite(a).all():
@@ -181,7 +193,7 @@ def select_groups(
     subsets = [g for r in range(1, k + 1) for g in itertools.combinations(range(k), r)]
     scores = np.full((len(subsets), k), -np.inf)
     for s, g in enumerate(subsets):
-        for j, v in group_scores(a, g).items():
+        for j, v in group_scores(a, g, singleton_score).items():
             scores[s, j] = v
 
     def objective(choice: Sequence[int]) -> float:
