@@ -5,6 +5,7 @@ hand-made matrices."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,10 @@ def write(tmp_path, affinity):
         ({"seeds": []}, "seeds"),
         ({"train_size": 0}, "train_size"),
         ({"singleton_score": float("nan")}, "singleton_score"),
+        ({"seeds": [0, 0]}, "repeat"),
+        ({"mtif": {"damping": float("nan")}}, "damping"),
+        ({"mtif": {"solver": "cg", "options": {"max_iterations": -1}}}, "max_iterations"),
+        ({"mtif": {"solver": "cg", "options": {"depth": 10}}}, "takes options"),
     ],
 )
 def test_bad_affinity_configs_are_refused_before_loading_data(tmp_path, affinity, match):
@@ -80,7 +85,23 @@ def test_the_command_writes_matrices_groups_and_the_comparison(tmp_path):
     assert observed["y1"] == pytest.approx(sum(s["transfer"]["y1"] for s in seeds) / 2)
     predicted = data["comparison"]["predicted_transfer"]
     assert predicted["cosine"]["onto"]["y1"] == pytest.approx(data["matrices"]["cosine"][1][0])
-    assert 0 <= predicted["tag"]["sign_match"] <= 1
+    for measure, v in predicted.items():
+        expected = np.mean([(v["onto"][t] > 0) == (observed[t] > 0) for t in ("y1", "y2")])
+        assert v["sign_match"] == pytest.approx(expected), measure
+    lower = {"mse", "mae", "l1"}  # the synthetic tasks' metrics: lower is better
+    for entry in seeds:
+        for label, value in entry["delta_m"].items():
+            changes = [
+                statistics.mean(
+                    (-1 if m in lower else 1)
+                    * (v - entry["single-task"][t][m])
+                    / abs(entry["single-task"][t][m])
+                    * 100
+                    for m, v in metrics.items()
+                )
+                for t, metrics in entry[label].items()
+            ]
+            assert value == pytest.approx(statistics.mean(changes)), label
     assert (out / "affinity.png").stat().st_size > 0 and "Suggested groups" in (
         out / "affinity.md"
     ).read_text()

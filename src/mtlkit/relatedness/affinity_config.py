@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from mtlkit.core.yaml_files import read_yaml_mapping
-from mtlkit.errors import ConfigError
-from mtlkit.relatedness.ihvp import SOLVERS
-from mtlkit.relatedness.mtif import SOLVER_OPTIONS
+from mtlkit.errors import ConfigError, UnknownNameError
+from mtlkit.relatedness.ihvp import check_solver, finite_damping
 from mtlkit.relatedness.objective import CURVATURES, PARAMETER_CHOICES
 from mtlkit.relatedness.tag import OFFICIAL_SINGLETON_SCORE
 from mtlkit.train.config import RunConfig, check_components, check_values, from_dict
@@ -74,15 +73,14 @@ def check_settings(a: AffinitySettings) -> None:
         raise ConfigError("affinity.group_by names mtif, but affinity.mtif is null.")
     if not a.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in a.seeds):
         raise ConfigError(f"affinity.seeds must be a non-empty list of integers; got {a.seeds!r}.")
+    if len(set(a.seeds)) != len(a.seeds):
+        raise ConfigError(f"affinity.seeds must not repeat a seed (it would count twice); got {a.seeds!r}.")
     if a.mtif is not None:
-        if a.mtif.solver not in SOLVERS:
-            raise ConfigError(f"affinity.mtif.solver must be one of {SOLVERS}; got {a.mtif.solver!r}.")
-        allowed = SOLVER_OPTIONS[a.mtif.solver]
-        unknown = sorted(set(a.mtif.options) - allowed)
-        if unknown:
-            raise ConfigError(
-                f"affinity.mtif.options: solver {a.mtif.solver!r} takes {sorted(allowed)}, not {unknown}."
-            )
+        try:
+            check_solver(a.mtif.solver, a.mtif.options)
+            finite_damping(a.mtif.damping)
+        except (ConfigError, UnknownNameError) as exc:
+            raise ConfigError(f"affinity.mtif: {exc}") from exc
         if a.mtif.curvature not in CURVATURES:
             raise ConfigError(
                 f"affinity.mtif.curvature must be one of {CURVATURES}; got {a.mtif.curvature!r}."

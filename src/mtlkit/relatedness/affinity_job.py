@@ -114,6 +114,9 @@ def measure(job: AffinityJob, output: Path, log: Log = print) -> tuple[AffinityR
             parameters=a.mtif.parameters,
             damping=a.mtif.damping,
             curvature=a.mtif.curvature,
+            # Adam's and SGD's weight decay is an L2 term of the objective the model minimised
+            # (AdamW's decoupled decay is not)
+            weight_decay=job.run.optimizer.weight_decay if job.run.optimizer.name.lower() != "adamw" else 0.0,
             seed=a.seeds[0],
             **a.mtif.options,
         )

@@ -52,12 +52,10 @@ def select_points(
         dropped = candidate & (s < 0)
     else:
         assert isinstance(drop, float)
-        values = s[candidate]
-        count = int(drop * values.numel())
-        if count:
-            threshold = values.sort().values[count - 1]
-            order = torch.where(candidate, s, torch.full_like(s, float("inf")))
-            dropped = candidate & (order <= threshold)
+        index = candidate.nonzero()  # (n, 2): sample, task
+        count = int(drop * index.shape[0])
+        lowest = torch.argsort(s[candidate], stable=True)[:count]  # exactly count points, ties by position
+        dropped[index[lowest, 0], index[lowest, 1]] = True
     return {name: ~dropped[:, j] for j, name in enumerate(scores.tasks)}
 
 

@@ -68,16 +68,17 @@ def _sampled_target(
 ) -> Tensor:
     pred, target = task.align(pred.detach(), target)
     valid = task.labelled_mask(target, mask)
+    cpu = pred.cpu()  # sampled on the host with the seeded host generator, whatever the device
     if task.loss in CLASS_INDEX_LOSSES:
-        probs = F.softmax(pred.float(), dim=1).movedim(1, -1).reshape(-1, pred.shape[1])
+        probs = F.softmax(cpu.float(), dim=1).movedim(1, -1).reshape(-1, pred.shape[1])
         draw = torch.multinomial(probs, 1, generator=g).view(target.shape)
     elif task.loss == "bce":
-        draw = torch.bernoulli(torch.sigmoid(pred), generator=g).to(target.dtype)
+        draw = torch.bernoulli(torch.sigmoid(cpu), generator=g)
     elif task.loss == "mse":
-        draw = pred + 0.5**0.5 * torch.randn(pred.shape, generator=g, dtype=pred.dtype)
+        draw = cpu + 0.5**0.5 * torch.randn(cpu.shape, generator=g, dtype=cpu.dtype)
     else:
         return target
-    return torch.where(valid, draw.to(target.dtype), target)
+    return torch.where(valid, draw.to(device=target.device, dtype=target.dtype), target)
 
 
 class EKFAC:
@@ -153,8 +154,9 @@ class EKFAC:
                     if layer.bias is not None:
                         a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
                     d = delta if delta is not None else a.new_zeros(a.shape[0], layer.module.out_features)
-                    if first:
-                        parts = [(a * weights[:, None]).t() @ a, (d * weights[:, None]).t() @ d]
+                    if first:  # a point counts in a layer's input factor only if the layer serves it
+                        wa = weights * (d.abs().sum(1) > 0).to(weights.dtype)
+                        parts = [(a * wa[:, None]).t() @ a, (d * weights[:, None]).t() @ d]
                     else:
                         assert layer.q_a is not None and layer.q_s is not None
                         pa, ps = (a @ layer.q_a).pow(2), (d @ layer.q_s).pow(2)

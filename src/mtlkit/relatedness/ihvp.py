@@ -17,7 +17,9 @@ Each solver is named for what it computes; none silently stands in for another:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -90,18 +92,19 @@ def solve_exact_block(
         raise ConfigError(
             "exact_block needs every influence parameter in exactly one block (shared or one task's)."
         )
-    dtype = objective.w.dtype
-    eye = torch.eye(objective.dim, dtype=dtype, device=objective.w.device)
+    dtype, device = objective.w.dtype, objective.w.device
+    shared, tasks = shared.to(device), [t.to(device) for t in tasks if t.numel()]  # a task may have none
+    eye = torch.eye(objective.dim, dtype=dtype, device=device)
 
     def columns(index: Tensor) -> Tensor:  # H[:, index] as (P, len(index))
         if index.numel() == 0:
-            return torch.zeros(objective.dim, 0, dtype=dtype)
+            return torch.zeros(objective.dim, 0, dtype=dtype, device=device)
         cols = [objective.hvp(eye[index[i : i + chunk]]) for i in range(0, index.numel(), chunk)]
         return torch.cat(cols).t()
 
     h_shared = columns(shared)  # (P, p): H_gg and every H_kg
     scale = max(float(h_shared.abs().max()) if h_shared.numel() else 0.0, 1e-300)
-    h_gg = h_shared[shared] + damping * torch.eye(len(shared), dtype=dtype)
+    h_gg = h_shared[shared] + damping * torch.eye(len(shared), dtype=dtype, device=device)
     schur = h_gg.clone()
     b = b.t()  # (P, m)
     rhs_g = b[shared].clone()
@@ -109,14 +112,16 @@ def solve_exact_block(
     for k, idx in enumerate(tasks):
         cols = columns(idx)  # (P, d_k)
         scale = max(scale, float(cols.abs().max()) if cols.numel() else 0.0)
-        others = torch.cat([t for j, t in enumerate(tasks) if j != k] or [torch.zeros(0, dtype=torch.long)])
+        others = torch.cat(
+            [t for j, t in enumerate(tasks) if j != k] or [torch.zeros(0, dtype=torch.long, device=device)]
+        )
         coupling = float(cols[others].abs().max()) if others.numel() and cols.numel() else 0.0
         if coupling > tolerance * scale:
             raise ConfigError(
                 f"exact_block: task blocks are coupled (|H_kl| up to {coupling:.3g}, e.g. a soft-sharing "
                 "penalty): the Hessian is not arrowhead; use solver='exact' or 'cg'."
             )
-        h_kk = cols[idx] + damping * torch.eye(len(idx), dtype=dtype)
+        h_kk = cols[idx] + damping * torch.eye(len(idx), dtype=dtype, device=device)
         h_kg = h_shared[idx]  # (d_k, p)
         solved = solve_dense(h_kk, torch.cat([h_kg, b[idx]], dim=1).t(), 0.0).t()
         inv_kg, inv_bk = solved[:, : len(shared)], solved[:, len(shared) :]
@@ -166,6 +171,14 @@ def solve_cg(
         beta = torch.where(active, rr_new / rr.where(active, torch.ones_like(rr)), torch.zeros_like(rr))
         p = r + beta[:, None] * p
         rr = rr_new
+    if bool((rr > target).any()):
+        worst = float((rr / (b * b).sum(1).clamp_min(1e-300)).max().sqrt())
+        warnings.warn(
+            f"CG stopped after {max_iterations} iterations with a relative residual of {worst:.3g} "
+            f"(tolerance {tolerance:g}); raise max_iterations or damping for a converged solve.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return x
 
 
@@ -212,9 +225,38 @@ def solve_lissa(
     return total / repeats
 
 
-def check_solver(name: str) -> None:
+#: each solver's own options and the values they accept
+SOLVER_OPTIONS: dict[
+    str, dict[str, tuple[type, float, bool]]
+] = {  # name -> (type, lower bound, bound allowed)
+    "exact": {"chunk": (int, 1, True)},
+    "exact_block": {"chunk": (int, 1, True)},
+    "cg": {"max_iterations": (int, 1, True), "tolerance": (float, 0, False)},
+    "lissa": {"depth": (int, 1, True), "repeats": (int, 1, True), "scale": (float, 0, False)},
+    "ekfac": {},
+    "identity": {},
+}
+
+
+def check_solver(name: str, options: Mapping[str, Any] | None = None) -> None:
+    """The solver's name, its options' names and their values (type and range)."""
     if name not in SOLVERS:
         raise unknown_name("influence solver", name, SOLVERS)
+    allowed = SOLVER_OPTIONS[name]
+    unknown = sorted(set(options or {}) - set(allowed))
+    if unknown:
+        raise ConfigError(f"Solver {name!r} takes options {sorted(allowed)}, not {unknown}.")
+    for key, value in (options or {}).items():
+        kind, low, inclusive = allowed[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
+            number = False
+        ok = number and math.isfinite(value) and (value >= low if inclusive else value > low)
+        if not ok:
+            bound = f"{'>=' if inclusive else '>'} {low:g}"
+            raise ConfigError(
+                f"Solver option {key} must be {'an integer' if kind is int else 'a number'} {bound}, got {value!r}."
+            )
 
 
 def finite_damping(damping: float | None) -> float | None:

@@ -41,14 +41,7 @@ from mtlkit.relatedness import ihvp
 from mtlkit.relatedness.ekfac import EKFAC
 from mtlkit.relatedness.objective import TrainingObjective, influence_parameters
 
-SOLVER_OPTIONS = {
-    "exact": {"chunk"},
-    "exact_block": {"chunk"},
-    "cg": {"max_iterations", "tolerance"},
-    "lissa": {"depth", "repeats", "scale"},
-    "ekfac": set(),
-    "identity": set(),
-}
+SOLVER_OPTIONS = ihvp.SOLVER_OPTIONS
 
 
 @dataclass
@@ -183,12 +176,7 @@ def influence_scores(
         options: the solver's own (``chunk``; ``max_iterations``, ``tolerance``; ``depth``,
             ``repeats``, ``scale``).
     """
-    ihvp.check_solver(solver)
-    unknown = set(options) - SOLVER_OPTIONS[solver]
-    if unknown:
-        raise ConfigError(
-            f"Solver {solver!r} takes options {sorted(SOLVER_OPTIONS[solver])}, not {sorted(unknown)}."
-        )
+    ihvp.check_solver(solver, options)
     damping = ihvp.finite_damping(damping)
     task_set = tasks if isinstance(tasks, TaskSet) else TaskSet(tasks)
     inner = unwrap(model)
@@ -222,4 +210,7 @@ def influence_scores(
         products, counts = objective.point_products(u)
     finally:
         inner.train(was_training)
-    return InfluenceScores(task_set.names, products, counts, objective.counts, solver, float(used))
+    cpu = torch.device("cpu")  # the scores are analysis results, whatever device the model is on
+    return InfluenceScores(
+        task_set.names, products.to(cpu), counts.to(cpu), objective.counts.to(cpu), solver, float(used)
+    )

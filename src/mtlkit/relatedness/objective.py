@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, SequentialSampler
 
 from mtlkit.core.contract import supports_full_output, task_parameters, unwrap
 from mtlkit.core.tasks import Batch, TaskSet, unpack_batch
@@ -62,7 +62,7 @@ def influence_parameters(model: nn.Module, parameters: str | Sequence[nn.Paramet
 def reiterable_batches(data: Any, what: str) -> Any:
     """A loader that yields the same batches in the same order each time it is iterated (points
     are identified by their position)."""
-    if isinstance(data, DataLoader) and isinstance(data.sampler, RandomSampler):
+    if isinstance(data, DataLoader) and not isinstance(data.sampler, SequentialSampler):
         raise ConfigError(
             f"The {what} loader shuffles: influence scores identify points by position; use shuffle=False."
         )
@@ -202,9 +202,11 @@ class TrainingObjective:
             return self._batch_gnvp(batch, vectors)
 
     def _batch_hvp(self, f: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
-        w = self.w
+        # reverse over reverse: PyTorch has no forward-mode derivative of some losses' backward
+        # (huber), and the Hessian is symmetric, so the vector-Jacobian product of the gradient is H v
         with torch.no_grad():
-            return vmap(lambda v: jvp(grad(f), (w,), (v,))[1])(vectors)
+            _, pull = vjp(grad(f), self.w)  # type: ignore[misc]
+            return vmap(lambda v: pull(v)[0])(vectors)
 
     def _batch_gnvp(self, batch: Batch, vectors: Tensor) -> Tensor:
         """``J^T H_out J v``: the Gauss-Newton product, with ``H_out`` the Hessian of the batch's
@@ -219,10 +221,11 @@ class TrainingObjective:
             return (sums.sum(1) / self.counts.to(sums.dtype)).sum()
 
         preds, pullback = vjp(outputs, self.w)  # type: ignore[misc]
+        _, out_hessian = vjp(grad(loss), preds)  # type: ignore[misc]  # H_out is symmetric
 
         def product(v: Tensor) -> Tensor:
             jv = jvp(outputs, (self.w,), (v,))[1]
-            return pullback(jvp(grad(loss), (preds,), (jv,))[1])[0]
+            return pullback(out_hessian(jv)[0])[0]
 
         return vmap(product)(vectors)
 
