@@ -51,6 +51,7 @@ class AffinityResult:
     agreement: dict[str, dict[str, float]]
     comparison: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    mtif: dict[str, Any] = field(default_factory=dict)  # solver, damping, CG residual
 
 
 def _dataset(job: AffinityJob) -> Any:
@@ -103,6 +104,7 @@ def measure(job: AffinityJob, output: Path, log: Log = print) -> tuple[AffinityR
         "cosine": torch.stack([torch.tensor(m["cos"]) for m in cosine.epoch_means]).mean(0),
         "cross_loss": cross.relatedness(),
     }
+    mtif_info: dict[str, Any] = {}
     if a.mtif is not None:
         start = time.perf_counter()
         scores = influence_scores(
@@ -121,6 +123,7 @@ def measure(job: AffinityJob, output: Path, log: Log = print) -> tuple[AffinityR
             **a.mtif.options,
         )
         matrices["mtif"] = scores.task_matrix()
+        mtif_info = {"solver": scores.solver, "damping": scores.damping, "residual": scores.residual}
         seconds["mtif"] = time.perf_counter() - start
         log(f"MTIF ({a.mtif.solver}): {seconds['mtif']:.0f} s")
     names = list(tasks.names)
@@ -134,6 +137,7 @@ def measure(job: AffinityJob, output: Path, log: Log = print) -> tuple[AffinityR
         groups,
         agreement(matrices),
         seconds=seconds,
+        mtif=mtif_info,
     )
     return out, dataset
 
@@ -335,6 +339,14 @@ def markdown(result: AffinityResult, title: str) -> str:
         for key, v in comparison["predicted_transfer"].items():
             predicted = " | ".join(f"{v['onto'][t]:+.3g}" for t in result.tasks)
             lines.append(f"| {key} | {predicted} | {v['sign_match']:.2f} |")
+    if result.mtif:
+        residual = result.mtif["residual"]
+        lines += [
+            "",
+            f"MTIF: solver `{result.mtif['solver']}`, damping {result.mtif['damping']:.3g}"
+            + (f", CG relative residual {residual:.3g}" if residual is not None else "")
+            + ".",
+        ]
     lines += ["", "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()), ""]
     return "\n".join(lines)
 

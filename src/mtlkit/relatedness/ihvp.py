@@ -142,9 +142,10 @@ def solve_cg(
     damping: float,
     max_iterations: int = 100,
     tolerance: float = 1e-6,
-) -> Tensor:
+) -> tuple[Tensor, float]:
     """Conjugate gradient on ``H + damping I`` for every row of ``b`` at once (each its own step
-    sizes); stops when every relative residual is below ``tolerance``."""
+    sizes); stops when every relative residual is below ``tolerance``. Returns the solutions and
+    the largest relative residual."""
 
     def apply(v: Tensor) -> Tensor:
         return objective.hvp(v) + damping * v
@@ -171,15 +172,15 @@ def solve_cg(
         beta = torch.where(active, rr_new / rr.where(active, torch.ones_like(rr)), torch.zeros_like(rr))
         p = r + beta[:, None] * p
         rr = rr_new
+    worst = float((rr / (b * b).sum(1).clamp_min(1e-300)).max().sqrt())
     if bool((rr > target).any()):
-        worst = float((rr / (b * b).sum(1).clamp_min(1e-300)).max().sqrt())
         warnings.warn(
             f"CG stopped after {max_iterations} iterations with a relative residual of {worst:.3g} "
             f"(tolerance {tolerance:g}); raise max_iterations or damping for a converged solve.",
             RuntimeWarning,
             stacklevel=3,
         )
-    return x
+    return x, worst
 
 
 def top_eigenvalue(objective: TrainingObjective, iterations: int = 20, seed: int = 0) -> float:

@@ -55,6 +55,7 @@ class InfluenceScores:
         counts: labelled entries of sample ``i`` for task ``l`` (N, K).
         totals: each task's labelled training entries ``N_l`` (K,).
         solver, damping: how ``u_k = (H + damping I)^{-1} grad V_k`` was obtained.
+        residual: for ``cg``, the largest relative residual of that solve (None otherwise).
     """
 
     tasks: list[str]
@@ -63,6 +64,7 @@ class InfluenceScores:
     totals: Tensor
     solver: str
     damping: float
+    residual: float | None = None
 
     @property
     def task_products(self) -> Tensor:
@@ -185,6 +187,7 @@ def influence_scores(
     inner.eval()
     try:
         objective = TrainingObjective(inner, task_set, train, params, weight_decay, curvature)
+        residual: float | None = None
         g_val = objective.task_gradients(val, "validation")
         if not bool(torch.isfinite(g_val).all()):
             raise ConfigError("The validation gradients are not finite; check the model and the data.")
@@ -197,7 +200,7 @@ def influence_scores(
                 u = ihvp.solve_exact_block(objective, g_val, shared, blocks, used, **options)
         elif solver == "cg":
             used = damping if damping is not None else ihvp.auto_damping(objective, seed=seed)
-            u = ihvp.solve_cg(objective, g_val, used, **options)
+            u, residual = ihvp.solve_cg(objective, g_val, used, **options)
         elif solver == "lissa":
             used = damping if damping is not None else ihvp.auto_damping(objective, seed=seed)
             u = ihvp.solve_lissa(objective, g_val, used, seed=seed, **options)
@@ -212,5 +215,11 @@ def influence_scores(
         inner.train(was_training)
     cpu = torch.device("cpu")  # the scores are analysis results, whatever device the model is on
     return InfluenceScores(
-        task_set.names, products.to(cpu), counts.to(cpu), objective.counts.to(cpu), solver, float(used)
+        task_set.names,
+        products.to(cpu),
+        counts.to(cpu),
+        objective.counts.to(cpu),
+        solver,
+        float(used),
+        residual,
     )
