@@ -15,6 +15,7 @@ LAYER = {
     "metrics": 1,
     "train": 2,
     "merging": 2,
+    "decentralized": 2,
     "relatedness": 3,
     "bench": 3,
     "cli": 4,
