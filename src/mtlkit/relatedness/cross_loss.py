@@ -21,6 +21,7 @@ from torch import Tensor
 from mtlkit.core.contract import forward_full
 from mtlkit.core.module_state import normalization_buffers, restore_buffers
 from mtlkit.core.tasks import Batch
+from mtlkit.decentralized.rules import loss_weights
 from mtlkit.errors import ConfigError
 from mtlkit.relatedness.rows import directed_entries
 from mtlkit.train.callbacks import Callback
@@ -28,15 +29,6 @@ from mtlkit.train.callbacks import Callback
 if TYPE_CHECKING:
     from mtlkit.train.evaluate import EvaluationReport
     from mtlkit.train.trainer import Trainer
-
-
-def loss_weights(r: Tensor) -> Tensor:
-    """The row-stochastic weights ``c[k, l]`` from accumulated losses ``r[k, l]`` (NaN where a
-    head cannot serve a task): sources with ``r[k, l] <= r[k, k]`` kept, inverse-loss weighted."""
-    own = r.diagonal()[:, None]
-    kept = torch.isfinite(r) & (r <= own)
-    inverse = torch.where(kept, 1.0 / r.clamp_min(1e-300), torch.zeros_like(r))
-    return inverse / inverse.sum(dim=1, keepdim=True).clamp_min(1e-300)
 
 
 class CrossLossSimilarity(Callback):
