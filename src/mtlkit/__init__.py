@@ -5,7 +5,7 @@
 >>> method = mk.methods.create("mgda")
 """
 
-from mtlkit import bench, data, errors, merging, methods, metrics, models, relatedness, train
+from mtlkit import bench, data, decentralized, errors, merging, methods, metrics, models, relatedness, train
 from mtlkit.core.contract import MultiTaskOutput
 from mtlkit.core.engine import GradientEngine
 from mtlkit.core.tasks import Batch, Task, TaskBatches, TaskLosses, TaskSet
@@ -25,6 +25,7 @@ __all__ = [
     "__version__",
     "bench",
     "data",
+    "decentralized",
     "errors",
     "merging",
     "methods",
