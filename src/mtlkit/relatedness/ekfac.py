@@ -43,10 +43,7 @@ class _Layer:
 
 
 def _layers(objective: TrainingObjective, params: Sequence[nn.Parameter]) -> list[_Layer]:
-    offsets = [0]
-    for s in objective.sizes:
-        offsets.append(offsets[-1] + s)
-    where = {id(p): torch.arange(offsets[i], offsets[i + 1]) for i, p in enumerate(params)}
+    where = {id(p): index for p, index in zip(params, objective.flat_indices(), strict=True)}
     layers, used = [], set()
     for module in objective.model.modules():
         if isinstance(module, nn.Linear) and id(module.weight) in where:

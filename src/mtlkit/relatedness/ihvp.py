@@ -64,12 +64,10 @@ def block_ranges(
     objective: TrainingObjective, shared: Sequence[int], tasks: Sequence[Sequence[int]]
 ) -> tuple[Tensor, list[Tensor]]:
     """Flat indices of the shared block and of each task's block, from parameter positions."""
-    offsets = [0]
-    for s in objective.sizes:
-        offsets.append(offsets[-1] + s)
+    indices = objective.flat_indices()
 
     def flat(positions: Sequence[int]) -> Tensor:
-        parts = [torch.arange(offsets[i], offsets[i + 1]) for i in positions]
+        parts = [indices[i] for i in positions]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
     return flat(shared), [flat(t) for t in tasks]

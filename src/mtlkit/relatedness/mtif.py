@@ -41,8 +41,6 @@ from mtlkit.relatedness import ihvp
 from mtlkit.relatedness.ekfac import EKFAC
 from mtlkit.relatedness.objective import TrainingObjective, influence_parameters
 
-SOLVER_OPTIONS = ihvp.SOLVER_OPTIONS
-
 
 @dataclass
 class InfluenceScores:
@@ -66,11 +64,6 @@ class InfluenceScores:
     damping: float
     residual: float | None = None
 
-    @property
-    def task_products(self) -> Tensor:
-        """``[l, k] = u_k . G_l`` (K, K)."""
-        return self.products.sum(0) / self.totals.to(self.products.dtype)[:, None]
-
     def helpfulness(self, normalized: bool = True) -> Tensor:
         """``h[i, l, k]``: the predicted change of task ``k``'s validation loss when task ``l``'s
         label of sample ``i`` is removed (positive: the point helps ``k``); NaN where there is
@@ -78,7 +71,7 @@ class InfluenceScores:
         n = self.counts.to(self.products.dtype)[:, :, None]
         total = self.totals.to(self.products.dtype)[None, :, None]
         if normalized:
-            value = (self.products - n * self.task_products[None]) / (total - n)
+            value = (self.products - n * self.task_matrix()[None]) / (total - n)
         else:
             value = self.products / total
         return torch.where(n > 0, value, torch.full_like(value, float("nan")))
@@ -91,13 +84,14 @@ class InfluenceScores:
         """Task-level helpfulness (K, K), row = source ``l``, column = target ``k``: the predicted
         rise of ``V_k`` when task ``l``'s loss is removed from training, ``u_k . G_l`` (the exact
         first-order effect of dropping the whole task; positive: ``l`` helps ``k``)."""
-        return self.task_products
+        return self.products.sum(0) / self.totals.to(self.products.dtype)[:, None]
 
     def predict_removal(self, keep: Mapping[str, Tensor]) -> Tensor:
         """Predicted change of every ``V_k`` (K,) when the points with ``keep[task][i] == False``
         are removed together (first order, normalisation-aware: a task's remaining points are
         re-weighted to its new mean)."""
         change = torch.zeros(len(self.tasks), dtype=self.products.dtype)
+        per_task = self.task_matrix()
         for j, name in enumerate(self.tasks):
             if name not in keep:
                 continue
@@ -112,9 +106,9 @@ class InfluenceScores:
             if n_removed == 0:
                 continue
             if remaining <= 0:
-                change += self.task_products[j]
+                change += per_task[j]
                 continue
-            change += (self.products[removed, j].sum(0) - n_removed * self.task_products[j]) / remaining
+            change += (self.products[removed, j].sum(0) - n_removed * per_task[j]) / remaining
         return change
 
     def point_scores(self, targets: Sequence[str], normalized: bool = True) -> Tensor:

@@ -117,6 +117,11 @@ class TrainingObjective:
     def dim(self) -> int:
         return int(self.w.numel())
 
+    def flat_indices(self) -> list[Tensor]:
+        """Each parameter's positions in the flat vector ``w``, in parameter order."""
+        ends = torch.tensor(self.sizes).cumsum(0).tolist()
+        return [torch.arange(end - size, end) for end, size in zip(ends, self.sizes, strict=True)]
+
     def unflatten(self, w: Tensor) -> dict[str, Tensor]:
         return {n: t.view(s) for n, t, s in zip(self.names, w.split(self.sizes), self.shapes, strict=True)}
 
@@ -156,11 +161,15 @@ class TrainingObjective:
             for batch in self.batches():
                 _, c = self.sample_losses(self.w, batch)
                 total = c.sum(1) if total is None else total + c.sum(1)
+        return self._check_totals(total, "training")
+
+    def _check_totals(self, total: Tensor | None, what: str) -> Tensor:
+        """Each task's labelled entries over some data, refused when the data or a task is empty."""
         if total is None:
-            raise ConfigError("The training data is empty.")
+            raise ConfigError(f"The {what} data is empty.")
         if bool((total == 0).any()):
             empty = [t for t, n in zip(self.tasks.names, total.tolist(), strict=True) if n == 0]
-            raise ConfigError(f"Task(s) {empty} have no labelled training entry.")
+            raise ConfigError(f"Task(s) {empty} have no labelled entry in the {what} data.")
         return total
 
     def regularizer(self, w: Tensor) -> Tensor:
@@ -171,17 +180,9 @@ class TrainingObjective:
             )
         return value
 
-    def batch_objective(
-        self, batch: Batch, counts: Tensor, with_regularizer: bool
-    ) -> Callable[[Tensor], Tensor]:
-        """``w -> sum_l S_l^batch(w) / counts_l`` (+ the regulariser)."""
-
-        def f(w: Tensor) -> Tensor:
-            sums, _ = self.sample_losses(w, batch)
-            value = (sums.sum(1) / counts.to(sums.dtype)).sum()
-            return value + self.regularizer(w) if with_regularizer else value
-
-        return f
+    def data_share(self, sums: Tensor) -> Tensor:
+        """A batch's share of the data term, ``sum_l S_l^batch / N_l``, from its per-sample sums."""
+        return (sums.sum(1) / self.counts.to(sums.dtype)).sum()
 
     def hvp(self, vectors: Tensor) -> Tensor:
         """The curvature times each row of ``vectors`` (m, P): one pass over the data."""
@@ -198,7 +199,7 @@ class TrainingObjective:
     def _data_product(self, batch: Batch, vectors: Tensor) -> Tensor:
         with torch.no_grad():  # torch.func differentiates anyway; no graph over the fixed parameters
             if self.curvature == "hessian":
-                return self._batch_hvp(self.batch_objective(batch, self.counts, False), vectors)
+                return self._batch_hvp(lambda w: self.data_share(self.sample_losses(w, batch)[0]), vectors)
             return self._batch_gnvp(batch, vectors)
 
     def _batch_hvp(self, f: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
@@ -217,8 +218,7 @@ class TrainingObjective:
             return self.predictions(w, batch.inputs)
 
         def loss(preds: dict[str, Tensor]) -> Tensor:
-            sums, _ = self.losses_of(preds, batch)
-            return (sums.sum(1) / self.counts.to(sums.dtype)).sum()
+            return self.data_share(self.losses_of(preds, batch)[0])
 
         preds, pullback = vjp(outputs, self.w)  # type: ignore[misc]
         _, out_hessian = vjp(grad(loss), preds)  # type: ignore[misc]  # H_out is symmetric
@@ -234,26 +234,25 @@ class TrainingObjective:
         ``directions``), ``u_k . grad s_li``: (N, K, m), and the entry counts (N, K)."""
         products, counts = [], []
         for batch in self.batches():
-            fn = lambda w, batch=batch: self.sample_losses(w, batch)[0]  # noqa: E731
-            with torch.no_grad():
-                tangents = vmap(lambda u, fn=fn: jvp(fn, (self.w,), (u,))[1])(directions)  # (m, K, B)
-                _, c = self.sample_losses(self.w, batch)
+            fn = lambda w, batch=batch: self.sample_losses(w, batch)  # noqa: E731
+            with torch.no_grad():  # (m, K, B) tangents; the counts ride along as jvp's aux output
+                _, tangents, c = vmap(lambda u, fn=fn: jvp(fn, (self.w,), (u,), has_aux=True))(directions)  # type: ignore[misc]
             products.append(tangents.permute(2, 1, 0).detach())
-            counts.append(c.t())
+            counts.append(c[0].t())
         return torch.cat(products), torch.cat(counts)
 
     def task_gradients(self, data: Iterable[Any], what: str) -> Tensor:
         """Each task's mean-loss gradient over ``data`` (K, P)."""
         total, counts = None, None
         for batch in self._ordinary(reiterable_batches(data, what)):
-            with torch.no_grad():
-                jac = jacrev(lambda w, batch=batch: self.sample_losses(w, batch)[0].sum(1))(self.w)
-                _, c = self.sample_losses(self.w, batch)
+            with torch.no_grad():  # the counts ride along as jacrev's aux output
+                jac, c = jacrev(lambda w, batch=batch: self._summed(w, batch), has_aux=True)(self.w)
             total = jac if total is None else total + jac
             counts = c.sum(1) if counts is None else counts + c.sum(1)
-        if total is None or counts is None:
-            raise ConfigError(f"The {what} data is empty.")
-        if bool((counts == 0).any()):
-            empty = [t for t, n in zip(self.tasks.names, counts.tolist(), strict=True) if n == 0]
-            raise ConfigError(f"Task(s) {empty} have no labelled entry in the {what} data.")
+        counts = self._check_totals(counts, what)
+        assert total is not None
         return total.detach() / counts.to(total.dtype).unsqueeze(1)
+
+    def _summed(self, w: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        sums, counts = self.sample_losses(w, batch)
+        return sums.sum(1), counts
