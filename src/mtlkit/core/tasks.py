@@ -178,15 +178,21 @@ class Task:
         Runs without a host synchronisation for the built-in losses: unlabelled entries get a
         harmless target and a zero weight, so no NaN reaches the forward or the backward pass.
         """
-        pred, target = self.align(pred, target)
-        valid = self.labelled_mask(target, mask)
-        if target.device.type == "cpu":  # free on the host; the Trainer checks device batches on the host
-            self.check_target_values(target, valid, pred.shape)
+        pred, target, valid = self._prepared(pred, target, mask)
         count = valid.sum()
         if not isinstance(self.loss, str):
             return self._custom_loss(pred, target, valid), count
         values = self._entry_losses(pred, target, valid)
         return values.sum() / count.clamp(min=1).to(values.dtype), count
+
+    def _prepared(self, pred: Tensor, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The aligned prediction and target and the labelled-entry mask, with the target's values
+        checked against the loss's range."""
+        pred, target = self.align(pred, target)
+        valid = self.labelled_mask(target, mask)
+        if target.device.type == "cpu":  # free on the host; the Trainer checks device batches on the host
+            self.check_target_values(target, valid, pred.shape)
+        return pred, target, valid
 
     def _entry_losses(self, pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
         """A built-in loss per target entry, 0 where unlabelled (no NaN in either pass)."""
@@ -205,10 +211,7 @@ class Task:
         """Each sample's summed loss over its labelled entries and their number, both (B,): the
         task's loss is ``sums.sum() / counts.sum()``. Influence functions need the per-sample
         terms; a callable loss must then return per-sample values (one per labelled row)."""
-        pred, target = self.align(pred, target)
-        valid = self.labelled_mask(target, mask)
-        if target.device.type == "cpu":
-            self.check_target_values(target, valid, pred.shape)
+        pred, target, valid = self._prepared(pred, target, mask)
         rows = valid.reshape(valid.shape[0], -1)
         if isinstance(self.loss, str):
             values = self._entry_losses(pred, target, valid)
