@@ -268,6 +268,15 @@ def plot(result: AffinityResult, path: Path) -> Path:
     return path
 
 
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _head(cells: Sequence[str]) -> list[str]:
+    """A Markdown table's header row and its separator."""
+    return [_row(cells), "|" + "---|" * len(cells)]
+
+
 def markdown(result: AffinityResult, title: str) -> str:
     lines = [f"# Task relatedness: {title}", ""]
     lines += [
@@ -275,22 +284,20 @@ def markdown(result: AffinityResult, title: str) -> str:
         "",
     ]
     for key in [k for k in TITLES if k in result.matrices]:
-        lines += [f"## {TITLES[key]}", "", "| source \\ target | " + " | ".join(result.tasks) + " |"]
-        lines.append("|---" * (len(result.tasks) + 1) + "|")
+        lines += [f"## {TITLES[key]}", "", *_head(["source \\ target", *result.tasks])]
         for name, row in zip(result.tasks, result.matrices[key], strict=True):
-            lines.append(f"| {name} | " + " | ".join(f"{v:.3g}" for v in row) + " |")
+            lines.append(_row([name, *(f"{v:.3g}" for v in row)]))
         lines.append("")
     lines += ["## Agreement between the measures (off-diagonal entries)", ""]
     lines += [
         "Agreement: the fraction of directed pairs both measures call helpful (value > 0; for the "
         "cross-loss weights, a source the filter keeps) or both harmful. Spearman: of the values.",
         "",
-        "| measures | agreement | Spearman |",
-        "|---|---|---|",
+        *_head(["measures", "agreement", "Spearman"]),
     ]
     for pair, v in result.agreement.items():
         rho = f"{v['spearman']:.2f}" if "spearman" in v else "—"
-        lines.append(f"| {pair} | {v['sign_agreement']:.2f} | {rho} |")
+        lines.append(_row([pair, f"{v['sign_agreement']:.2f}", rho]))
     lines += ["", "## Suggested groups", ""]
     for m, groups in result.groups.items():
         lines.append(f"- {m}: " + ", ".join("{" + ", ".join(g) + "}" for g in groups))
@@ -306,8 +313,7 @@ def markdown(result: AffinityResult, title: str) -> str:
             "over seeds; positive = better than single-task). A task served by a singleton group is "
             "its single-task model.",
             "",
-            "| training | " + " | ".join(result.tasks) + " | Δm% |",
-            "|---" * (len(result.tasks) + 2) + "|",
+            *_head(["training", *result.tasks, "Δm%"]),
         ]
         for label in ["single-task", *rows]:
             cells = []
@@ -319,7 +325,7 @@ def markdown(result: AffinityResult, title: str) -> str:
                 if label == "single-task"
                 else Summary.of([s["delta_m"][label] for s in comparison["seeds"]]).text(2)
             )
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {dm} |")
+            lines.append(_row([label, *cells, dm]))
         lines.append("")
         lines.append("Task metrics: the main metric of each task, mean over seeds.")
         observed = comparison["observed_transfer"]
@@ -332,13 +338,12 @@ def markdown(result: AffinityResult, title: str) -> str:
             "(cross-loss: + where the filter keeps a source). `sign match`: the fraction of tasks where "
             "the two signs agree.",
             "",
-            "| | " + " | ".join(result.tasks) + " | sign match |",
-            "|---" * (len(result.tasks) + 2) + "|",
-            "| observed transfer (%) | " + " | ".join(f"{observed[t]:+.2f}" for t in result.tasks) + " | |",
+            *_head(["", *result.tasks, "sign match"]),
+            _row(["observed transfer (%)", *(f"{observed[t]:+.2f}" for t in result.tasks), ""]),
         ]
         for key, v in comparison["predicted_transfer"].items():
-            predicted = " | ".join(f"{v['onto'][t]:+.3g}" for t in result.tasks)
-            lines.append(f"| {key} | {predicted} | {v['sign_match']:.2f} |")
+            onto = [f"{v['onto'][t]:+.3g}" for t in result.tasks]
+            lines.append(_row([key, *onto, f"{v['sign_match']:.2f}"]))
     if result.mtif:
         residual = result.mtif["residual"]
         lines += [
