@@ -39,10 +39,12 @@ from mtlkit.relatedness import drop_points, influence_scores, random_selection, 
 from tables import write_results
 
 
+def network(dataset) -> mk.models.SharedBottom:
+    return mk.models.SharedBottom(dataset.in_features, dataset.tasks, bottom_dims=[256, 128], tower_dims=[64])
+
+
 def train(dataset, train_set: MultiTaskTensorDataset, init: dict, seed: int, args) -> mk.Trainer:
-    model = mk.models.SharedBottom(
-        dataset.in_features, dataset.tasks, bottom_dims=[256, 128], tower_dims=[64]
-    )
+    model = network(dataset)
     model.load_state_dict(init)
     trainer = mk.Trainer(
         model,
@@ -92,9 +94,7 @@ def corrupt(dataset, target: str, fraction: float, seed: int) -> tuple[MultiTask
 
 def one_seed(dataset, seed: int, args) -> dict:
     torch.manual_seed(seed)
-    init = mk.models.SharedBottom(
-        dataset.in_features, dataset.tasks, bottom_dims=[256, 128], tower_dims=[64]
-    ).state_dict()
+    init = network(dataset).state_dict()
     train_set, corrupted = dataset.train, {}
     if args.corrupt > 0:
         train_set, corrupted = corrupt(dataset, args.target, args.corrupt, seed)
