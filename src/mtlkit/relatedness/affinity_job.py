@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,8 +81,6 @@ def _claim(folder: Path, settings: AffinitySettings) -> None:
 
 def measure(job: AffinityJob, output: Path, log: Log = print) -> tuple[AffinityResult, Any]:
     """One all-in-one run with every measure attached, then MTIF at its final weights."""
-    import time
-
     a = job.affinity
     dataset = _dataset(job)
     tasks: TaskSet = dataset.tasks
