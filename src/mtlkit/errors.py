@@ -79,6 +79,11 @@ class LifecycleError(MtlkitError, RuntimeError):
     before anything is updated, instead of silently running a different algorithm."""
 
 
+class DistributedError(MtlkitError, RuntimeError):
+    """A multi-task step cannot run as asked under data parallelism (e.g. a method's forward ran with
+    DDP's gradient sync on although the method averages the gradients itself)."""
+
+
 class ModelContractError(MtlkitError, TypeError, ValueError):
     """A model does not fulfil the multi-task model contract (see ``docs/design.md``)."""
 

@@ -62,7 +62,9 @@ def train(
 
     The whole configuration (every key, value range, component name and option) is checked
     before any data is loaded. Started again with the same output directory, a killed run
-    resumes from its last intact checkpoint.
+    resumes from its last intact checkpoint. Under ``torchrun --nproc-per-node N --no-python
+    mtlkit train CONFIG`` the model trains in DistributedDataParallel on N ranks, with
+    ``data.batch_size`` as the global batch.
     """
     from mtlkit.train.config import check_components, load_config
 
@@ -78,8 +80,12 @@ def train(
     from mtlkit.train.experiment import run
 
     result = run(cfg)
-    typer.echo(str(result.test))
-    typer.echo(f"logs, checkpoints and test_report.json in {result.output}")
+    if result.trainer.is_main:
+        typer.echo(str(result.test))
+        typer.echo(f"logs, checkpoints and test_report.json in {result.output}")
+    from mtlkit.train.distributed import finish
+
+    finish()
 
 
 @app.command()

@@ -183,6 +183,15 @@ class ParameterJacobian:
     def num_tasks(self) -> int:
         return self.blocks[0].shape[0]
 
+    def shared_blocks(self) -> list[Tensor]:
+        """The tensors that hold the shared-parameter gradients, contiguous (the engine's padded
+        buffer, whose padding is zero, or the blocks): what a data-parallel step averages."""
+        if self.matrix is not None and self.matrix._base is not None and self.matrix._base.is_contiguous():
+            return [self.matrix._base]
+        if self.matrix is not None:
+            return [self.matrix]
+        return list(self.blocks)
+
     def flat(self) -> Tensor:
         """The K x d Jacobian as one matrix (a copy; only for methods that need it whole)."""
         return torch.cat([b.reshape(self.num_tasks, -1) for b in self.blocks], dim=1)
@@ -336,6 +345,7 @@ class GradientEngine:
         buf = self._workspace.get(key) if reuse else None
         if buf is None:
             buf = like.new_empty(shape)
+            buf[:, d:].zero_()  # the padding is never written: zeros, so the whole buffer can be reduced
             if reuse:
                 if len(self._workspace) > 64:  # shapes keep changing (e.g. varying batch sizes)
                     self._workspace.clear()
@@ -549,6 +559,23 @@ class GradientEngine:
         out = torch.zeros(k, dtype=torch.float64, device=device)
         out[live] = live_norms
         return out
+
+    def task_gradients(self, losses: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+        """Every task's gradient w.r.t. ``params`` as one flat (K, d) matrix; the graph is kept and
+        ``.grad`` is not touched (zeros for a task that does not reach ``params``). For a
+        statistic that needs the gradients themselves, e.g. averaged across data-parallel ranks
+        before their norms are taken."""
+        params = as_param_list(params)
+        if not params:
+            raise EngineError("task_gradients() got no parameters.")
+        rows = params[0].new_zeros((len(losses), sum(p.numel() for p in params)))
+        for task, loss in enumerate(losses):
+            offset = 0
+            for p, g in zip(params, _task_grad(loss, params, True), strict=True):
+                if g is not None:
+                    rows[task, offset : offset + p.numel()] = g.reshape(-1)
+                offset += p.numel()
+        return rows
 
     # -- path (b) ---------------------------------------------------------------------------------
     def representation_gradients(

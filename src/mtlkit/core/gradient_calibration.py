@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mtlkit.core.distributed import DataParallel
 from mtlkit.errors import ConfigError
 
 
@@ -48,16 +49,19 @@ class ModalityGradientCalibration(nn.Module):
         self.target = target
         self.eps = eps
         self._active = False
+        self._parallel: DataParallel | None = None
         self.last_norms: tuple[list[float], list[float]] | None = None
 
     @contextmanager
-    def active(self) -> Iterator[None]:
-        """Calibrate the backward passes run inside this block."""
-        before, self._active = self._active, True
+    def active(self, parallel: DataParallel | None = None) -> Iterator[None]:
+        """Calibrate the backward passes run inside this block (under DDP, ``parallel`` makes the
+        branch norms those of the global batch)."""
+        before = (self._active, self._parallel)
+        self._active, self._parallel = True, parallel
         try:
             yield
         finally:
-            self._active = before
+            self._active, self._parallel = before
 
     def forward(self, *features: Tensor) -> tuple[Tensor, ...]:
         return _Equalize.apply(self, *features)
@@ -65,7 +69,10 @@ class ModalityGradientCalibration(nn.Module):
     def calibrate(self, grads: list[Tensor]) -> list[Tensor]:
         if not self._active or len(grads) < 2:
             return grads
-        norms = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])
+        squares = torch.stack([torch.linalg.vector_norm(g.double()).square() for g in grads])
+        if self._parallel is not None:  # a norm over the global batch: sum the ranks' squares
+            self._parallel.sum_(squares)
+        norms = squares.sqrt()
         target = norms.mean() if self.target == "mean" else norms.max()
         scale = torch.where(norms > self.eps, target / norms.clamp_min(self.eps), torch.ones_like(norms))
         out = [g * s.to(g.dtype) for g, s in zip(grads, scale, strict=True)]

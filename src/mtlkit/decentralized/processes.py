@@ -46,6 +46,7 @@ def _worker(rank: int, world: int, build: Builder, steps: int, init_file: str, o
         torch.set_num_threads(1)
         w, history = run_agent(build(rank, world), steps)
         torch.save({"w": w, "weights": history}, Path(out_dir) / f"agent{rank}.pt")
+        dist.barrier()  # gloo aborts a process whose peer tears the connections down mid-work
     finally:
         dist.destroy_process_group()
 

@@ -41,12 +41,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from mtlkit.core.contract import MultiTaskOutput, shared_parameters, task_parameters
+from mtlkit.core.contract import MultiTaskOutput, shared_parameters, task_parameters, unwrap
+from mtlkit.core.distributed import DataParallel
 from mtlkit.core.engine import TaskParams, as_param_list, reachable_leaves
 from mtlkit.core.tasks import Task, TaskSet
 from mtlkit.errors import (
     CheckpointError,
     ConfigError,
+    DistributedError,
     LifecycleError,
     NonFiniteLossError,
     NonPositiveLossError,
@@ -132,6 +134,9 @@ class StepInputs:
         shared: the shared parameters (empty when neither a model nor ``shared=`` was given);
             read from the model on first use, so loss weightings never pay for it.
         task_specific: the task-specific parameters (``None``: found from the autograd graph).
+        parallel: the data-parallel context under DDP (``None`` in one process): ``losses`` and
+            ``active`` are then global and each of ``values`` is the rank's loss times its share
+            (:mod:`mtlkit.core.distributed`).
     """
 
     def __init__(
@@ -154,6 +159,24 @@ class StepInputs:
         self.index: Tensor | None = None
         #: re-evaluates the losses on the step's batch (methods with ``needs_closure``)
         self.closure: Closure | None = None
+        self.parallel: DataParallel | None = None
+        #: under DDP, the factors ``R c_rk / C_k`` that ``values`` carry (a loss recomputed on the
+        #: same batch, e.g. by the closure, needs them too); ``None`` in one process
+        self.shares: Tensor | None = None
+
+    def after_reduce(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the step's gradients are averaged across ranks (now, in one process or
+        when DDP's own reducer already averaged them): a clip of the shared gradient must see the
+        global gradient."""
+        if self.parallel is None or self.parallel.native:
+            fn()
+        else:
+            self.parallel.deferred.append(fn)
+
+    def mark_reduced(self, params: Iterable[Tensor]) -> None:
+        """Note that this step wrote global gradients into ``params`` (not averaged again)."""
+        if self.parallel is not None:
+            self.parallel.reduced.update(id(p) for p in params)
 
     def subset(self, index: Tensor) -> StepInputs:
         """The inputs of the tasks at ``index`` only (a sorted 1-D index into the task list)."""
@@ -176,6 +199,8 @@ class StepInputs:
             self._shared,
             output,
         )
+        sub.parallel = self.parallel
+        sub.shares = self.shares[index.to(self.shares.device)] if self.shares is not None else None
         spec = self.task_specific
         sub.__dict__["task_specific"] = (
             {n: v for n, v in spec.items() if n in set(names)} if isinstance(spec, Mapping) else spec
@@ -267,6 +292,9 @@ class Method(nn.Module):
     #: What the model must provide beyond the contract (``None``: nothing), in words for errors
     #: and listings (FULLER: a gradient calibration where the modality branches meet).
     model_requirement: ClassVar[str | None] = None
+    #: Under DDP the step is one backward through the wrapper, so DDP's own reducer averages the
+    #: model's gradients (the loss weightings); every other method averages them itself.
+    ddp_native: ClassVar[bool] = False
     _hparams: ClassVar[dict[str, HParam]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -287,6 +315,7 @@ class Method(nn.Module):
         self._after_step_due = False
         self._epoch_open = False
         self._versions: tuple[Any, int, list[int]] | None = None
+        self._parallel: DataParallel | None = None  # the last step's, for after_step's losses
         self._validate()
 
     def _validate(self) -> None:
@@ -397,6 +426,10 @@ class Method(nn.Module):
         active = torch.ones_like(after, dtype=torch.bool)
         if labelled is not None:
             active = labelled.to(after.device) > 0
+        parallel = self._parallel
+        if parallel is not None:  # the same global losses on every rank, like the step's
+            counts = labelled.to(after.device) if labelled is not None else torch.ones_like(after)
+            after, active, _ = parallel.global_losses(after, counts)
         self._after_step(after, active)
         self._after_step_due = False
 
@@ -430,6 +463,7 @@ class Method(nn.Module):
         loss_scale: float | None = None,
         extra_losses: Sequence[Losses] = (),
         closure: Closure | None = None,
+        data_parallel: DataParallel | None = None,
     ) -> StepInfo:
         """Fill ``.grad`` of every parameter from the task losses; return what was done.
 
@@ -454,6 +488,13 @@ class Method(nn.Module):
                 the step's batch and returns ``(losses, output)`` with the same scale as
                 ``losses``. The Trainer passes it; in your own loop see
                 :class:`~mtlkit.methods.Driver`.
+            data_parallel: the data-parallel context; by default found from a
+                ``DistributedDataParallel`` model with more than one rank. Under DDP the step is
+                exact (the update of one process on the global batch): the method sees the global
+                losses, its solve the global per-task information, and ``.grad`` ends averaged
+                across ranks. Loss weightings run with DDP's reducer on; every other method must run
+                the forward and this call inside ``with model.no_sync():`` and averages the gradients
+                itself (the Trainer does both). See ``docs/distributed.md``.
         """
         if self.needs_closure and closure is None:
             raise LifecycleError(
@@ -461,17 +502,47 @@ class Method(nn.Module):
                 "weights: pass closure=, a callable that runs the model on the same batch and returns "
                 "(losses, output) (the Trainer does this by itself)."
             )
-        inputs = self._begin_step(losses, model, output, shared, loss_scale)
+        parallel = data_parallel if data_parallel is not None else self._data_parallel(model)
+        self._parallel = parallel
+        inputs = self._begin_step(losses, model, output, shared, loss_scale, parallel)
         inputs.closure = closure
-        inputs.extra = self._extra_inputs(extra_losses, model, shared, loss_scale)
+        inputs.extra = self._extra_inputs(extra_losses, model, shared, loss_scale, parallel)
         aux = self._aux_gradients(inputs, model)  # before the method's backward frees the graph
         info = self._dispatch(inputs)
         if inputs.output is not None and inputs.output.aux_losses:
             info.aux_losses = {k: v.detach() for k, v in inputs.output.aux_losses.items()}
+        if parallel is not None and aux:
+            parallel.average_([g for _, g in aux])  # local, on every rank for the same parameters
         add_gradients(aux)  # written only once the method's checks have passed
+        if parallel is not None and parallel.reduce:
+            self._average_step_gradients(parallel, model, shared)
         self._remember_versions(inputs, model)
         self._after_step_due = Hook.AFTER_STEP in self.hooks
         return info
+
+    def _data_parallel(self, model: nn.Module | None) -> DataParallel | None:
+        parallel = DataParallel.of(model)
+        if parallel is not None and parallel.native and not self.ddp_native:
+            raise DistributedError(
+                f"{type(self).__name__} combines per-task information across ranks and averages the "
+                "gradients itself, but the DDP model's forward ran with gradient sync on: run the "
+                "forward and method.backward() inside `with model.no_sync():` (the Trainer does). "
+                "Only loss weightings use DDP's own reducer."
+            )
+        return parallel
+
+    def _average_step_gradients(
+        self, parallel: DataParallel, model: nn.Module | None, shared: Iterable[Tensor] | None
+    ) -> None:
+        """Average what this step wrote across ranks (DDP's reducer did the model's part when
+        native), then run what waited for the global gradient."""
+        params: list[Tensor] = list(self.parameters())
+        if not parallel.native and model is not None:
+            params = list(unwrap(model).parameters()) + params
+        parallel.average_gradients(params)
+        for fn in parallel.deferred:
+            fn()
+        parallel.deferred.clear()
 
     @property
     def needs_representation(self) -> bool:
@@ -492,6 +563,7 @@ class Method(nn.Module):
         model: nn.Module | None,
         shared: Iterable[Tensor] | None,
         loss_scale: float | None,
+        parallel: DataParallel | None = None,
     ) -> list[StepInputs]:
         wanted = self.batches_per_step - 1
         if len(extra_losses) != wanted:
@@ -505,7 +577,7 @@ class Method(nn.Module):
             names, values, labelled = self._split(losses)
             if names != self.task_names:
                 raise TaskError(f"extra_losses has tasks {names}; the step's tasks are {self.task_names}.")
-            out.append(self._inputs(names, values, labelled, model, shared, None, loss_scale))
+            out.append(self._inputs(names, values, labelled, model, shared, None, loss_scale, parallel))
         return out
 
     def _aux_gradients(self, inputs: StepInputs, model: nn.Module | None) -> list[tuple[Tensor, Tensor]]:
@@ -557,13 +629,14 @@ class Method(nn.Module):
         output: MultiTaskOutput | None,
         shared: Iterable[Tensor] | None,
         loss_scale: float | None,
+        parallel: DataParallel | None = None,
     ) -> StepInputs:
         """Check everything before anything is written: losses, lifecycle, configuration."""
         names, values, labelled = self._split(losses)
         if not values:
             raise TaskError(f"{type(self).__name__}.backward() got no task losses.")
         self._check_lifecycle(names)
-        return self._inputs(names, values, labelled, model, shared, output, loss_scale)
+        return self._inputs(names, values, labelled, model, shared, output, loss_scale, parallel)
 
     def _inputs(
         self,
@@ -574,6 +647,7 @@ class Method(nn.Module):
         shared: Iterable[Tensor] | None,
         output: MultiTaskOutput | None,
         loss_scale: float | None,
+        parallel: DataParallel | None = None,
     ) -> StepInputs:
         for n, v in zip(names, values, strict=True):
             if not isinstance(v, Tensor) or v.numel() != 1:
@@ -587,6 +661,12 @@ class Method(nn.Module):
         stacked = stacked.to(torch.promote_types(stacked.dtype, torch.float32))
         if loss_scale is not None:
             stacked = stacked / loss_scale
+        active = torch.tensor([v.requires_grad for v in values], device=stacked.device)
+        if labelled is not None:
+            active = active & (labelled.to(stacked.device) > 0)
+        shares = None
+        if parallel is not None:  # every rank checks the same global losses: all raise or none
+            values, stacked, active, shares = _global_inputs(parallel, values, stacked, active, labelled)
         finite = torch.isfinite(stacked)
         if not bool(finite.all()):
             bad = [n for n, ok in zip(names, finite.tolist(), strict=True) if not ok]
@@ -594,12 +674,11 @@ class Method(nn.Module):
                 f"Non-finite loss for task(s) {bad} (values {stacked.tolist()}); nothing was updated. "
                 "Check the inputs and targets of these tasks, or lower the learning rate."
             )
-        active = torch.tensor([v.requires_grad for v in values], device=stacked.device)
-        if labelled is not None:
-            active = active & (labelled.to(stacked.device) > 0)
         if self.positive_losses:
             self._require_positive(names, stacked, active)
-        return StepInputs(names, values, stacked, active, loss_scale, model, shared, output)
+        inputs = StepInputs(names, values, stacked, active, loss_scale, model, shared, output)
+        inputs.parallel, inputs.shares = parallel, shares
+        return inputs
 
     def _check_lifecycle(self, names: list[str]) -> None:
         if self.task_names is None:
@@ -730,3 +809,23 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b) and type(a) is type(b)
     except (TypeError, ValueError, RuntimeError):
         return a is b
+
+
+def _global_inputs(
+    parallel: DataParallel,
+    values: list[Tensor],
+    losses: Tensor,
+    active: Tensor,
+    labelled: Tensor | None,
+) -> tuple[list[Tensor], Tensor, Tensor, Tensor | None]:
+    """The global losses and active flags of a data-parallel step, this rank's losses times their
+    shares (whose gradients, averaged over ranks, are the global batch's), and the shares."""
+    if parallel.prepared is not None:  # inside another method's step: done there
+        global_losses, global_active = parallel.prepared
+        return values, global_losses.to(losses.device), global_active.to(losses.device), None
+    counts = active.to(torch.float64)
+    if labelled is not None:
+        counts = counts * labelled.to(device=losses.device, dtype=torch.float64)
+    global_losses, global_active, shares = parallel.global_losses(losses, counts)
+    scaled = [v * s.to(device=v.device, dtype=v.dtype) for v, s in zip(values, shares.unbind(), strict=True)]
+    return scaled, global_losses, global_active, shares

@@ -12,7 +12,7 @@ from torch import Tensor
 from mtlkit.core.engine import GradientEngine
 from mtlkit.core.module_state import normalization_buffers, restore_buffers
 from mtlkit.core.tasks import TaskLosses, TaskSet
-from mtlkit.errors import ConfigError, NonFiniteLossError, TaskError
+from mtlkit.errors import ConfigError, DistributedError, NonFiniteLossError, TaskError
 from mtlkit.methods.base import Hook, Method, StepInfo, StepInputs, add_gradients
 from mtlkit.methods.gradient_methods import all_finite, gradient_statistics
 from mtlkit.methods.hparams import boolean, hparam, instance_of, none, number
@@ -109,7 +109,13 @@ class FMTL(WrapsMethod):
             raise TaskError("F-MTL needs the shared parameters: pass the model (or shared=) to backward().")
         assert inputs.closure is not None
         shared = inputs.shared
+        parallel = inputs.parallel
+        if parallel is not None and inputs.shares is None:
+            raise DistributedError("F-MTL cannot run inside another method's step under DDP.")
         jac = self._engine().jacobian(inputs.values, shared, inputs.task_specific, names=inputs.names)
+        if parallel is not None:  # the global gradients: every rank perturbs the same way
+            parallel.average_(jac.shared_blocks())
+            parallel.average_([grad for pairs in getattr(jac.heads, "grads", []) for _, grad in pairs])
         g = jac.rows().clone()  # K x d, scaled like the losses
         heads = jac.heads.params
         own: list[dict[int, Tensor]] = [{} for _ in inputs.names]  # task -> {head index: gradient}
@@ -133,6 +139,8 @@ class FMTL(WrapsMethod):
                 )
                 losses, _ = inputs.closure()
                 value = _task_loss(losses, inputs.names, k)
+                if inputs.shares is not None:  # this rank's part of the global loss, as in the step
+                    value = value * inputs.shares[k].to(value.dtype)
                 targets = shared + [heads[i] for i in own[k]]
                 grads = torch.autograd.grad(value, targets, allow_unused=True)
                 offset = 0
@@ -147,6 +155,9 @@ class FMTL(WrapsMethod):
         finally:
             _restore(shared, saved, [heads[i] for i in saved_heads], list(saved_heads.values()))
             restore_buffers(bn_state)
+        if parallel is not None:
+            parallel.average_([sam, *sam_heads.values()])
+            inputs.mark_reduced([*shared, *(heads[i] for i in sam_heads)])
         if not all_finite(sam):
             raise NonFiniteLossError(
                 "F-MTL: a gradient at a perturbed point is not finite; nothing was updated."

@@ -95,7 +95,7 @@ class FULLER(WrapsMethod):
             )
         with ExitStack() as stack:
             for cal in calibrations:
-                stack.enter_context(cal.active())
+                stack.enter_context(cal.active(inputs.parallel))
                 cal.last_norms = None
             info = self.base_backward(self.task_level, inputs)
         norms = [cal.last_norms for cal in calibrations if cal.last_norms is not None]

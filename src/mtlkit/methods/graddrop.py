@@ -86,6 +86,7 @@ class GradDrop(OwnedGenerator, JacobianAggregator):
         None, number(gt=0) | none(), "clip the shared update's norm (fairgrad baseline: 1.0)"
     )
     seed: int = hparam(0, number(ge=0, integer=True), "seed of the method's generator for the draws")
+    shards_samples = True
 
     def _build(self, tasks: TaskSet) -> None:
         if not isinstance(self.leak, (int, float)) and len(self.leak) != len(tasks):
@@ -115,6 +116,8 @@ class GradDrop(OwnedGenerator, JacobianAggregator):
                 else rows
             )
             stat = signed.sum(dim=1)  # (A, features): one statistic per feature, shared by the batch
+            if self.parallel is not None:  # the global batch's sum; the draws agree across ranks
+                stat = self.parallel.sum_(stat.contiguous())
         else:
             rows = jacobian.reshape(a, 1, -1)
             stat = jacobian

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from mtlkit.core.distributed import DataParallel
 from mtlkit.core.engine import (
     DeferredHeadGradients,
     GradientEngine,
@@ -18,7 +19,7 @@ from mtlkit.core.engine import (
     reachable_leaves,
 )
 from mtlkit.core.tasks import TaskSet
-from mtlkit.errors import EngineError, NonFiniteGradientError
+from mtlkit.errors import DistributedError, EngineError, NonFiniteGradientError
 from mtlkit.methods.base import Method, StepInfo, StepInputs
 from mtlkit.methods.hparams import hparam, instance_of, none, number, one_of
 
@@ -121,11 +122,21 @@ def clip_factor(norm: Tensor | float, max_norm: float | None) -> Tensor | float:
 
 
 def clipped_trunk_backward(
-    features: list[Tensor], cotangents: list[Tensor], shared: list[Tensor], max_norm: float, scale: float
+    features: list[Tensor],
+    cotangents: list[Tensor],
+    shared: list[Tensor],
+    max_norm: float,
+    scale: float,
+    parallel: DataParallel | None = None,
 ) -> None:
     """Back-propagate representation cotangents into the shared parameters with the norm of the
-    resulting (unscaled) gradient clipped to ``max_norm``; frees the graph."""
-    grads = torch.autograd.grad(features, shared, grad_outputs=cotangents, allow_unused=True)
+    resulting (unscaled) gradient clipped to ``max_norm``; frees the graph. Under DDP the gradient
+    is averaged across ranks first, so the clip sees the global norm."""
+    grads = torch.autograd.grad(
+        features, shared, grad_outputs=cotangents, allow_unused=True, materialize_grads=parallel is not None
+    )
+    if parallel is not None:
+        parallel.average_([g for g in grads if g is not None])
     present = [g for g in grads if g is not None]
     if not present:
         return
@@ -175,6 +186,13 @@ class GramianWeighting(GradientMethod):
         "others get weight 0 in the shared update that step and train their own parameters only)",
     )
     task_sample_seed: int = hparam(0, number(integer=True), "seed of the task sampler")
+    ddp_gramian: Literal["exact", "local"] = hparam(
+        "exact",
+        one_of("exact", "local"),
+        "under DDP at the parameter level: average the per-task gradients across ranks (exact; K x d "
+        "per solve) or the ranks' local Gramians (an approximation that overestimates the Gramian "
+        "by the between-rank variance; K x K per solve)",
+    )
     active_index: Tensor | None = None
     reused_weights: Tensor
 
@@ -311,6 +329,7 @@ class GramianWeighting(GradientMethod):
         engine = self._engine()
         own = self.head_grad == "own"
         rep = jac = None
+        parallel = inputs.parallel
         if self.level == "representation":
             gram, rep = engine.representation_gramian(
                 inputs.values,
@@ -319,10 +338,18 @@ class GramianWeighting(GradientMethod):
                 inputs.task_specific,
                 self._shared(inputs),
             )
+            if parallel is not None:  # a sum over samples; each rank's rows carry its share R c/C
+                gram = parallel.sum_(gram) / parallel.world_size**2
         else:
-            gram, jac = engine.parameter_gramian(
+            jac = engine.jacobian(
                 inputs.values, self._shared(inputs), inputs.task_specific, names=inputs.names
             )
+            exact = self.ddp_gramian == "exact"
+            if parallel is not None and exact:
+                parallel.average_(jac.shared_blocks())  # J itself is global from here on
+            gram = jac.gramian(engine.chunk_bytes, engine.precision)
+            if parallel is not None and not exact:
+                gram = parallel.sum_(gram) / parallel.world_size
         gram = gram / inputs.scale**2
         w = self._solve(gram, inputs)
         shared_w = w
@@ -334,11 +361,14 @@ class GramianWeighting(GradientMethod):
                 rep.backward_shared(w)
             else:
                 clipped_trunk_backward(
-                    rep.features, rep.cotangents(w), self._shared(inputs), max_norm, inputs.scale
+                    rep.features, rep.cotangents(w), self._shared(inputs), max_norm, inputs.scale, parallel
                 )
+                inputs.mark_reduced(self._shared(inputs))
             rep.write_heads(None if own else w)
         elif jac is not None:
             jac.write_shared_weighted(shared_w)
+            if self.ddp_gramian == "exact":
+                inputs.mark_reduced(jac.shared)
             jac.write_heads(None if own else w)
         return w, gram
 
@@ -378,9 +408,18 @@ class GramianWeighting(GradientMethod):
             shared = [p for p in reachable_leaves(live_values, set()) if id(p) not in head_ids]
         else:
             shared = exclude
-        grads = torch.autograd.grad(weighted, shared + heads, retain_graph=own, allow_unused=True)
+        grads = torch.autograd.grad(
+            weighted,
+            shared + heads,
+            retain_graph=own,
+            allow_unused=True,
+            materialize_grads=inputs.parallel is not None,
+        )
         shared_grads, head_grads = grads[: len(shared)], grads[len(shared) :]
         if max_norm is not None:
+            if inputs.parallel is not None:  # clip the global gradient
+                inputs.parallel.average_([g for g in shared_grads if g is not None])
+                inputs.mark_reduced(shared)
             present = [g for g in shared_grads if g is not None]
             if present:
                 norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present]))
@@ -421,6 +460,13 @@ class JacobianAggregator(GradientMethod):
     head_grad: HeadGrad = hparam("own", one_of("own"), "task-specific parameters get their own gradient")
     level: Level = hparam("parameter", one_of("parameter"), "per-task gradients of the shared parameters")
     keeps_gradients: ClassVar[bool] = False
+    #: at the representation level the direction of a sample's entries depends on other samples
+    #: only through sums over the batch, which the method all-reduces itself through
+    #: :attr:`parallel` (GradDrop's purity statistic); then each rank serves its own samples under
+    #: DDP. Other rules refuse the representation level under DDP, where no rank holds the whole row.
+    shards_samples: ClassVar[bool] = False
+    #: the data-parallel context during :meth:`direction` (``None`` in one process)
+    parallel: DataParallel | None = None
     #: names of K x d state buffers (EMA, accumulators) whose width d is known only at the first
     #: step: register them in ``_build`` as K x 0 and read them with :meth:`state_rows`.
     lazy_buffers: ClassVar[tuple[str, ...]] = ()
@@ -493,7 +539,18 @@ class JacobianAggregator(GradientMethod):
         engine = self._engine()
         rep = None
         heads: HeadGradients | DeferredHeadGradients
+        parallel = inputs.parallel
+        # under DDP a rank's representation rows are 1/R of the global batch's rows (its shares
+        # carry R); entrywise rules see them at the global scale and the cotangent goes back x R
+        rank_factor = 1.0
         if self.level == "representation":
+            if parallel is not None:
+                if not self.shards_samples:
+                    raise DistributedError(
+                        f"{type(self).__name__}(level='representation') needs every sample's row at "
+                        "once, which no rank holds under DDP; use level='parameter'."
+                    )
+                rank_factor = float(parallel.world_size)
             z = self._representation(inputs)
             if isinstance(z, Mapping):
                 raise EngineError(
@@ -516,40 +573,46 @@ class JacobianAggregator(GradientMethod):
                 names=inputs.names,
                 owned=self.keeps_gradients,
             )
+            if parallel is not None:
+                parallel.average_(jac.shared_blocks())  # every rank aggregates the global J
+                inputs.mark_reduced(jac.shared)
             rows = jac.rows()
             heads = jac.heads
         idx = active_subset(inputs.active)
         self.active_index = torch.arange(len(inputs.names)) if idx is None else idx
         self.features = rep.features[0] if rep is not None else None
+        self.parallel = parallel
         active_rows = rows if idx is None else rows[idx.to(rows.device)]
-        if inputs.loss_scale is not None:
-            active_rows = active_rows / inputs.scale
+        if inputs.loss_scale is not None or rank_factor != 1.0:
+            active_rows = active_rows / (inputs.scale * rank_factor)
         losses = inputs.losses if idx is None else inputs.losses[idx.to(inputs.losses.device)]
         try:
             direction = self.direction(active_rows, losses.to(torch.float64))
         finally:
             self.active_index = None
             self.features = None
+            self.parallel = None
         if not bool(torch.isfinite(direction).all()) and inputs.loss_scale is None:
             raise NonFiniteGradientError(
                 f"{type(self).__name__} produced a non-finite direction; nothing was updated."
             )
         max_norm = self._max_norm()
         if rep is not None:
-            cotangent = (direction * inputs.scale).to(rows.dtype).view(rep.features[0].shape)
+            cotangent = (direction * (inputs.scale * rank_factor)).to(rows.dtype).view(rep.features[0].shape)
             if max_norm is None:
                 rep.backward_cotangents([cotangent])
             else:
                 clipped_trunk_backward(
-                    rep.features, [cotangent], self._shared(inputs), max_norm, inputs.scale
+                    rep.features, [cotangent], self._shared(inputs), max_norm, inputs.scale, parallel
                 )
+                inputs.mark_reduced(self._shared(inputs))
         else:
             if max_norm is not None:
                 direction = direction * clip_factor(torch.linalg.vector_norm(direction.double()), max_norm)
             jac.write_shared_flat(direction * inputs.scale)
         hw = self.head_weights(inputs.losses.to(torch.float64), inputs.active)
         heads.write(None if hw is None else torch.where(inputs.active, hw.to(inputs.active.device), 0.0))
-        norms = (
-            torch.linalg.vector_norm(rows, dim=1).double() / inputs.scale
-        )  # (a float64 copy of J: 25x slower)
+        norms = torch.linalg.vector_norm(rows, dim=1).double() / (
+            inputs.scale * rank_factor
+        )  # (a float64 copy of J: 25x slower); under DDP at the representation level: this rank's
         return StepInfo(inputs.names, None, inputs.losses, level=self.level, grad_norms=norms)

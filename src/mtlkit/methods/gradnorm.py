@@ -150,7 +150,12 @@ class GradNorm(LossWeighting):
         known = active & ~torch.isnan(self.initial_losses)
         norms = None
         if balancing and bool(known.any()):
-            norms = self._norm_engine.task_gradient_norms(values, layer) / inputs.scale
+            if inputs.parallel is None:
+                norms = self._norm_engine.task_gradient_norms(values, layer) / inputs.scale
+            else:  # the norms of the global batch's gradients: average the gradients first
+                rows = self._norm_engine.task_gradients(values, layer)
+                inputs.parallel.average_([rows])
+                norms = torch.linalg.vector_norm(rows.double(), dim=1) / inputs.scale
             if bool(torch.isfinite(norms).all()):  # else fp16 overflow: the scaler skips this step
                 self._balance_step(weights, norms, unscaled, known, inputs.scale)
         w = weights.detach()

@@ -39,6 +39,8 @@ class LossWeighting(Method):
         """Method-specific values for :attr:`StepInfo.extras` (e.g. STCH's phase)."""
         return {}
 
+    ddp_native = True
+
     def _step(self, inputs: StepInputs) -> StepInfo:
         values, active = inputs.values, inputs.active
         weights = self.loss_weights(inputs.losses, active)
@@ -60,7 +62,7 @@ class LossWeighting(Method):
             ]
             if live:
                 torch.autograd.backward([v for v, _ in live], grad_tensors=[w for _, w in live])
-        self.after_backward(inputs)
+        inputs.after_reduce(lambda: self.after_backward(inputs))
         return StepInfo(
             inputs.names, weights.detach(), inputs.losses, level="loss", extras=self.step_extras()
         )

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from mtlkit.core.distributed import DataParallel
 from mtlkit.core.engine import GradientEngine
 from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import EngineError, LifecycleError
@@ -162,15 +163,24 @@ class RepMTL(WrapsMethod):
             self.__dict__["engine"] = GradientEngine()
         return self.engine  # type: ignore[return-value]
 
-    def regularizer(self, saliency: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+    def regularizer(
+        self, saliency: Tensor, active: Tensor, parallel: DataParallel | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``(TSR, CSA)`` of the (K, *z.shape) saliency of the active tasks (zeros with fewer
-        than two)."""
+        than two).
+
+        Under DDP the TSR of this rank's samples is its part of the global mean (DDP's average
+        over equal shards completes it), and CSA, whose denominators contrast every sample of the
+        batch, runs on the profiles of the whole global batch (a differentiable all-gather; its
+        backward sums each rank's part back)."""
         idx = active.nonzero().squeeze(1)
         zero = saliency.new_zeros(())
         if len(idx) < 2 or saliency.dim() < 2:
             return zero, zero
         a, p = task_saliency_distribution(saliency[idx.to(saliency.device)], self.normalize, self.temperature)
         tsr = saliency_entropy(p) if self.lambda_tsr else zero
+        if self.lambda_csa and parallel is not None:
+            a = parallel.gather(a, dim=1)
         csa = saliency_alignment(a, self.tau) if self.lambda_csa else zero
         return tsr, csa
 
@@ -191,9 +201,11 @@ class RepMTL(WrapsMethod):
             inputs.task_specific,
             prepare=self._base_level == "representation",
         )
-        tsr, csa = self.regularizer(saliency / inputs.scale, inputs.active)
+        tsr, csa = self.regularizer(saliency / inputs.scale, inputs.active, inputs.parallel)
         penalty = self.lambda_tsr * tsr + self.lambda_csa * csa
         written = gradients_of(penalty * inputs.scale, inputs._model)  # before the base frees the graph
+        if inputs.parallel is not None:  # global before it joins gradients the base may have reduced
+            inputs.parallel.average_([g for _, g in written])
         del saliency
         info = self.base_backward(self.base_method, inputs)
         add_gradients(written)

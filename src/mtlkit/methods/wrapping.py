@@ -49,6 +49,7 @@ class WrapsMethod(Method):
             output,
             shared=inputs._shared if inputs._model is None else None,
             loss_scale=inputs.loss_scale,
+            data_parallel=inputs.parallel.inner(inputs.losses, inputs.active) if inputs.parallel else None,
         )
 
     def parts(self) -> list[Method]:

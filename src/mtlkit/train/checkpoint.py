@@ -33,6 +33,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from mtlkit.core.contract import unwrap
 from mtlkit.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -82,8 +83,9 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict as contiguous CPU tensors (tied tensors are stored once per name)."""
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    """The model's state dict as contiguous CPU tensors (tied tensors are stored once per name);
+    the model inside a DDP or ``torch.compile`` wrapper, so the names do not depend on how it ran."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in unwrap(model).state_dict().items()}
 
 
 def rng_state() -> dict[str, Any]:
@@ -305,7 +307,9 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
 def apply_model_tensors(
     model: nn.Module, tensors: dict[str, torch.Tensor], source: Path | str = "checkpoint"
 ) -> None:
-    """Load tensors into ``model`` after checking names and shapes (all or nothing)."""
+    """Load tensors into ``model`` (the model inside a DDP or compile wrapper) after checking names
+    and shapes (all or nothing)."""
+    model = unwrap(model)
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))

@@ -17,6 +17,7 @@ from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import ConfigError, unknown_name
 from mtlkit.train import Callback, EarlyStopping, EvaluationReport, Trainer
 from mtlkit.train.config import OPTIMIZERS, RunConfig, check_components
+from mtlkit.train.distributed import init_from_env, launched, shard_loader, wrap
 
 
 @dataclass
@@ -56,6 +57,10 @@ def run(
 
     ``dataset`` replaces the configured one (already loaded), ``task_names`` trains a subset of its
     tasks (a single-task baseline), ``callbacks`` go to the Trainer.
+
+    Started by ``torchrun`` with several ranks, the model trains in ``DistributedDataParallel``
+    with ``data.batch_size`` as the global batch (:mod:`mtlkit.train.distributed`); every rank
+    evaluates the whole validation and test splits, and rank 0 writes the outputs.
     """
     check_components(cfg)
     torch.manual_seed(cfg.seed)
@@ -71,12 +76,19 @@ def run(
     t = cfg.trainer
     es = t.early_stopping
     output = Path(cfg.output)
+    device: str | torch.device = t.device
+    parallel = init_from_env(t.device) if launched() else None
+    if parallel is not None:
+        model, device = wrap(model, parallel), parallel.device
+        train_loader = shard_loader(dataset.train, cfg.data.batch_size, parallel, shuffle=True, seed=cfg.seed)
+    else:
+        train_loader = mk_data.loader(dataset.train, cfg.data.batch_size, shuffle=True)
     trainer = Trainer(
         model,
         tasks,
         method,
         make_optimizer(cfg, model.parameters()),
-        device=t.device,
+        device=device,
         log_dir=output,
         checkpoint_every=t.checkpoint_every,
         keep_checkpoints=t.keep_checkpoints,
@@ -92,12 +104,9 @@ def run(
         callbacks=callbacks,
     )
     start = time.perf_counter()
-    trainer.fit(
-        mk_data.loader(dataset.train, cfg.data.batch_size, shuffle=True),
-        mk_data.loader(dataset.val, cfg.data.eval_batch_size),
-        epochs=t.epochs,
-    )
+    trainer.fit(train_loader, mk_data.loader(dataset.val, cfg.data.eval_batch_size), epochs=t.epochs)
     seconds = time.perf_counter() - start
     report = trainer.evaluate(mk_data.loader(dataset.test, cfg.data.eval_batch_size))
-    report.save(output / "test_report.json")
+    if trainer.is_main:
+        report.save(output / "test_report.json")
     return RunResult(cfg, trainer, report, seconds, output)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mtlkit.core.contract import check_parameter_split, forward_full, unwrap
+from mtlkit.core.distributed import barrier, is_ddp, process_rank
 from mtlkit.core.tasks import Batch, TaskBatches, TaskLosses, TaskSet
 from mtlkit.errors import CheckpointError, ConfigError, EmptyDataError, TaskError
 from mtlkit.methods import Hook, Method, StepInfo, add_param_groups
@@ -68,6 +70,10 @@ class Trainer:
         callbacks: further :class:`~mtlkit.train.Callback` objects.
         reference: single-task results for Δm% at every validation (a report or a JSON path).
         seed: the data order of epoch ``e`` depends only on ``(seed, e)``, which makes resumption exact.
+
+    Under ``torchrun`` with a ``DistributedDataParallel`` model every method is exact: the update
+    equals one process's on the global batch (``docs/distributed.md``). Rank 0 alone writes
+    checkpoints and logs; every rank reads the checkpoints.
         log_every: steps between logged rows (each logged step reads values back from the device).
         config: the resolved run configuration, written to ``run.json`` for reproducibility.
     """
@@ -137,8 +143,14 @@ class Trainer:
         if early_stopping is not None:
             early_stopping.check(self)
             builtin.append(early_stopping)
-        # logging last: what the other callbacks add to an epoch's row reaches epochs.csv
-        logging = [LoggingCallback(self.log_dir, log_every, tensorboard)] if self.log_dir is not None else []
+        # logging last: what the other callbacks add to an epoch's row reaches epochs.csv; one
+        # writer under DDP (every rank holds the same weights and global step statistics)
+        self.is_main = process_rank() == 0
+        logging = (
+            [LoggingCallback(self.log_dir, log_every, tensorboard)]
+            if self.log_dir is not None and self.is_main
+            else []
+        )
         self.callbacks = check_callbacks([*builtin, *callbacks, *logging])
         # Progress counters, saved in every checkpoint.
         self.step = 0
@@ -193,19 +205,20 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_batch_start(self, moved[0])
         self.optimizer.zero_grad(set_to_none=True)
-        losses, output = self._losses(moved[0], hosts[0])
-        extra = [self._losses(b, h)[0] for b, h in zip(moved[1:], hosts[1:], strict=True)]
-        batch = moved[0]
         scaler = self.precision.scaler
-        scale = None
-        if scaler is not None:
-            losses = losses.map(scaler.scale)
-            extra = [e.map(scaler.scale) for e in extra]
-            scale = float(scaler.get_scale())
-        closure = self._closure(batch) if self.method.needs_closure else None
-        info = self.method.backward(
-            losses, self.model, output, loss_scale=scale, extra_losses=extra, closure=closure
-        )
+        with self._gradient_sync():
+            losses, output = self._losses(moved[0], hosts[0])
+            extra = [self._losses(b, h)[0] for b, h in zip(moved[1:], hosts[1:], strict=True)]
+            batch = moved[0]
+            scale = None
+            if scaler is not None:
+                losses = losses.map(scaler.scale)
+                extra = [e.map(scaler.scale) for e in extra]
+                scale = float(scaler.get_scale())
+            closure = self._closure(batch) if self.method.needs_closure else None
+            info = self.method.backward(
+                losses, self.model, output, loss_scale=scale, extra_losses=extra, closure=closure
+            )
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         if self.grad_clip is not None:
@@ -220,6 +233,13 @@ class Trainer:
                 self.method.after_step(self._losses(batch)[0])
         self.last_info = info
         return info
+
+    def _gradient_sync(self) -> AbstractContextManager[Any]:
+        """Under DDP, methods other than loss weightings average the gradients themselves: their
+        forward and backward run with DDP's reducer off."""
+        if is_ddp(self.model) and not self.method.ddp_native:
+            return self.model.no_sync()  # type: ignore[operator]
+        return nullcontext()
 
     def _closure(self, batch: Batch | TaskBatches) -> Callable[[], tuple[TaskLosses, Any]]:
         """The forward pass on ``batch`` again, scaled like the step's losses (F-MTL's perturbed
@@ -267,6 +287,9 @@ class Trainer:
         if resume_rng is not None and not self.batch_in_epoch:  # numpy/python streams go on exactly
             set_rng_state(resume_rng)
         torch.manual_seed(self._epoch_seed(epoch))  # data order depends only on (seed, epoch)
+        set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+        if callable(set_epoch):  # DistributedSampler: its shuffle depends on (its seed, epoch)
+            set_epoch(epoch)
         generator = getattr(loader, "generator", None)
         if isinstance(generator, torch.Generator):
             generator.manual_seed(self._epoch_seed(epoch))
@@ -372,17 +395,23 @@ class Trainer:
         if self.checkpoint_dir is None:
             return None
         name = f"step-{self.step:08d}" + ("-end" if end_of_epoch else "")
-        return save_checkpoint(
-            self.checkpoint_dir, name, self.model, collect_state(self), keep=self.keep_checkpoints
-        )
+        path = None
+        if self.is_main:  # under DDP every rank holds the same state; rank 0 writes it
+            path = save_checkpoint(
+                self.checkpoint_dir, name, self.model, collect_state(self), keep=self.keep_checkpoints
+            )
+        barrier()  # no rank reads a checkpoint before it is complete
+        return path if path is not None else self.checkpoint_dir / name
 
     def save_best_checkpoint(self) -> None:
         """Write the ``best`` checkpoint (early stopping calls this on an improvement)."""
         if self.checkpoint_dir is not None:
             name = f"best-{self.step:08d}"
-            save_checkpoint(
-                self.checkpoint_dir, name, self.model, collect_state(self), keep=1, pointer="best"
-            )
+            if self.is_main:
+                save_checkpoint(
+                    self.checkpoint_dir, name, self.model, collect_state(self), keep=1, pointer="best"
+                )
+            barrier()
 
     def best_checkpoint_tensors(self) -> dict[str, Tensor] | None:
         """The model weights of the ``best`` checkpoint (``None`` when there is none or it is
