@@ -48,7 +48,9 @@ def init_from_env(device: str = "auto") -> DistributedRun:
     process, chosen by the local rank. Joins once; later calls return the same description."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"Under torchrun the device is 'auto', 'cpu' or 'cuda' (one per rank); got {device!r}.")
+        raise ConfigError(
+            f"Under torchrun the device is 'auto', 'cpu' or 'cuda' (one per rank); got {device!r}."
+        )
     if use_cuda and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for, but CUDA is not available.")
     if not dist.is_initialized():
