@@ -81,7 +81,9 @@ def shard_loader(
             f"data.batch_size ({global_batch}) is the global batch; it must divide evenly over the "
             f"{run.world_size} ranks."
         )
-    sampler = DistributedSampler(dataset, run.world_size, run.rank, shuffle=shuffle, seed=seed)
+    sampler: DistributedSampler = DistributedSampler(
+        dataset, run.world_size, run.rank, shuffle=shuffle, seed=seed
+    )
     return DataLoader(dataset, global_batch // run.world_size, sampler=sampler, collate_fn=_keep_batch)
 
 
