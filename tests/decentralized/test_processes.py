@@ -1,8 +1,13 @@
-"""Real processes: four agents as four gloo ranks end with the single-process run's models."""
+"""Real processes: four agents as four gloo ranks end with the single-process run's models, also
+after an agent process is killed and the job resumed from the committed checkpoint."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
+import torch.multiprocessing as mp
 
 from mtlkit.decentralized import Agent, DecentralizedNetwork, complete_graph, make_attack
 from mtlkit.decentralized.processes import spawn
@@ -48,3 +53,34 @@ def test_four_processes_match_one_process():
     for k in range(3):
         assert torch.equal(results[k]["weights"][-1], records[-1].weights[k])
     assert float(results[0]["weights"][-1][3]) == 0.0  # the Byzantine rank gets no weight
+
+
+def _dies(rank: int, world: int) -> DecentralizedNetwork:
+    """The network of :func:`build` in which agent 2's process is killed at step 35."""
+    network = build(rank, world)
+    agent = network.agents[2]
+    data = agent.data
+
+    def dying(step: int):
+        if rank == 2 and step == 35:
+            os._exit(3)  # no clean-up, as a killed process
+        return data(step)
+
+    agent.data = dying
+    return network
+
+
+def test_a_killed_agent_and_a_resumed_job_end_with_the_uninterrupted_models(tmp_path):
+    steps = 60
+    whole = spawn(build, world_size=4, steps=steps, checkpoint_dir=tmp_path / "whole", every=10)
+    with pytest.raises(mp.ProcessExitedException):
+        spawn(_dies, world_size=4, steps=steps, checkpoint_dir=tmp_path / "broken", every=10)
+    assert (tmp_path / "broken" / "committed").read_text() == "30"  # the last step all agents saved
+    resumed = spawn(build, world_size=4, steps=steps, checkpoint_dir=tmp_path / "broken", every=10)
+    for k in range(4):
+        assert torch.equal(resumed[k]["w"], whole[k]["w"])
+        assert len(resumed[k]["weights"]) == steps - 30  # it ran from the committed step only
+    # one state file per agent is kept: the committed one
+    assert sorted(p.name for p in (tmp_path / "whole").glob("agent*")) == [
+        f"agent{k:05d}-step000000060.pt" for k in range(4)
+    ]

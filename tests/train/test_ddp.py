@@ -283,3 +283,24 @@ def test_mtlkit_train_runs_under_torchrun_with_one_writer(tmp_path):
         "step-00000004-end",  # four global batches of 64 per epoch
         "step-00000008-end",
     ]
+
+
+def test_the_plain_loop_example_runs_under_torchrun():
+    import subprocess
+    import sys
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "ddp_loop.py"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(example),
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 ranks, the same weights on every rank: True" in done.stdout

@@ -437,7 +437,7 @@ class GradientEngine:
                         f"A task-specific parameter of shape {tuple(p.shape)} is listed under task(s) "
                         f"{listed} but task {names[task]!r} reads it too; its gradient would be lost. "
                         "List it under every task that reads it (task_parameters()), or among the "
-                        "shared parameters."
+                        "shared parameters." + _compiled_hint([loss])
                     )
         self._verified_splits.add(key)
 
@@ -449,6 +449,7 @@ class GradientEngine:
         per_task: list[list[int]],
         keep_graph: bool,
         owned: bool = False,
+        unreached: list[int] | None = None,
     ) -> tuple[Tensor | None, list[Tensor], HeadGradients]:
         """One ``autograd.grad`` per task: the targets' gradients (a K x d matrix when the targets
         share dtype and device, and its (K, *shape) views), and the head gradients. The last call
@@ -465,6 +466,8 @@ class GradientEngine:
         for task, loss in enumerate(losses):
             idx = per_task[task]
             grads = _task_grad(loss, targets + [heads[i] for i in idx], keep_graph or task < k - 1)
+            if unreached is not None and loss.requires_grad and all(g is None for g in grads[:n]):
+                unreached.append(task)
             for b, g in zip(blocks, grads[:n], strict=True):
                 if g is None:
                     b[task].zero_()
@@ -611,7 +614,16 @@ class GradientEngine:
         else:
             _check_representation(representation, "the shared representation")
             heads, per_task = self.task_specific_lists(names, task_specific, losses, [representation])
-            _, blocks, head_grads = self._per_task_loop(losses, [representation], heads, per_task, True)
+            unreached: list[int] = []
+            _, blocks, head_grads = self._per_task_loop(
+                losses, [representation], heads, per_task, True, unreached=unreached
+            )
+            live = [k for k, loss in enumerate(losses) if loss.requires_grad]
+            if live and len(unreached) == len(live):
+                raise EngineError(
+                    "No task loss reaches the shared representation through the autograd graph, so its "
+                    "per-task gradients do not exist." + _compiled_hint(losses)
+                )
             rep = RepresentationGradients([representation], blocks[0], head_grads)
         rep.shared = restrict
         return rep
@@ -722,6 +734,25 @@ def _key(losses: Sequence[Tensor], representation: Tensor) -> tuple[int, ...]:
     # the losses reach a method as fresh views of the same tensors, so only their number is
     # compared; a prepared result is used once, by the very next call
     return (id(representation), len(losses))
+
+
+def _compiled_hint(roots: Sequence[Tensor]) -> str:
+    """A hint for errors whose cause may be a whole-model ``torch.compile`` (one opaque graph node
+    that outputs the representation and every prediction)."""
+    seen: set[int] = set()
+    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__.startswith("CompiledFunction"):
+            return (
+                " The model looks compiled as a whole (torch.compile(model)): one compiled graph hides "
+                "which part each loss reads. Compile its parts instead: mtlkit.models.compile_parts(model)."
+            )
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    return ""
 
 
 def _check_representation(z: Tensor, what: str) -> None:

@@ -13,6 +13,7 @@ still attached to the graph, so it contributes no gradient and no NaN, and the r
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,25 +173,34 @@ class Task:
                     f"label); got {target[bad][:5].tolist()}."
                 )
 
-    def loss_value(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def loss_value(
+        self, pred: Tensor, target: Tensor, mask: Tensor | None = None, check: bool = True
+    ) -> tuple[Tensor, Tensor]:
         """Masked mean loss and the number of labelled entries (a 0-dim integer tensor).
 
         Runs without a host synchronisation for the built-in losses: unlabelled entries get a
         harmless target and a zero weight, so no NaN reaches the forward or the backward pass.
+        ``check=False`` skips the host check of the target values (done beforehand by the caller,
+        e.g. the Trainer before a compiled loss computation, which a data-dependent check would
+        break into pieces).
         """
-        pred, target, valid = self._prepared(pred, target, mask)
+        pred, target, valid = self._prepared(pred, target, mask, check)
         count = valid.sum()
         if not isinstance(self.loss, str):
             return self._custom_loss(pred, target, valid), count
         values = self._entry_losses(pred, target, valid)
         return values.sum() / count.clamp(min=1).to(values.dtype), count
 
-    def _prepared(self, pred: Tensor, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _prepared(
+        self, pred: Tensor, target: Tensor, mask: Tensor | None, check: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """The aligned prediction and target and the labelled-entry mask, with the target's values
         checked against the loss's range."""
         pred, target = self.align(pred, target)
         valid = self.labelled_mask(target, mask)
-        if target.device.type == "cpu":  # free on the host; the Trainer checks device batches on the host
+        if (
+            check and target.device.type == "cpu"
+        ):  # free on the host; the Trainer checks device batches on the host
             self.check_target_values(target, valid, pred.shape)
         return pred, target, valid
 
@@ -335,6 +345,7 @@ class TaskSet(Sequence[Task]):
         outputs: Mapping[str, Tensor],
         targets: Mapping[str, Tensor],
         masks: Mapping[str, Tensor] | None = None,
+        check: bool = True,
     ) -> TaskLosses:
         """Per-task scalar losses ``{task: loss}`` (see the module docstring for missing labels).
 
@@ -342,7 +353,38 @@ class TaskSet(Sequence[Task]):
             outputs: the model's ``{task: prediction}``.
             targets: ``{target_key: tensor}``; NaN (or a negative class index) marks a missing label.
             masks: optional ``{task: bool tensor}``, ``True`` where a label is present.
+            check: check host targets against the losses' ranges here (``False``: the caller ran
+                :meth:`check_targets` already).
         """
+        fns = {t.name: functools.partial(t.loss_value, check=check) for t in self._tasks}
+        return self._losses_with(fns, outputs, targets, masks)
+
+    def compile_losses(self, **options: Any) -> Callable[..., TaskLosses]:
+        """:meth:`losses` with each task's loss under ``torch.compile(**options)`` on its own (one
+        graph per task: a graph fusing every task's loss would make each task's backward reach
+        every head) and without the host check of the targets inside (run :meth:`check_targets`
+        first; a data-dependent check would break the graphs)."""
+        fns = {
+            t.name: torch.compile(functools.partial(t.loss_value, check=False), **options)
+            for t in self._tasks
+        }
+
+        def losses(
+            outputs: Mapping[str, Tensor],
+            targets: Mapping[str, Tensor],
+            masks: Mapping[str, Tensor] | None = None,
+        ) -> TaskLosses:
+            return self._losses_with(fns, outputs, targets, masks)
+
+        return losses
+
+    def _losses_with(
+        self,
+        fns: Mapping[str, Callable[..., tuple[Tensor, Tensor]]],
+        outputs: Mapping[str, Tensor],
+        targets: Mapping[str, Tensor],
+        masks: Mapping[str, Tensor] | None,
+    ) -> TaskLosses:
         missing_out = [t.name for t in self._tasks if t.name not in outputs]
         if missing_out:
             raise MissingTaskError(
@@ -355,7 +397,7 @@ class TaskSet(Sequence[Task]):
         counts = []
         for t in self._tasks:
             mask = masks.get(t.name) if masks else None
-            values[t.name], count = t.loss_value(outputs[t.name], targets[t.target_key], mask)
+            values[t.name], count = fns[t.name](outputs[t.name], targets[t.target_key], mask)
             counts.append(count)
         return TaskLosses(values, torch.stack(counts))
 

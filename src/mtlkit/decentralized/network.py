@@ -28,12 +28,16 @@ LossFn = Callable[[Tensor, Any], Tensor]
 @dataclass
 class Agent:
     """One agent: ``loss(w, batch)`` on its flat parameters, ``data(step)`` its batch of that step
-    (None: no data this step), its initial model ``w0``, and an ``attack`` if it is Byzantine."""
+    (None: no data this step), its initial model ``w0``, and an ``attack`` if it is Byzantine.
+    ``score(w, batch)``, when given, is what the loss-based rule evaluates its neighbours' models
+    with (default: ``loss``; the paper's localisation agents adapt on a pseudo-measurement of the
+    target and score on the measurement residual)."""
 
     loss: LossFn
     data: Callable[[int], Any]
     w0: Tensor
     attack: Attack | None = None
+    score: LossFn | None = None
 
     @property
     def byzantine(self) -> bool:
@@ -118,8 +122,9 @@ class DecentralizedNetwork:
         losses = None
         batch = self.batches.get(k)
         if rule.needs_losses and batch is not None:
+            score = self.agents[k].score or self.agents[k].loss
             with torch.no_grad():
-                losses = torch.stack([self.agents[k].loss(p, batch).detach() for p in psis])
+                losses = torch.stack([score(p, batch).detach() for p in psis])
         weights, self.w[k] = rule.combine(psis, losses, self.w[k])
         return weights
 
@@ -135,6 +140,30 @@ class DecentralizedNetwork:
 
     def run(self, steps: int) -> list[StepRecord]:
         return [self.step(i) for i in range(steps)]
+
+    # one agent's state, for checkpoints ------------------------------------------------------------
+    def agent_state(self, k: int) -> dict[str, Any]:
+        """Everything agent ``k`` carries from step to step: its model, its rule's accumulators and
+        its attack generator (its data stream must be a function of the step to resume exactly)."""
+        rule = self.rules.get(k)
+        return {
+            "w": self.w[k].clone(),
+            "rule": rule.state_dict() if rule is not None else {},
+            "generator": self.generators[k].get_state(),
+        }
+
+    def load_agent_state(self, k: int, state: dict[str, Any]) -> None:
+        """Restore what :meth:`agent_state` returned."""
+        w = state["w"]
+        if not isinstance(w, Tensor) or w.shape != self.w[k].shape:
+            raise ConfigError(
+                f"Agent {k}'s saved model does not fit its model of shape {tuple(self.w[k].shape)}."
+            )
+        rule = self.rules.get(k)
+        if rule is not None:
+            rule.load_state_dict(state["rule"])
+        self.w[k] = w.to(self.w[k]).clone()
+        self.generators[k].set_state(state["generator"])
 
     # metrics ----------------------------------------------------------------------------------------
     def weight_on(self, record: StepRecord, group: set[int], k: int) -> float:

@@ -48,6 +48,13 @@ class Rule:
     def state_dict(self) -> dict[str, Tensor]:
         return {}
 
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if set(state) != set(self.state_dict()):
+            raise ConfigError(
+                f"{type(self).__name__} state has keys {sorted(state)}, expected {sorted(self.state_dict())}."
+            )
+
 
 def _weighted(weights: Tensor, psis: Tensor) -> tuple[Tensor, Tensor]:
     return weights, weights.to(psis) @ psis
@@ -80,6 +87,14 @@ class Accumulated(Rule):
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"acc": self.acc.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        super().load_state_dict(state)
+        if state["acc"].shape != self.acc.shape:
+            raise ConfigError(
+                f"The saved accumulator has shape {tuple(state['acc'].shape)}, expected {tuple(self.acc.shape)}."
+            )
+        self.acc = state["acc"].to(torch.float64).clone()
 
 
 class LossBased(Accumulated):

@@ -65,6 +65,8 @@ class GradDrop(OwnedGenerator, JacobianAggregator):
     monotone ``f(P)`` is not offered (identity, its default). ``U`` comes from the method's own
     CPU generator (seeded by ``seed``, saved in the state), so masks are the same on every
     device and a resumed run draws the same masks. Heads get their own gradient (every source).
+    Under DDP the representation-level statistic is summed over the ranks and every rank draws the
+    same masks, so a data-parallel step equals the one-process step on the global batch.
     """
 
     level: Level = hparam(

@@ -6,6 +6,7 @@ from torch import nn
 
 from mtlkit.models.aitm import AITM
 from mtlkit.models.base import MODELS, MultiTaskModel, MultiTaskModule, MultiTaskOutput, mlp
+from mtlkit.models.compiled import compile_parts
 from mtlkit.models.cross_stitch import CrossStitch
 from mtlkit.models.denoiser import TimestepDenoiser
 from mtlkit.models.dselect_k import DSelectK
@@ -54,6 +55,7 @@ __all__ = [
     "SoftSharing",
     "TimestepDenoiser",
     "available",
+    "compile_parts",
     "create",
     "load_efficientnet_lite0",
     "mlp",

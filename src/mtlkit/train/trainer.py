@@ -26,6 +26,7 @@ from mtlkit.methods import Hook, Method, StepInfo, add_param_groups
 from mtlkit.methods import create as create_method
 from mtlkit.metrics import check_reference
 from mtlkit.metrics.task_metrics import directions
+from mtlkit.models.compiled import compile_parts
 from mtlkit.train.batches import move_to, unpack_batch
 from mtlkit.train.callbacks import Callback, check_callbacks
 from mtlkit.train.checkpoint import (
@@ -76,6 +77,8 @@ class Trainer:
     checkpoints and logs; every rank reads the checkpoints.
         log_every: steps between logged rows (each logged step reads values back from the device).
         config: the resolved run configuration, written to ``run.json`` for reproducibility.
+        compile: ``torch.compile`` the model's parts (:func:`~mtlkit.models.compile_parts`, so every
+            method works) and the loss computation; ``True`` or a dict of ``torch.compile`` options.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class Trainer:
         log_every: int = 10,
         tensorboard: bool = True,
         config: Mapping[str, Any] | None = None,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
         if not isinstance(tasks, TaskSet):
             raise TaskError(f"tasks must be an mtlkit.TaskSet, got {type(tasks).__name__}.")
@@ -113,6 +117,13 @@ class Trainer:
         self.device = resolve_device(device)
         self.model = model.to(self.device)
         self.tasks = tasks
+        self._task_losses = tasks.losses
+        self._compiled = bool(compile)
+        if compile:
+            options = dict(compile) if isinstance(compile, Mapping) else {}
+            compile_parts(unwrap(self.model), **options)
+            # the targets are checked on the host first, so the compiled losses hold no host sync
+            self._task_losses = tasks.compile_losses(**options)
         self.method = create_method(method) if isinstance(method, str) else method
         self.method.setup(tasks, model=self.model)  # learnable method parameters exist from here on
         self.method.to(self.device)
@@ -165,7 +176,8 @@ class Trainer:
     def _losses(
         self, batch: Batch | TaskBatches, host: Batch | TaskBatches | None = None
     ) -> tuple[TaskLosses, Any]:
-        check = host is not None and self.device.type != "cpu"  # range checks on the host copy
+        # range checks on the host copy (a CPU batch checks itself inside the eager loss)
+        check = host is not None and (self.device.type != "cpu" or self._compiled)
         with self.precision.autocast():
             if isinstance(batch, TaskBatches):  # multi-input: one forward per task's batch
                 if self.method.needs_representation:
@@ -180,7 +192,7 @@ class Trainer:
                 output = forward_full(self.model, batch.inputs)
                 if check and isinstance(host, Batch):
                     self.tasks.check_targets(host.targets, output.predictions, host.masks)
-                losses = self.tasks.losses(output.predictions, batch.targets, batch.masks)
+                losses = self._task_losses(output.predictions, batch.targets, batch.masks)
         if self.precision.dtype is not None:  # methods and their solvers work in float32/float64
             losses = losses.map(lambda v: v.float())
         return losses, output
