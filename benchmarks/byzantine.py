@@ -190,6 +190,11 @@ def _cell(values: list[float], fmt: str) -> str:
     return mean_sd(values, fmt) if values and all(math.isfinite(v) for v in values) else "n/a"
 
 
+def _byzantine_cell(runs: list[dict[str, float]]) -> str:
+    byz = [r["weight_on_byzantine"] for r in runs if "weight_on_byzantine" in r]
+    return _cell(byz, ".2e") if byz else "(no weights)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -230,11 +235,7 @@ def main() -> None:
             "|---|---:|---:|",
         ]
         for label, runs in results["localisation"].items():
-            msd = [r["msd"] for r in runs]
-            byz = [r["weight_on_byzantine"] for r in runs if "weight_on_byzantine" in r]
-            lines.append(
-                f"| {label} | {_cell(msd, '.3g')} | {_cell(byz, '.2e') if byz else '(no weights)'} |"
-            )
+            lines.append(f"| {label} | {_cell([r['msd'] for r in runs], '.3g')} | {_byzantine_cell(runs)} |")
     if "digits" in results:
         lines += [
             "",
@@ -246,10 +247,8 @@ def main() -> None:
         for label, runs in results["digits"].items():
             mean = [r["mean_accuracy"] for r in runs]
             worst = [r["worst_accuracy"] for r in runs]
-            byz = [r["weight_on_byzantine"] for r in runs if "weight_on_byzantine" in r]
             lines.append(
-                f"| {label} | {_cell(mean, '.4f')} | {_cell(worst, '.4f')} | "
-                f"{_cell(byz, '.2e') if byz else '(no weights)'} |"
+                f"| {label} | {_cell(mean, '.4f')} | {_cell(worst, '.4f')} | {_byzantine_cell(runs)} |"
             )
     write_results(
         args.out, "\n".join(lines) + "\n", {"seeds": args.seeds, "results": results, "seconds": seconds}

@@ -28,9 +28,9 @@ gradient (``head_grad="own"``) or the weighted one (``head_grad="weighted"``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -739,19 +739,11 @@ def _key(losses: Sequence[Tensor], representation: Tensor) -> tuple[int, ...]:
 def _compiled_hint(roots: Sequence[Tensor]) -> str:
     """A hint for errors whose cause may be a whole-model ``torch.compile`` (one opaque graph node
     that outputs the representation and every prediction)."""
-    seen: set[int] = set()
-    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if type(node).__name__.startswith("CompiledFunction"):
-            return (
-                " The model looks compiled as a whole (torch.compile(model)): one compiled graph hides "
-                "which part each loss reads. Compile its parts instead: mtlkit.models.compile_parts(model)."
-            )
-        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    if any(type(node).__name__.startswith("CompiledFunction") for node in _graph_nodes(roots, set())):
+        return (
+            " The model looks compiled as a whole (torch.compile(model)): one compiled graph hides "
+            "which part each loss reads. Compile its parts instead: mtlkit.models.compile_parts(model)."
+        )
     return ""
 
 
@@ -789,10 +781,21 @@ def _task_grad(loss: Tensor, inputs: list[Tensor], retain_graph: bool) -> tuple[
 def reachable_leaves(roots: Sequence[Tensor], stops: set[int]) -> list[Tensor]:
     """Leaf tensors that require grad and are reachable from ``roots`` in the autograd graph,
     without walking past the nodes whose ids are in ``stops`` (the shared representation)."""
-    seen: set[int] = set(stops)
-    alive: list[object] = []  # keeps visited nodes alive so their ids stay unique
     leaves: list[Tensor] = []
     leaf_ids: set[int] = set()
+    for node in _graph_nodes(roots, stops):
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) not in leaf_ids:
+            leaf_ids.add(id(var))
+            leaves.append(var)
+    return leaves
+
+
+def _graph_nodes(roots: Sequence[Tensor], stops: set[int]) -> Iterator[Any]:
+    """Every autograd node reachable from ``roots``, once, without walking past the nodes whose
+    ids are in ``stops``."""
+    seen: set[int] = set(stops)
+    alive: list[object] = []  # keeps visited nodes alive so their ids stay unique during the walk
     stack = [r.grad_fn for r in roots if r.grad_fn is not None]
     while stack:
         node = stack.pop()
@@ -800,9 +803,5 @@ def reachable_leaves(roots: Sequence[Tensor], stops: set[int]) -> list[Tensor]:
             continue
         seen.add(id(node))
         alive.append(node)
-        var = getattr(node, "variable", None)
-        if var is not None and id(var) not in leaf_ids:
-            leaf_ids.add(id(var))
-            leaves.append(var)
+        yield node
         stack.extend(fn for fn, _ in node.next_functions if fn is not None)
-    return leaves
