@@ -84,3 +84,24 @@ def test_a_killed_agent_and_a_resumed_job_end_with_the_uninterrupted_models(tmp_
     assert sorted(p.name for p in (tmp_path / "whole").glob("agent*")) == [
         f"agent{k:05d}-step000000060.pt" for k in range(4)
     ]
+
+
+def _d1_network(rank: int, world: int) -> DecentralizedNetwork:
+    from tests.decentralized.test_network import setup
+
+    return setup("loss", nu=0.1, r0=1.0)[0]
+
+
+@pytest.mark.slow
+def test_d1_and_d2_thresholds_hold_with_one_process_per_agent():
+    from tests.decentralized.test_network import BYZANTINE, TASK_A, TASK_B, setup
+
+    results = spawn(_d1_network, world_size=10, steps=600)
+    for k in TASK_A | TASK_B:
+        weights = results[k]["weights"]
+        assert max(float(w[list(BYZANTINE)].sum()) for w in weights[200:]) < 1e-3  # D1
+    _, targets = setup("loss", nu=0.1, r0=1.0)
+    msd = float(torch.stack([(results[k]["w"] - t).pow(2).sum() for k, t in targets.items()]).mean())
+    none, _ = setup("none")
+    none.run(600)
+    assert msd <= 1.05 * none.mean_squared_deviation(targets)  # D2 (here far below)

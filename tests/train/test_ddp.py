@@ -134,25 +134,26 @@ def test_the_training_moves_the_weights_so_the_comparison_bites(two_rank_results
 
 
 # -- the local-Gramian approximation ------------------------------------------------------------
-def _local_gramian(rank: int, world: int, init: str, out: str, same_data: bool) -> None:
+def _local_gramian(rank: int, world: int, init: str, out: str) -> None:
     _init(rank, world, init)
     try:
-        model = _model("mgda")
-        loader = _shard(0 if same_data else rank, world)
-        _trainer(DistributedDataParallel(model), "mgda", {"ddp_gramian": "local"}).fit(loader, epochs=2)
+        results = []
+        for same_data in (True, False):
+            model = _model("mgda")
+            loader = _shard(0 if same_data else rank, world)
+            _trainer(DistributedDataParallel(model), "mgda", {"ddp_gramian": "local"}).fit(loader, epochs=2)
+            results.append(model.state_dict())
         if rank == 0:
-            torch.save(model.state_dict(), out)
+            torch.save(results, out)
     finally:
         _finish()
 
 
 def test_the_local_gramian_is_exact_only_when_the_ranks_see_the_same_data():
-    results = []
-    for same in (True, False):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "w.pt")
-            mp.spawn(_local_gramian, args=(2, os.path.join(tmp, "init"), out, same), nprocs=2, join=True)
-            results.append(torch.load(out, weights_only=True))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "w.pt")
+        mp.spawn(_local_gramian, args=(2, os.path.join(tmp, "init"), out), nprocs=2, join=True)
+        results = torch.load(out, weights_only=True)
     # identical shards: the local Gramians are the global one, and DDP averages identical gradients,
     # so the run is one process on rank 0's shard alone
     model = _model("mgda")
@@ -285,6 +286,7 @@ def test_mtlkit_train_runs_under_torchrun_with_one_writer(tmp_path):
     ]
 
 
+@pytest.mark.slow  # the CLI test above covers torchrun in the default suite
 def test_the_plain_loop_example_runs_under_torchrun():
     import subprocess
     import sys
