@@ -15,6 +15,7 @@ from mtlkit.models.esmm import ESMM
 from mtlkit.models.home import HoME
 from mtlkit.models.info_mtl import InfoMTL
 from mtlkit.models.lenet import MultiLeNet
+from mtlkit.models.m3vit import M3ViT
 from mtlkit.models.mmoe import MMoE
 from mtlkit.models.modality import ModalityFusion
 from mtlkit.models.mtan import MTAN
@@ -45,6 +46,7 @@ __all__ = [
     "EfficientNetLite0",
     "HoME",
     "InfoMTL",
+    "M3ViT",
     "MMoE",
     "ModalityFusion",
     "MultiLeNet",
