@@ -16,6 +16,7 @@ from mtlkit.data.multi_images import (
 )
 from mtlkit.data.multi_input import MultiInputLoader
 from mtlkit.data.qm9 import QM9, load_qm9
+from mtlkit.data.routing_synthetic import RoutingSynthetic, routing_synthetic
 from mtlkit.data.synthetic import load_mmoe_synthetic, load_modality_bias, mmoe_synthetic
 
 
@@ -37,6 +38,7 @@ __all__ = [
     "MultiInputLoader",
     "MultiTaskTensorDataset",
     "NoiseSchedule",
+    "RoutingSynthetic",
     "TwoItemImages",
     "available",
     "cache_dir",
@@ -55,6 +57,7 @@ __all__ = [
     "load_qm9",
     "loader",
     "mmoe_synthetic",
+    "routing_synthetic",
     "seeded_subset",
     "with_label_masks",
 ]

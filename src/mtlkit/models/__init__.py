@@ -20,6 +20,7 @@ from mtlkit.models.mmoe import MMoE
 from mtlkit.models.modality import ModalityFusion
 from mtlkit.models.mtan import MTAN
 from mtlkit.models.ple import CGC, PLE
+from mtlkit.models.route import LearningToRoute
 from mtlkit.models.routed_adapters import RoutedAdapters
 from mtlkit.models.shared_bottom import SharedBottom
 from mtlkit.models.soft_sharing import SoftSharing
@@ -47,6 +48,7 @@ __all__ = [
     "EfficientNetLite0",
     "HoME",
     "InfoMTL",
+    "LearningToRoute",
     "M3ViT",
     "MMoE",
     "ModalityFusion",
