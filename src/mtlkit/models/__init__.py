@@ -10,6 +10,7 @@ from mtlkit.models.compiled import compile_parts
 from mtlkit.models.cross_stitch import CrossStitch
 from mtlkit.models.denoiser import TimestepDenoiser
 from mtlkit.models.dselect_k import DSelectK
+from mtlkit.models.dual_encoder import DualEncoder, fit_alternating
 from mtlkit.models.efficientnet_lite import EfficientNetLite0, load_efficientnet_lite0
 from mtlkit.models.esmm import ESMM
 from mtlkit.models.home import HoME
@@ -45,6 +46,7 @@ __all__ = [
     "PLE",
     "CrossStitch",
     "DSelectK",
+    "DualEncoder",
     "EfficientNetLite0",
     "HoME",
     "InfoMTL",
@@ -63,6 +65,7 @@ __all__ = [
     "available",
     "compile_parts",
     "create",
+    "fit_alternating",
     "load_efficientnet_lite0",
     "mlp",
 ]
