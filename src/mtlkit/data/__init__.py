@@ -4,6 +4,7 @@ from typing import Any
 
 from mtlkit.data.base import DATASETS, MultiTaskTensorDataset, cache_dir, loader, seeded_subset
 from mtlkit.data.census import CensusIncome, load_census_income
+from mtlkit.data.cohort import Cohort, adh_cohort
 from mtlkit.data.diffusion import DiffusionLoader, NoiseSchedule, interval_tasks
 from mtlkit.data.exam import Exam, load_ilea_exam
 from mtlkit.data.images import load_digits_8x8, load_fashion_mnist, load_mnist_10k
@@ -33,6 +34,7 @@ __all__ = [
     "DATASETS",
     "QM9",
     "CensusIncome",
+    "Cohort",
     "DiffusionLoader",
     "Exam",
     "MultiInputLoader",
@@ -40,6 +42,7 @@ __all__ = [
     "NoiseSchedule",
     "RoutingSynthetic",
     "TwoItemImages",
+    "adh_cohort",
     "available",
     "cache_dir",
     "interval_tasks",

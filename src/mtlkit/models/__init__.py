@@ -4,6 +4,7 @@ from typing import Any
 
 from torch import nn
 
+from mtlkit.models.adh_mtl import ADHMTL
 from mtlkit.models.aitm import AITM
 from mtlkit.models.base import MODELS, MultiTaskModel, MultiTaskModule, MultiTaskOutput, mlp
 from mtlkit.models.compiled import compile_parts
@@ -38,6 +39,7 @@ def available() -> list[str]:
 
 
 __all__ = [
+    "ADHMTL",
     "AITM",
     "CGC",
     "ESMM",
