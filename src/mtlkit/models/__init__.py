@@ -26,6 +26,7 @@ from mtlkit.models.route import LearningToRoute
 from mtlkit.models.routed_adapters import RoutedAdapters
 from mtlkit.models.shared_bottom import SharedBottom
 from mtlkit.models.soft_sharing import SoftSharing
+from mtlkit.models.sparse_moe import SparseMoE
 
 
 def create(name: str, **kwargs: Any) -> nn.Module:
@@ -63,6 +64,7 @@ __all__ = [
     "RoutedAdapters",
     "SharedBottom",
     "SoftSharing",
+    "SparseMoE",
     "TimestepDenoiser",
     "available",
     "compile_parts",

@@ -6,6 +6,7 @@ from mtlkit.train.device import Precision, resolve_device
 from mtlkit.train.early_stopping import EarlyStopping
 from mtlkit.train.evaluate import EvaluationReport, evaluate, predict
 from mtlkit.train.logging import LoggingCallback
+from mtlkit.train.snapshot_perturbation import SnapshotPerturbation
 from mtlkit.train.trainer import Trainer
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "EvaluationReport",
     "LoggingCallback",
     "Precision",
+    "SnapshotPerturbation",
     "Trainer",
     "evaluate",
     "load_checkpoint",
