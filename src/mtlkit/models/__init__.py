@@ -15,6 +15,7 @@ from mtlkit.models.dual_encoder import DualEncoder, fit_alternating
 from mtlkit.models.efficientnet_lite import EfficientNetLite0, load_efficientnet_lite0
 from mtlkit.models.esmm import ESMM
 from mtlkit.models.home import HoME
+from mtlkit.models.imp_encoder import IMPEncoder
 from mtlkit.models.info_mtl import InfoMTL
 from mtlkit.models.lenet import MultiLeNet
 from mtlkit.models.m3vit import M3ViT
@@ -52,6 +53,7 @@ __all__ = [
     "DualEncoder",
     "EfficientNetLite0",
     "HoME",
+    "IMPEncoder",
     "InfoMTL",
     "LearningToRoute",
     "M3ViT",

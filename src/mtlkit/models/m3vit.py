@@ -19,7 +19,7 @@ from mtlkit.models.moe import MoEMLP, NoisyTopKRouter, Routing
 ROUTERS = ("multi_gate", "task_conditioned")
 
 
-class _Block(nn.Module):
+class TransformerBlock(nn.Module):
     """A pre-norm transformer block; its MLP is dense or a routed mixture of experts."""
 
     def __init__(self, dim: int, heads: int, mlp_hidden: int, moe: MoEMLP | None, dropout: float) -> None:
@@ -103,7 +103,7 @@ class M3ViT(MultiTaskModule):
         self.in_features: int | tuple[int, ...]
         if isinstance(in_features, int):  # tabular: one token per feature
             self.in_features, self.image_shape, self.channels = int(in_features), None, None
-            self.embed: nn.Module = _FeatureTokens(int(in_features), dim)
+            self.embed: nn.Module = FeatureTokens(int(in_features), dim)
             tokens = int(in_features)
         else:
             channels, shape = image_channels(in_features, "m3vit")
@@ -121,7 +121,7 @@ class M3ViT(MultiTaskModule):
         expert_hidden = max(1, int(dim * moe_mlp_ratio))
         self.blocks = nn.ModuleList(
             [
-                _Block(
+                TransformerBlock(
                     dim, heads, hidden, MoEMLP(dim, expert_hidden, num_experts) if i % 2 else None, dropout
                 )
                 for i in range(depth)
@@ -220,8 +220,8 @@ class M3ViT(MultiTaskModule):
         self.last_load[task] = torch.stack(load)
         return self.norm(h)[:, 0], balance
 
-    def _blocks(self) -> list[_Block]:
-        return [cast(_Block, b) for b in self.blocks]
+    def _blocks(self) -> list[TransformerBlock]:
+        return [cast(TransformerBlock, b) for b in self.blocks]
 
     def _route(self, flat: Tensor, task: str, m: int) -> Routing:
         if self.router_kind == "multi_gate":
@@ -276,7 +276,7 @@ class M3ViT(MultiTaskModule):
         return torch.randn(batch, *dims)
 
 
-class _FeatureTokens(nn.Module):
+class FeatureTokens(nn.Module):
     """One token per input feature: ``value * w_f + b_f`` (FT-Transformer's numeric embedding)."""
 
     def __init__(self, features: int, dim: int) -> None:
