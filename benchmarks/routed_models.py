@@ -41,12 +41,7 @@ def _route_model(bed: Any, seed: int, path: int | None = None) -> mk.models.Lear
     torch.manual_seed(seed)
     model = mk.models.LearningToRoute(24, bed.tasks, modality_dims=list(bed.modality_dims), hidden=32)
     if path is not None:
-        model.aux_weight = 0.0
-        with torch.no_grad():
-            model.router.weight.zero_()
-            model.router.bias.fill_(-30.0)
-            model.router.bias[2 * path : 2 * path + 2] = 30.0
-        model.router.requires_grad_(False)
+        model.pin_path(path)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     trainer = mk.Trainer(model, bed.tasks, "ew", optimizer, device="cpu", progress=False, seed=seed)
     trainer.fit(mk.data.loader(bed.data, 128, shuffle=True), epochs=30)
@@ -127,10 +122,7 @@ def _adh(cohort: Any, groups: int, seed: int, **options: Any) -> mk.models.ADHMT
         width, cohort.tasks, summary_dim=cohort.summary_dim, num_groups=groups, hidden_dims=(), **options
     )
     if groups > 1:
-        first = torch.stack(
-            [cohort.data.inputs[cohort.patient == p][0] for p in cohort.train_patients.tolist()]
-        )
-        model.fit_groups(first[:, : cohort.summary_dim])
+        model.fit_groups(cohort.summaries(cohort.train_patients))
     trainer = mk.Trainer(
         model, cohort.tasks, "ew", torch.optim.Adam(model.parameters(), lr=0.05), device="cpu", progress=False
     )

@@ -15,10 +15,7 @@ def _trained(cohort: mk.data.Cohort, groups: int, epochs: int = 15, **options) -
         width, cohort.tasks, summary_dim=cohort.summary_dim, num_groups=groups, hidden_dims=(), **options
     )
     if groups > 1:
-        first = torch.stack(
-            [cohort.data.inputs[cohort.patient == p][0] for p in cohort.train_patients.tolist()]
-        )
-        model.fit_groups(first[:, : cohort.summary_dim])
+        model.fit_groups(cohort.summaries(cohort.train_patients))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     trainer = mk.Trainer(model, cohort.tasks, "ew", optimizer, device="cpu", progress=False)
     trainer.fit(mk.data.loader(cohort.rows(cohort.train_patients), 256, shuffle=True), epochs=epochs)

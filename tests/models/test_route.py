@@ -16,12 +16,7 @@ def _train(
     torch.manual_seed(seed)
     model = mk.models.LearningToRoute(24, bed.tasks, modality_dims=list(bed.modality_dims), hidden=32)
     if path is not None:  # a fixed path: the router pinned to it (both sharing strategies)
-        model.aux_weight = 0.0
-        with torch.no_grad():
-            model.router.weight.zero_()
-            model.router.bias.fill_(-30.0)
-            model.router.bias[2 * path : 2 * path + 2] = 30.0
-        model.router.requires_grad_(False)
+        model.pin_path(path)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     trainer = mk.Trainer(model, bed.tasks, "ew", optimizer, device="cpu", progress=False, seed=seed)
     trainer.fit(mk.data.loader(bed.data, 128, shuffle=True), epochs=30)

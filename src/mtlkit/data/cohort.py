@@ -31,6 +31,11 @@ class Cohort:
     test_patients: Tensor
     summary_dim: int
 
+    def summaries(self, patients: Tensor) -> Tensor:
+        """One summary row per patient of ``patients`` (what a group assignment is fitted on)."""
+        first = torch.stack([self.data.inputs[self.patient == p][0] for p in patients.tolist()])
+        return first[:, : self.summary_dim]
+
     def rows(self, patients: Tensor) -> MultiTaskTensorDataset:
         """The samples of ``patients``."""
         keep = torch.isin(self.patient, patients)

@@ -127,19 +127,14 @@ class IMPEncoder(MultiTaskModule):
         if tokens.dim() == 4:  # a patch embedding: (B, dim, h, w) -> (B, h*w, dim)
             tokens = tokens.flatten(2).transpose(1, 2)
         h = tokens + self.positions[modality] + self.modality_embedding[modality]
-        balance, load, m = h.new_zeros(()), [], 0
+        balance, load = h.new_zeros(()), cast(list[Tensor], [])
         for block in (cast(TransformerBlock, b) for b in self.blocks):
-            h = block.attend(h)
-            normed = block.norm2(h)
-            if block.moe is None:
-                assert block.mlp is not None
-                h = h + block.mlp(normed)
-                continue
-            flat = normed.reshape(-1, normed.shape[-1])
-            routing = cast(NoisyTopKRouter, self.routers[m])(flat)
-            h = h + block.moe(flat, routing).view_as(normed)
-            balance, m = balance + routing.loss, m + 1
-            load.append(routing.load)
+            h, routing = block(
+                h, cast(NoisyTopKRouter, self.routers[len(load)]) if block.moe is not None else None
+            )
+            if routing is not None:
+                balance = balance + routing.loss
+                load.append(routing.load)
         self.last_load[modality] = torch.stack(load)
         z = self.norm(h).mean(1)
         mine = [t for t in tasks if self.task_modality[t] == modality]

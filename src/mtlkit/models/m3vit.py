@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import cast
 
 import torch
@@ -39,6 +39,23 @@ class TransformerBlock(nn.Module):
     def attend(self, x: Tensor) -> Tensor:
         h = self.norm1(x)
         return x + self.attn(h, h, h, need_weights=False)[0]
+
+    def forward(
+        self, x: Tensor, route: Callable[[Tensor], Routing] | None = None, dense: bool = False
+    ) -> tuple[Tensor, Routing | None]:
+        """The block on tokens ``x``; a mixture-of-experts block routes its flattened tokens with
+        ``route`` (``dense``: every expert runs, the reference path). Returns the routing too."""
+        h = self.attend(x)
+        normed = self.norm2(h)
+        if self.moe is None:
+            assert self.mlp is not None
+            return h + self.mlp(normed), None
+        if route is None:
+            raise ConfigError("A mixture-of-experts block needs a router.")
+        flat = normed.reshape(-1, normed.shape[-1])
+        routing = route(flat)
+        mixed = self.moe.dense(flat, routing) if dense else self.moe(flat, routing)
+        return h + mixed.view_as(normed), routing
 
 
 @register("m3vit")
@@ -201,22 +218,13 @@ class M3ViT(MultiTaskModule):
         """Task ``task``'s pass: its class token after the final norm, and the summed balancing loss
         of its routers. ``dense`` runs every expert (the reference for the sparse dispatch)."""
         h, balance = tokens, tokens.new_zeros(())
-        load = []
-        m = 0
+        load: list[Tensor] = []
         for block in self._blocks():
-            h = block.attend(h)
-            normed = block.norm2(h)
-            if block.moe is None:
-                assert block.mlp is not None
-                h = h + block.mlp(normed)
-                continue
-            flat = normed.reshape(-1, normed.shape[-1])
-            routing = self._route(flat, task, m)
-            mixed = block.moe.dense(flat, routing) if dense else block.moe(flat, routing)
-            h = h + mixed.view_as(normed)
-            balance = balance + routing.loss
-            load.append(routing.load.detach())
-            m += 1
+            m = len(load)  # this block's position among the routed ones
+            h, routing = block(h, lambda flat, m=m: self._route(flat, task, m), dense)
+            if routing is not None:
+                balance = balance + routing.loss
+                load.append(routing.load.detach())
         self.last_load[task] = torch.stack(load)
         return self.norm(h)[:, 0], balance
 

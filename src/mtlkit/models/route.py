@@ -138,6 +138,18 @@ class LearningToRoute(MultiTaskModule):
         self.last_routing = routing.detach()
         return routing, [*encodings, fused]
 
+    def pin_path(self, path: int) -> None:
+        """Fix the routing to one path (both sharing strategies equally; the router no longer
+        trains, no balancing loss): the model becomes that fixed path, the baseline routing beats."""
+        if not 0 <= path < len(self.paths):
+            raise ConfigError(f"path must be in [0, {len(self.paths)}), got {path}.")
+        self.aux_weight = 0.0
+        with torch.no_grad():
+            self.router.weight.zero_()
+            self.router.bias.fill_(-30.0)
+            self.router.bias[2 * path : 2 * path + 2] = 30.0
+        self.router.requires_grad_(False)
+
     def routing_statistics(self) -> dict[str, float]:
         if self.last_routing is None:
             return {}
