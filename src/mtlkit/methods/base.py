@@ -315,7 +315,9 @@ class Method(nn.Module):
         self._after_step_due = False
         self._epoch_open = False
         self._versions: tuple[Any, int, list[int]] | None = None
-        self._parallel: DataParallel | None = None  # the last step's, for after_step's losses
+        # the last step's data-parallel context, kept only until after_step reads it (a method that
+        # holds a process group could not be copied)
+        self._parallel: DataParallel | None = None
         self._validate()
 
     def _validate(self) -> None:
@@ -426,7 +428,7 @@ class Method(nn.Module):
         active = torch.ones_like(after, dtype=torch.bool)
         if labelled is not None:
             active = labelled.to(after.device) > 0
-        parallel = self._parallel
+        parallel, self._parallel = self._parallel, None
         if parallel is not None:  # the same global losses on every rank, like the step's
             counts = labelled.to(after.device) if labelled is not None else torch.ones_like(after)
             after, active, _ = parallel.global_losses(after, counts)
@@ -503,7 +505,7 @@ class Method(nn.Module):
                 "(losses, output) (the Trainer does this by itself)."
             )
         parallel = data_parallel if data_parallel is not None else self._data_parallel(model)
-        self._parallel = parallel
+        self._parallel = parallel if Hook.AFTER_STEP in self.hooks else None
         inputs = self._begin_step(losses, model, output, shared, loss_scale, parallel)
         inputs.closure = closure
         inputs.extra = self._extra_inputs(extra_losses, model, shared, loss_scale, parallel)
