@@ -7,9 +7,10 @@ Configurations (the encoder frozen in all): a linear probe (heads on the frozen 
 embeddings), Poly (``heads=1``) and MHR (``heads=8``), both with 8 LoRA skills of rank 1 on every
 attention query and value map (the paper's inventory size and rank), trained jointly with EW (Adam
 1e-3, batch 32, ``--epochs`` epochs) on 70% of the sentences (a seeded split), scored on the rest.
-Gradient alignment (the paper's explanation of MHR's gains): after every epoch, the mean pairwise
-cosine between the three tasks' gradients on the shared skill parameters, on a fixed batch of 64
-training sentences; the table gives the mean over epochs.
+Gradient alignment (the paper's explanation of MHR's gains), measured with the relatedness tools:
+``mk.relatedness.GradientStatistics`` on a fixed probe batch of 64 training sentences every 3
+steps (the engine's per-task gradients of the shared skill parameters); the table gives the mean
+over epochs and task pairs of the pairwise cosine.
 
 usage: python benchmarks/adapter_routing_text.py [--epochs 5] [--seeds 0 1] [--out benchmarks/results/adapter_routing_text.md]
 """
@@ -62,25 +63,6 @@ def accuracy(model: nn.Module, x: Tensor, labels: dict[str, Tensor]) -> dict[str
     return acc
 
 
-def alignment(model: mk.models.RoutedAdapters, tasks: Any, x: Tensor, labels: dict[str, Tensor]) -> float:
-    model.train()
-    shared = model.shared_parameters()
-    out = model(x)
-    losses = tasks.losses(out, labels)
-    grads = []
-    for t in tasks.names:
-        g = torch.autograd.grad(
-            losses[t], shared, retain_graph=True, allow_unused=True, materialize_grads=True
-        )
-        grads.append(torch.cat([v.reshape(-1) for v in g]))
-    cos = [
-        float(torch.nn.functional.cosine_similarity(grads[i], grads[j], dim=0))
-        for i in range(len(grads))
-        for j in range(i + 1, len(grads))
-    ]
-    return statistics.mean(cos)
-
-
 def run(kind: str, encoder: BertEncoder, data: Any, inputs: Tensor, seed: int, epochs: int) -> dict[str, Any]:
     train, test = split(len(inputs), seed)
     labels = {t: v for t, v in data.labels.items()}
@@ -109,17 +91,17 @@ def run(kind: str, encoder: BertEncoder, data: Any, inputs: Tensor, seed: int, e
     dataset = mk.data.MultiTaskTensorDataset(x_train, {t: v[train] for t, v in labels.items()})
     loader = mk.data.loader(dataset, 32, shuffle=True, generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    trainer = mk.Trainer(model, data.tasks, "ew", optimizer, device="cpu", progress=False, seed=seed)
-    probe_x, probe_y = x_train[:64], {t: v[train][:64] for t, v in labels.items()}
-    aligned = []
+    probe = (x_train[:64], {t: v[train][:64] for t, v in labels.items()})
+    stats = [mk.relatedness.GradientStatistics(probe=probe, every=3)] if kind != "probe" else []
+    trainer = mk.Trainer(
+        model, data.tasks, "ew", optimizer, device="cpu", progress=False, seed=seed, callbacks=stats
+    )
     start = time.perf_counter()
-    for epoch in range(epochs):
-        trainer.fit(loader, epochs=epoch + 1)
-        if kind != "probe":
-            aligned.append(alignment(model, data.tasks, probe_x, probe_y))  # type: ignore[arg-type]
+    history = trainer.fit(loader, epochs=epochs)
     seconds = time.perf_counter() - start
     result: dict[str, Any] = accuracy(model, x_test, {t: v[test] for t, v in labels.items()})
-    result["alignment"] = statistics.mean(aligned) if aligned else float("nan")
+    cosines = [v for row in history for k, v in row.items() if k.startswith("relatedness/cosine/")]
+    result["alignment"] = statistics.mean(cosines) if cosines else float("nan")
     result["seconds"] = seconds
     return result
 
