@@ -173,10 +173,13 @@ class StepInputs:
         else:
             self.parallel.deferred.append(fn)
 
-    def mark_reduced(self, params: Iterable[Tensor]) -> None:
-        """Note that this step wrote global gradients into ``params`` (not averaged again)."""
+    def average_now(self, tensors: Sequence[Tensor], written: Iterable[Tensor]) -> None:
+        """Under DDP, average ``tensors`` across ranks now, and note that the gradients of
+        ``written`` that the step derives from them are global, so the step's final reduction skips
+        them (nothing in one process)."""
         if self.parallel is not None:
-            self.parallel.reduced.update(id(p) for p in params)
+            self.parallel.average_(tensors)
+            self.parallel.reduced.update(id(p) for p in written)
 
     def subset(self, index: Tensor) -> StepInputs:
         """The inputs of the tasks at ``index`` only (a sorted 1-D index into the task list)."""
@@ -517,7 +520,7 @@ class Method(nn.Module):
             parallel.average_([g for _, g in aux])  # local, on every rank for the same parameters
         add_gradients(aux)  # written only once the method's checks have passed
         if parallel is not None and parallel.reduce:
-            self._average_step_gradients(parallel, model, shared)
+            self._average_step_gradients(parallel, model)
         self._remember_versions(inputs, model)
         self._after_step_due = Hook.AFTER_STEP in self.hooks
         return info
@@ -533,9 +536,7 @@ class Method(nn.Module):
             )
         return parallel
 
-    def _average_step_gradients(
-        self, parallel: DataParallel, model: nn.Module | None, shared: Iterable[Tensor] | None
-    ) -> None:
+    def _average_step_gradients(self, parallel: DataParallel, model: nn.Module | None) -> None:
         """Average what this step wrote across ranks (DDP's reducer did the model's part when
         native), then run what waited for the global gradient."""
         params: list[Tensor] = list(self.parameters())

@@ -155,9 +155,7 @@ class FMTL(WrapsMethod):
         finally:
             _restore(shared, saved, [heads[i] for i in saved_heads], list(saved_heads.values()))
             restore_buffers(bn_state)
-        if parallel is not None:
-            parallel.average_([sam, *sam_heads.values()])
-            inputs.mark_reduced([*shared, *(heads[i] for i in sam_heads)])
+        inputs.average_now([sam, *sam_heads.values()], [*shared, *(heads[i] for i in sam_heads)])
         if not all_finite(sam):
             raise NonFiniteLossError(
                 "F-MTL: a gradient at a perturbed point is not finite; nothing was updated."

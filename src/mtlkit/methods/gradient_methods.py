@@ -126,22 +126,24 @@ def clipped_trunk_backward(
     cotangents: list[Tensor],
     shared: list[Tensor],
     max_norm: float,
-    scale: float,
-    parallel: DataParallel | None = None,
+    inputs: StepInputs,
 ) -> None:
     """Back-propagate representation cotangents into the shared parameters with the norm of the
     resulting (unscaled) gradient clipped to ``max_norm``; frees the graph. Under DDP the gradient
     is averaged across ranks first, so the clip sees the global norm."""
     grads = torch.autograd.grad(
-        features, shared, grad_outputs=cotangents, allow_unused=True, materialize_grads=parallel is not None
+        features,
+        shared,
+        grad_outputs=cotangents,
+        allow_unused=True,
+        materialize_grads=inputs.parallel is not None,
     )
-    if parallel is not None:
-        parallel.average_([g for g in grads if g is not None])
+    inputs.average_now([g for g in grads if g is not None], shared)
     present = [g for g in grads if g is not None]
     if not present:
         return
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in present]))
-    factor = clip_factor(norm / scale, max_norm)
+    factor = clip_factor(norm / inputs.scale, max_norm)
     for p, g in zip(shared, grads, strict=True):
         if g is not None:
             g = (g * factor).to(p.dtype)
@@ -345,8 +347,8 @@ class GramianWeighting(GradientMethod):
                 inputs.values, self._shared(inputs), inputs.task_specific, names=inputs.names
             )
             exact = self.ddp_gramian == "exact"
-            if parallel is not None and exact:
-                parallel.average_(jac.shared_blocks())  # J itself is global from here on
+            if exact:  # J itself is global from here on, and so is J^T w
+                inputs.average_now(jac.shared_blocks(), jac.shared)
             gram = jac.gramian(engine.chunk_bytes, engine.precision)
             if parallel is not None and not exact:
                 gram = parallel.sum_(gram) / parallel.world_size
@@ -361,14 +363,11 @@ class GramianWeighting(GradientMethod):
                 rep.backward_shared(w)
             else:
                 clipped_trunk_backward(
-                    rep.features, rep.cotangents(w), self._shared(inputs), max_norm, inputs.scale, parallel
+                    rep.features, rep.cotangents(w), self._shared(inputs), max_norm, inputs
                 )
-                inputs.mark_reduced(self._shared(inputs))
             rep.write_heads(None if own else w)
         elif jac is not None:
             jac.write_shared_weighted(shared_w)
-            if self.ddp_gramian == "exact":
-                inputs.mark_reduced(jac.shared)
             jac.write_heads(None if own else w)
         return w, gram
 
@@ -417,9 +416,7 @@ class GramianWeighting(GradientMethod):
         )
         shared_grads, head_grads = grads[: len(shared)], grads[len(shared) :]
         if max_norm is not None:
-            if inputs.parallel is not None:  # clip the global gradient
-                inputs.parallel.average_([g for g in shared_grads if g is not None])
-                inputs.mark_reduced(shared)
+            inputs.average_now([g for g in shared_grads if g is not None], shared)  # clip the global gradient
             present = [g for g in shared_grads if g is not None]
             if present:
                 norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present]))
@@ -573,9 +570,7 @@ class JacobianAggregator(GradientMethod):
                 names=inputs.names,
                 owned=self.keeps_gradients,
             )
-            if parallel is not None:
-                parallel.average_(jac.shared_blocks())  # every rank aggregates the global J
-                inputs.mark_reduced(jac.shared)
+            inputs.average_now(jac.shared_blocks(), jac.shared)  # every rank aggregates the global J
             rows = jac.rows()
             heads = jac.heads
         idx = active_subset(inputs.active)
@@ -602,10 +597,7 @@ class JacobianAggregator(GradientMethod):
             if max_norm is None:
                 rep.backward_cotangents([cotangent])
             else:
-                clipped_trunk_backward(
-                    rep.features, [cotangent], self._shared(inputs), max_norm, inputs.scale, parallel
-                )
-                inputs.mark_reduced(self._shared(inputs))
+                clipped_trunk_backward(rep.features, [cotangent], self._shared(inputs), max_norm, inputs)
         else:
             if max_norm is not None:
                 direction = direction * clip_factor(torch.linalg.vector_norm(direction.double()), max_norm)
