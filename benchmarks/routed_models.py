@@ -82,31 +82,15 @@ def learning_to_route(seed: int) -> dict[str, float]:
 
 # -- dual encoder -------------------------------------------------------------------------------------
 def dual_encoder(seed: int) -> dict[str, float]:
-    g = torch.Generator().manual_seed(seed)
-    basis, _ = torch.linalg.qr(torch.randn(10, 10, generator=g))
-    a_s, own = basis[:, :2].T, basis[:, 2:7].T
-    names = [f"t{k}" for k in range(5)]
-    x = torch.randn(2000, 10, generator=g)
-    targets = {}
-    for k, t in enumerate(names):
-        m = torch.randn(3, 2, generator=g) @ a_s + torch.randn(3, 1, generator=g) @ own[k : k + 1]
-        targets[t] = x @ m.T + 0.05 * torch.randn(2000, 3, generator=g)
-    tasks = mk.TaskSet([mk.Task(t, "mse") for t in names])
+    data, tasks, a_s = mk.data.planted_factor_tasks(seed)
     torch.manual_seed(seed)
     model = mk.models.DualEncoder(10, tasks, out_features=3, shared_dim=2, task_dim=1)
     trainer = mk.Trainer(
         model, tasks, "ew", torch.optim.Adam(model.parameters(), lr=1e-2), device="cpu", progress=False
     )
-    trainer.fit(mk.data.loader(mk.data.MultiTaskTensorDataset(x, targets), 200, shuffle=True), epochs=120)
-    learned = torch.linalg.qr(model.shared.weight.detach().T)[0]
-    angle = float(torch.rad2deg(torch.acos(torch.linalg.svdvals(learned.T @ a_s.T).clamp(max=1.0))).max())
-    centres = torch.randn(2, 3, generator=g, dtype=torch.float64)
-    factors, ys = [], []
-    for k in range(6):
-        z = torch.randn(80, 5, generator=g, dtype=torch.float64)
-        beta = torch.cat([centres[k // 3], torch.randn(2, generator=g, dtype=torch.float64)])
-        factors.append(z)
-        ys.append(z @ beta + 0.1 * torch.randn(80, generator=g, dtype=torch.float64))
+    trainer.fit(mk.data.loader(data, 200, shuffle=True), epochs=120)
+    angle = model.shared_angle(a_s)
+    factors, ys = mk.data.clustered_coefficients(seed)
     grid = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3]
     hits = [
         solve_fused_coefficients(factors, ys, 3, lam, 0.01).clusters == [[0, 1, 2], [3, 4, 5]] for lam in grid

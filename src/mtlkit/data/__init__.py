@@ -16,6 +16,7 @@ from mtlkit.data.multi_images import (
     load_multi_mnist_10k,
 )
 from mtlkit.data.multi_input import MultiInputLoader
+from mtlkit.data.planted_factors import clustered_coefficients, planted_factor_tasks
 from mtlkit.data.qm9 import QM9, load_qm9
 from mtlkit.data.routing_synthetic import RoutingSynthetic, routing_synthetic
 from mtlkit.data.synthetic import load_mmoe_synthetic, load_modality_bias, mmoe_synthetic
@@ -45,6 +46,7 @@ __all__ = [
     "adh_cohort",
     "available",
     "cache_dir",
+    "clustered_coefficients",
     "interval_tasks",
     "load",
     "load_census_income",
@@ -60,6 +62,7 @@ __all__ = [
     "load_qm9",
     "loader",
     "mmoe_synthetic",
+    "planted_factor_tasks",
     "routing_synthetic",
     "seeded_subset",
     "with_label_masks",

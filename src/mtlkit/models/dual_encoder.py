@@ -100,6 +100,16 @@ class DualEncoder(MultiTaskModule):
                 aux[f"orthogonality/{t}"] = self.orthogonality * (g.T @ f).pow(2).sum() / len(x) ** 2
         return MultiTaskOutput(predictions, g, aux or None)
 
+    def shared_angle(self, basis: Tensor) -> float:
+        """The largest principal angle, in degrees, between the span of the (linear) shared
+        encoder's rows and the span of ``basis``'s rows (0: the shared factor space found)."""
+        if not isinstance(self.shared, nn.Linear):
+            raise ConfigError("shared_angle needs a linear shared encoder (hidden_dims=()).")
+        learned = torch.linalg.qr(self.shared.weight.detach().T)[0]
+        truth = torch.linalg.qr(basis.T.to(learned))[0]
+        cosines = torch.linalg.svdvals(learned.T @ truth).clamp(max=1.0)
+        return float(torch.rad2deg(torch.acos(cosines)).max())
+
     def shared_coefficients(self) -> Tensor:
         """(T, shared_dim): each task's coefficients on the shared factors (single-output heads)."""
         return torch.stack(
