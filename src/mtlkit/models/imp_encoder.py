@@ -12,7 +12,7 @@ from mtlkit.core.tasks import Task, TaskSet
 from mtlkit.errors import ConfigError, ShapeMismatchError
 from mtlkit.models.base import MultiTaskModule, MultiTaskOutput, register, resolve_out_features
 from mtlkit.models.m3vit import FeatureTokens, TransformerBlock
-from mtlkit.models.moe import MoEMLP, NoisyTopKRouter
+from mtlkit.models.moe import MoEMLP, NoisyTopKRouter, load_statistics
 
 
 @register("imp_encoder")
@@ -147,11 +147,7 @@ class IMPEncoder(MultiTaskModule):
 
     def routing_statistics(self) -> dict[str, float]:
         """Per modality: the share of experts used and the largest expert's share of the tokens."""
-        out: dict[str, float] = {}
-        for m, load in self.last_load.items():
-            out[f"moe/{m}/experts_used"] = float((load > 0).float().mean())
-            out[f"moe/{m}/max_load_share"] = float((load / load.sum(1, keepdim=True).clamp_min(1)).max())
-        return out
+        return load_statistics(self.last_load)
 
     def example_input(self, batch: int = 4) -> Tensor:
         return torch.randn(batch, *next(iter(self.shapes.values())))

@@ -14,7 +14,7 @@ from mtlkit.core.tasks import Task, TaskSet
 from mtlkit.errors import ConfigError, ShapeMismatchError, unknown_name
 from mtlkit.models.base import MultiTaskModule, MultiTaskOutput, register, resolve_out_features
 from mtlkit.models.conv import check_image, image_channels
-from mtlkit.models.moe import MoEMLP, NoisyTopKRouter, Routing
+from mtlkit.models.moe import MoEMLP, NoisyTopKRouter, Routing, load_statistics
 
 ROUTERS = ("multi_gate", "task_conditioned")
 
@@ -271,11 +271,7 @@ class M3ViT(MultiTaskModule):
     def routing_statistics(self) -> dict[str, float]:
         """Per task, over the last forward's MoE blocks: the share of experts that received a token
         and the largest share of the tokens one expert received."""
-        out: dict[str, float] = {}
-        for t, load in self.last_load.items():
-            out[f"moe/{t}/experts_used"] = float((load > 0).float().mean())
-            out[f"moe/{t}/max_load_share"] = float((load / load.sum(1, keepdim=True).clamp_min(1)).max())
-        return out
+        return load_statistics(self.last_load)
 
     def example_input(self, batch: int = 4) -> Tensor:
         dims: tuple[int, ...] = (

@@ -20,6 +20,7 @@ the same gates: the reference the sparse path is tested against.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,18 @@ class Routing:
     gates: Tensor  # (N, k)
     loss: Tensor  # scalar (0 outside training)
     load: Tensor  # (E,) tokens routed to each expert (a count)
+
+
+def load_statistics(loads: Mapping[str, Tensor]) -> dict[str, float]:
+    """Routing statistics for the logs from each routing's tokens per expert (``(E,)``, or
+    ``(blocks, E)`` for one routed layer per row): the share of experts that received a token and
+    the largest share of a layer's tokens that one expert received."""
+    out: dict[str, float] = {}
+    for key, load in loads.items():
+        rows = load.reshape(-1, load.shape[-1])
+        out[f"moe/{key}/experts_used"] = float((rows > 0).float().mean())
+        out[f"moe/{key}/max_load_share"] = float((rows / rows.sum(1, keepdim=True).clamp_min(1)).max())
+    return out
 
 
 def cv_squared(x: Tensor) -> Tensor:

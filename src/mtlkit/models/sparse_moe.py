@@ -17,7 +17,7 @@ from mtlkit.models.base import (
     register,
     resolve_out_features,
 )
-from mtlkit.models.moe import NoisyTopKRouter
+from mtlkit.models.moe import NoisyTopKRouter, load_statistics
 
 
 @register("sparse_moe")
@@ -106,8 +106,4 @@ class SparseMoE(MultiTaskModule):
 
     def routing_statistics(self) -> dict[str, float]:
         """Per routing (task, or ``all``): the share of experts used and the largest expert's share."""
-        out: dict[str, float] = {}
-        for key, load in self.last_load.items():
-            out[f"moe/{key}/experts_used"] = float((load > 0).float().mean())
-            out[f"moe/{key}/max_load_share"] = float(load.max() / load.sum().clamp_min(1))
-        return out
+        return load_statistics(self.last_load)
