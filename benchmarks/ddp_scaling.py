@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import mtlkit as mk
-from mtlkit.train.distributed import DistributedRun, shard_loader
+from mtlkit.train.distributed import DistributedRun, finish, shard_loader
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tables import write_results
@@ -101,9 +101,8 @@ def _worker(
             torch.save(
                 {"median": statistics.median(times), "bytes": counter[0] / steps, "d": parameters}, out
             )
-        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        finish()
 
 
 def cell(label: str, world: int, args: argparse.Namespace) -> dict[str, float]:

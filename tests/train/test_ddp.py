@@ -5,8 +5,10 @@ checkpoints and logs, and the errors of a wrong set-up."""
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import mtlkit as mk
+from mtlkit.core.distributed import leave_process_group
 from mtlkit.data.base import MultiTaskTensorDataset, _keep_batch
 from mtlkit.errors import DistributedError
 
@@ -78,29 +81,30 @@ def _one_process(name: str, options: dict[str, Any]) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def _init(rank: int, world: int, init: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _rank(body: Callable[..., None]) -> Callable[..., None]:
+    """``body(rank, world, *args)`` as one rank of a gloo group rendezvousing at the file ``init``;
+    the group is left after the body has returned, so no model of it keeps the group alive."""
+
+    @functools.wraps(body)
+    def run(rank: int, world: int, init: str, *args: Any) -> None:
+        dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+        torch.set_num_threads(1)
+        try:
+            body(rank, world, *args)
+        finally:
+            leave_process_group()
+
+    return run
 
 
-def _finish() -> None:
-    # every rank reaches the end before the group goes: gloo aborts a process whose peer tears
-    # its connections down while it still works
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _every_method(rank: int, world: int, init: str, out: str) -> None:
-    _init(rank, world, init)
-    try:
-        results: dict[str, Any] = {}
-        for i, (name, options) in enumerate(RUNS):
-            model = _model(name)
-            _trainer(DistributedDataParallel(model), name, options).fit(_shard(rank, world), epochs=2)
-            results[str(i)] = model.state_dict()
-        torch.save(results, f"{out}.{rank}")
-    finally:
-        _finish()
+@_rank
+def _every_method(rank: int, world: int, out: str) -> None:
+    results: dict[str, Any] = {}
+    for i, (name, options) in enumerate(RUNS):
+        model = _model(name)
+        _trainer(DistributedDataParallel(model), name, options).fit(_shard(rank, world), epochs=2)
+        results[str(i)] = model.state_dict()
+    torch.save(results, f"{out}.{rank}")
 
 
 @pytest.fixture(scope="module")
@@ -134,19 +138,16 @@ def test_the_training_moves_the_weights_so_the_comparison_bites(two_rank_results
 
 
 # -- the local-Gramian approximation ------------------------------------------------------------
-def _local_gramian(rank: int, world: int, init: str, out: str) -> None:
-    _init(rank, world, init)
-    try:
-        results = []
-        for same_data in (True, False):
-            model = _model("mgda")
-            loader = _shard(0 if same_data else rank, world)
-            _trainer(DistributedDataParallel(model), "mgda", {"ddp_gramian": "local"}).fit(loader, epochs=2)
-            results.append(model.state_dict())
-        if rank == 0:
-            torch.save(results, out)
-    finally:
-        _finish()
+@_rank
+def _local_gramian(rank: int, world: int, out: str) -> None:
+    results = []
+    for same_data in (True, False):
+        model = _model("mgda")
+        loader = _shard(0 if same_data else rank, world)
+        _trainer(DistributedDataParallel(model), "mgda", {"ddp_gramian": "local"}).fit(loader, epochs=2)
+        results.append(model.state_dict())
+    if rank == 0:
+        torch.save(results, out)
 
 
 def test_the_local_gramian_is_exact_only_when_the_ranks_see_the_same_data():
@@ -172,23 +173,20 @@ class _KillRank(mk.train.Callback):
             os._exit(3)  # no clean-up: as a killed process
 
 
-def _resumable(rank: int, world: int, init: str, run_dir: str, kill_at: int | None) -> None:
-    _init(rank, world, init)
-    try:
-        callbacks = [_KillRank(1, kill_at)] if kill_at is not None else []
-        model = _model("nash_mtl")
-        trainer = _trainer(
-            DistributedDataParallel(model),
-            "nash_mtl",
-            {},
-            log_dir=run_dir,
-            checkpoint_every=2,
-            callbacks=callbacks,
-        )
-        trainer.fit(_shard(rank, world), epochs=2)
-        torch.save(model.state_dict(), os.path.join(run_dir, f"final.{rank}.pt"))
-    finally:
-        _finish()
+@_rank
+def _resumable(rank: int, world: int, run_dir: str, kill_at: int | None) -> None:
+    callbacks = [_KillRank(1, kill_at)] if kill_at is not None else []
+    model = _model("nash_mtl")
+    trainer = _trainer(
+        DistributedDataParallel(model),
+        "nash_mtl",
+        {},
+        log_dir=run_dir,
+        checkpoint_every=2,
+        callbacks=callbacks,
+    )
+    trainer.fit(_shard(rank, world), epochs=2)
+    torch.save(model.state_dict(), os.path.join(run_dir, f"final.{rank}.pt"))
 
 
 def test_a_killed_rank_and_a_resumed_job_end_with_the_uninterrupted_weights():
@@ -217,20 +215,17 @@ def test_a_killed_rank_and_a_resumed_job_end_with_the_uninterrupted_weights():
 
 
 # -- a wrong set-up ---------------------------------------------------------------------------------
-def _synced_forward(rank: int, world: int, init: str, out: str) -> None:
-    _init(rank, world, init)
+@_rank
+def _synced_forward(rank: int, world: int, out: str) -> None:
+    model = DistributedDataParallel(_model("mgda"))
+    method = mk.methods.create("mgda")
+    method.setup(TASKS, model)
+    batch = next(iter(_shard(rank, world)))
+    output = model(batch.inputs, full_output=True)  # gradient sync on: DDP expects its own backward
     try:
-        model = DistributedDataParallel(_model("mgda"))
-        method = mk.methods.create("mgda")
-        method.setup(TASKS, model)
-        batch = next(iter(_shard(rank, world)))
-        output = model(batch.inputs, full_output=True)  # gradient sync on: DDP expects its own backward
-        try:
-            method.backward(TASKS.losses(output.predictions, batch.targets, batch.masks), model, output)
-        except DistributedError as exc:
-            Path(f"{out}.{rank}").write_text(str(exc))
-    finally:
-        _finish()
+        method.backward(TASKS.losses(output.predictions, batch.targets, batch.masks), model, output)
+    except DistributedError as exc:
+        Path(f"{out}.{rank}").write_text(str(exc))
 
 
 def test_a_gradient_method_refuses_a_forward_with_ddp_sync_on():

@@ -23,6 +23,7 @@ bucketed, overlapped all-reduce averages their gradient (:attr:`DataParallel.nat
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -50,6 +51,29 @@ def barrier() -> None:
     """Wait for every rank of the default group (nothing without ``torch.distributed``)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group once every rank is done with it (nothing when none).
+
+    A gloo rank that tears its connections down while a peer still completes the last collective
+    makes that peer abort (SIGABRT). ``dist.barrier()`` alone leaves that window open: a rank can
+    leave the barrier before its peer has received the barrier's last message. So each rank, after
+    the barrier, also checks in through the group's store (its own connection, outside gloo) and
+    waits until all have checked in: by then no rank has a collective in flight. Wrappers held only
+    by reference cycles are collected first, so they do not keep the group's threads alive into the
+    interpreter's shutdown.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world > 1:
+        dist.barrier()
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"mtlkit/left/{rank}", "1")
+        store.wait([f"mtlkit/left/{r}" for r in range(world)])
+    dist.destroy_process_group()
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mtlkit.core.distributed import leave_process_group
 from mtlkit.decentralized.network import DecentralizedNetwork
 from mtlkit.errors import ConfigError
 
@@ -115,9 +116,8 @@ def _worker(
         torch.set_num_threads(1)
         w, history = run_agent(build(rank, world), steps, checkpoint_dir, every)
         torch.save({"w": w, "weights": history}, Path(out_dir) / f"agent{rank}.pt")
-        dist.barrier()  # gloo aborts a process whose peer tears the connections down mid-work
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def spawn(

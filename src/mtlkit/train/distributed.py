@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from mtlkit.core.distributed import leave_process_group
 from mtlkit.data.base import _keep_batch
 from mtlkit.errors import ConfigError
 
@@ -88,7 +89,6 @@ def shard_loader(
 
 
 def finish() -> None:
-    """Leave the job: wait for every rank, then destroy the process group (nothing when none)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # gloo aborts a process whose peer tears the connections down mid-work
-        dist.destroy_process_group()
+    """Leave the job: wait for every rank, then destroy the process group (nothing when none;
+    see :func:`mtlkit.core.distributed.leave_process_group`)."""
+    leave_process_group()
