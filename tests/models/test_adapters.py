@@ -130,6 +130,38 @@ def test_mhr_z_fine_tunes_only_the_routing_of_a_new_task():
     assert all(not torch.equal(a, layer.routing["c"]) for a, layer in zip(new, model.adapted, strict=True))
 
 
+def test_the_optimizer_groups_give_the_routing_its_own_rate_and_skip_frozen_parameters():
+    tasks = mk.TaskSet([mk.Task("a"), mk.Task("b")])
+    model = mk.models.RoutedAdapters(6, tasks, hidden_dims=[16, 16], skills=4, heads=2)
+    routing, rest = model.optimizer_groups(lr=1e-3)
+    assert (routing["lr"], rest["lr"]) == (0.1, 1e-3)
+    logits = {id(p) for layer in model.adapted for p in layer.routing.parameters()}
+    assert {id(p) for p in routing["params"]} == logits
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in rest["params"]} == trainable - logits  # skills and heads, no frozen base
+    model.average_routing()  # MHR-mu: no routing group left
+    assert [g["lr"] for g in model.optimizer_groups()] == [1e-3]
+
+
+def test_at_the_official_routing_rate_the_routing_leaves_uniform_and_at_the_skills_rate_it_does_not():
+    # the logits start within 1e-3 of zero; the tasks need different skills, so trained routing
+    # concentrates, but only when the logits get mttl's 0.1 rather than the skills' 1e-3
+    def trained_max_weight(routing_lr: float) -> float:
+        torch.manual_seed(0)
+        tasks = mk.TaskSet([mk.Task("a"), mk.Task("b")])
+        model = mk.models.RoutedAdapters(6, tasks, hidden_dims=[16, 16], skills=4, heads=1)
+        x = torch.randn(256, 6)
+        y = {"a": torch.sin(2 * x[:, 0]), "b": torch.cos(2 * x[:, 1])}
+        optimizer = torch.optim.Adam(model.optimizer_groups(lr=1e-3, routing_lr=routing_lr))
+        mk.Trainer(model, tasks, "ew", optimizer, device="cpu", progress=False).fit([(x, y)] * 100, epochs=1)
+        stats = model.routing_statistics()
+        return max(stats["routing/a/max_weight"], stats["routing/b/max_weight"])
+
+    official, slow = trained_max_weight(0.1), trained_max_weight(1e-3)
+    assert official > 0.9  # observed 0.998: nearly one skill; 1/S = 0.25 is uniform
+    assert slow < 0.3  # observed 0.270
+
+
 def test_bad_configurations_are_refused():
     with pytest.raises(mk.errors.ConfigError, match="heads dividing"):
         RoutedLoRALinear(nn.Linear(8, 6), ["a"], heads=4)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -127,6 +127,23 @@ class RoutedAdapters(MultiTaskModule):
         """MHR-mu over every adapted layer."""
         for layer in self.adapted:
             layer.average_routing()
+
+    def optimizer_groups(
+        self, lr: float = 1e-3, routing_lr: float = 0.1, weight_decay: float = 0.0
+    ) -> list[dict[str, Any]]:
+        """Parameter groups with the official code's split of learning rates: the routing logits at
+        ``routing_lr`` (mttl's ``module_logits_learning_rate``, 0.1, without weight decay) and every
+        other trainable parameter (skills, heads, a trained backbone) at ``lr``. The logits start
+        within 1e-3 of uniform; at the skills' rate they would barely leave it, and Poly and MHR
+        would train as MHR-mu. Frozen parameters (MHR-z's skills, MHR-mu's logits) are left out."""
+        routing = [p for layer in self.adapted for p in layer.routing.parameters() if p.requires_grad]
+        ids = {id(p) for p in routing}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        groups: list[dict[str, Any]] = [
+            {"params": routing, "lr": routing_lr, "weight_decay": 0.0},
+            {"params": rest, "lr": lr, "weight_decay": weight_decay},
+        ]
+        return [g for g in groups if g["params"]]
 
     def example_input(self, batch: int = 4) -> Tensor:
         return torch.randn(batch, self.in_features)
