@@ -23,6 +23,10 @@ class ShapeMismatchError(MtlkitError, ValueError):
     """A prediction and its target do not fit together for a task."""
 
 
+class InputError(MtlkitError, ValueError):
+    """A model's input has values it cannot use (a partly missing modality, nothing to route)."""
+
+
 class DTypeMismatchError(MtlkitError, TypeError, ValueError):
     """A target has a dtype the task's loss cannot use."""
 

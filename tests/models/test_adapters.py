@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import mtlkit as mk
-from mtlkit.models.adapters import RoutedLoRALinear
+from mtlkit.models.adapters import RoutedLoRALinear, add_routed_adapters, set_task
 
 
 def _layer(heads: int = 1, mixing: str = "parameters", skills: int = 4, rank: int = 2) -> RoutedLoRALinear:
@@ -107,6 +107,10 @@ def test_mhr_z_fine_tunes_only_the_routing_of_a_new_task():
     ).fit([(x, y)] * 5, epochs=1)
     model.add_task("c")
     model.train_routing_only()
+    # what MHR-z itself freezes: every skill, and nothing of the routing or the heads
+    assert not any(p.requires_grad for layer in model.adapted for p in (layer.lora_a, layer.lora_b))
+    assert all(p.requires_grad for layer in model.adapted for p in layer.routing.parameters())
+    assert all(p.requires_grad for p in model.heads.parameters())
     for p in model.heads.parameters():
         p.requires_grad_(False)
     skills = [p.detach().clone() for layer in model.adapted for p in (layer.lora_a, layer.lora_b)]
@@ -139,6 +143,8 @@ def test_the_optimizer_groups_give_the_routing_its_own_rate_and_skip_frozen_para
     assert {id(p) for p in routing["params"]} == logits
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for p in rest["params"]} == trainable - logits  # skills and heads, no frozen base
+    trainer = mk.Trainer(model, tasks, "ew", device="cpu", progress=False)  # the default optimiser
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.1, 1e-3]
     model.average_routing()  # MHR-mu: no routing group left
     assert [g["lr"] for g in model.optimizer_groups()] == [1e-3]
 
@@ -160,6 +166,23 @@ def test_at_the_official_routing_rate_the_routing_leaves_uniform_and_at_the_skil
     official, slow = trained_max_weight(0.1), trained_max_weight(1e-3)
     assert official > 0.9  # observed 0.998: nearly one skill; 1/S = 0.25 is uniform
     assert slow < 0.3  # observed 0.270
+
+
+def test_a_torch_attention_backbone_gets_adapters_everywhere_but_the_attention_output():
+    from mtlkit.models.m3vit import TransformerBlock  # torch attention and our own MLP
+
+    torch.manual_seed(0)
+    block = TransformerBlock(16, 4, 32, None, 0.0).eval()
+    x = torch.randn(3, 5, 16)
+    before = block(x)[0]
+    adapted = add_routed_adapters(block, ["a"], skills=2)
+    assert len(adapted) == 2  # the MLP's two maps; out_proj is read as a weight by the attention
+    set_task(adapted, "a")
+    torch.testing.assert_close(block(x)[0], before, atol=0, rtol=0)  # B = 0: unchanged
+    with pytest.raises(mk.errors.ConfigError, match="reads its weight directly"):
+        add_routed_adapters(TransformerBlock(16, 4, 32, None, 0.0), ["a"], select=lambda n, m: True)
+    with pytest.raises(mk.errors.ConfigError, match="no nn.Linear"):  # torch's layer: all fused
+        add_routed_adapters(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), ["a"])
 
 
 def test_bad_configurations_are_refused():

@@ -43,6 +43,17 @@ def test_two_clusters_of_equal_shared_coefficients_fuse_into_exactly_two_groups(
     assert groups[5.0] == [[0, 1, 2, 3, 4, 5]]  # strong fusion: one group
 
 
+def test_rank_deficient_factors_are_refused_and_an_unconverged_solve_warns():
+    g = torch.Generator().manual_seed(3)
+    few = [torch.randn(3, 5, generator=g), torch.randn(40, 5, generator=g)]  # 3 samples, 5 factors
+    targets = [torch.randn(3, generator=g), torch.randn(40, generator=g)]
+    with pytest.raises(mk.errors.ConfigError, match="lambda_r > 0"):
+        solve_fused_coefficients(few, targets, shared=2, lambda_f=0.1)
+    solve_fused_coefficients(few, targets, shared=2, lambda_f=0.1, lambda_r=0.01)  # a ridge fixes it
+    with pytest.warns(RuntimeWarning, match="ADMM iterations"):
+        solve_fused_coefficients(few, targets, shared=2, lambda_f=0.1, lambda_r=0.01, iterations=2)
+
+
 def test_training_recovers_the_shared_subspace():
     # task k's three outputs are M_k x with M_k = B_k A_s + u_k a_k^T: a 2-d shared factor space
     # (A_s) and one own direction per task (a_k), orthogonal to it. Encoders g (2-d) and f_k (1-d)
@@ -69,6 +80,24 @@ def test_the_alternating_fit_fits_each_task_on_its_own_data():
     fit = mk.models.fit_alternating(model, data, lambda_f=0.05, outer=20, encoder_steps=20, lr=1e-2)
     after = sum(float((model(x, task=t)[t].squeeze(1) - y).pow(2).mean()) for t, (x, y) in data.items())
     assert after < 0.05 * before and fit.primal_residual < 1e-6
+
+
+def test_column_targets_fit_as_vectors_and_mismatched_targets_are_refused():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(80, 4, generator=g)
+    y = x @ torch.randn(4, generator=g)
+    fits = []
+    for shape in ((80,), (80, 1)):  # (n, 1) targets once broadcast against (n,) predictions
+        torch.manual_seed(0)
+        model = mk.models.DualEncoder(4, ["a"], shared_dim=2, task_dim=1)
+        mk.models.fit_alternating(model, {"a": (x, y.reshape(shape))}, lambda_f=0.0, outer=2, encoder_steps=5)
+        fits.append(model.state_dict())
+    for k in fits[0]:
+        torch.testing.assert_close(fits[0][k], fits[1][k], atol=0, rtol=0)
+    with pytest.raises(mk.errors.ShapeMismatchError, match="targets of shape"):
+        mk.models.fit_alternating(model, {"a": (x, y[:70])}, lambda_f=0.0)
+    with pytest.raises(mk.errors.ShapeMismatchError, match="targets of shape"):
+        mk.models.fit_alternating(model, {"a": (x, torch.randn(80, 2))}, lambda_f=0.0)
 
 
 def test_no_task_encoder_and_no_fusion_is_hard_sharing_regression():

@@ -35,6 +35,8 @@ def test_the_modality_is_recognised_by_shape_and_only_its_tasks_are_predicted():
     assert list(model(torch.randn(3, 16))) == ["sines"]
     with pytest.raises(mk.errors.ShapeMismatchError, match="image"):
         model(torch.randn(3, 12))
+    with pytest.raises(mk.errors.ShapeMismatchError, match="none of the tasks"):
+        model(torch.randn(3, 16), task="digit")  # a vector for the image task
     with pytest.raises(mk.errors.ConfigError, match="share one"):
         mk.models.IMPEncoder(
             None, ["a", "b"], modalities={"x": 4, "y": 4}, task_modality={"a": "x", "b": "y"}

@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+import mtlkit as mk
 from mtlkit.models.adapters import add_routed_adapters, set_task
 from mtlkit.models.minilm import load_minilm
 
@@ -28,6 +29,8 @@ def test_wordpiece_splits_words_punctuation_and_accents(minilm):
     ids, mask = tokenizer.encode(["a b", "a"])
     assert ids[0, 0] == tokenizer.vocab["[CLS]"] and ids[1, 2] == tokenizer.vocab["[SEP]"]
     assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    with pytest.raises(mk.errors.ConfigError, match="list of texts"):
+        tokenizer.encode("a b")  # a plain string would be read as one text per character
 
 
 def test_the_embedding_matches_the_reference_implementation(minilm):

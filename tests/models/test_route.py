@@ -79,6 +79,21 @@ def test_a_missing_modalitys_paths_get_exactly_zero_weight():
     assert all(torch.isfinite(v).all() for v in hard.values())
 
 
+TASKS_AB = mk.TaskSet([mk.Task("a"), mk.Task("b")])
+
+
+def test_a_partly_missing_modality_and_a_sample_with_nothing_to_route_are_refused():
+    model = mk.models.LearningToRoute(10, TASKS_AB, modality_dims=[6, 4])
+    x = torch.randn(3, 10)
+    x[1, 2] = float("nan")  # one feature of modality 0: not a missing modality
+    with pytest.raises(mk.errors.InputError, match="sample 1 .* modality 0"):
+        model(x)
+    x = torch.randn(3, 10)
+    x[2] = float("nan")  # both modalities missing
+    with pytest.raises(mk.errors.InputError, match="every modality of sample 2"):
+        model(x)
+
+
 def test_hard_inference_uses_one_combination():
     tasks = mk.TaskSet([mk.Task("a"), mk.Task("b")])
     model = mk.models.LearningToRoute(10, tasks, modality_dims=[6, 4], hard_inference=True).eval()

@@ -62,6 +62,7 @@ def test_the_soft_reset_moves_towards_the_best_snapshots_and_round_trips():
         for p in model.parameters():
             p.fill_(-5.0)
     perturb.offer(9.0, model)  # the worst: dropped
+    perturb.offer(float("nan"), model)  # a diverged epoch: never kept
     assert [v for v, _ in perturb.kept] == [-0.1, -0.2]
     perturb.perturb(model)  # alpha 0: jump to a sample of the best two (both 2.0: std 0)
     assert all(torch.allclose(p, torch.full_like(p, 2.0)) for p in model.parameters())

@@ -70,6 +70,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups for ``model``: its own ``optimizer_groups(lr=,
+    weight_decay=)`` when it defines one (a model whose official recipe trains some parameters at
+    another rate, e.g. Poly/MHR's routing logits), else one group of every parameter at ``lr``."""
+    own = getattr(unwrap(model), "optimizer_groups", None)
+    if callable(own):
+        return list(own(lr=lr, weight_decay=weight_decay))
+    return [{"params": list(model.parameters()), "lr": lr, "weight_decay": weight_decay}]
+
+
 def _ddp() -> type:
     from torch.nn.parallel import DistributedDataParallel
 

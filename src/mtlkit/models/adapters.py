@@ -131,17 +131,40 @@ class RoutedLoRALinear(nn.Module):
 def add_routed_adapters(
     module: nn.Module,
     tasks: Sequence[str],
-    select: Callable[[str, nn.Linear], bool] = lambda name, layer: True,
+    select: Callable[[str, nn.Linear], bool] | None = None,
     **options: object,
 ) -> list[RoutedLoRALinear]:
-    """Replace every ``nn.Linear`` inside ``module`` for which ``select(name, layer)`` holds by a
-    :class:`RoutedLoRALinear` around it (in place); returns the new layers. ``options`` go to
-    :class:`RoutedLoRALinear` (``skills``, ``rank``, ``heads``, ``alpha``, ``mixing``)."""
-    targets = [
+    """Replace every ``nn.Linear`` inside ``module`` for which ``select(name, layer)`` holds (default:
+    every one that can be wrapped) by a :class:`RoutedLoRALinear` around it (in place); returns the
+    new layers. ``options`` go to :class:`RoutedLoRALinear` (``skills``, ``rank``, ``heads``,
+    ``alpha``, ``mixing``). ``nn.MultiheadAttention`` reads its ``out_proj`` weight directly, and
+    ``nn.TransformerEncoderLayer``/``DecoderLayer`` their feed-forward weights, so those layers
+    cannot be wrapped: the default leaves them out, and selecting one is refused."""
+    # torch's attention reads out_proj's weight, and its transformer layers their linear maps'
+    # weights (their fast path would bypass an adapter), instead of calling the layers
+    fused = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    attention_outputs = {
+        id(child)
+        for m in module.modules()
+        if isinstance(m, fused)
+        for child in m.children()
+        if isinstance(child, nn.Linear)
+    }
+    linear = [
         (name, layer)
         for name, layer in module.named_modules()
-        if isinstance(layer, nn.Linear) and not isinstance(layer, RoutedLoRALinear) and select(name, layer)
+        if isinstance(layer, nn.Linear) and not isinstance(layer, RoutedLoRALinear)
     ]
+    if select is None:
+        targets = [(n, layer) for n, layer in linear if id(layer) not in attention_outputs]
+    else:
+        targets = [(n, layer) for n, layer in linear if select(n, layer)]
+        refused = [n for n, layer in targets if id(layer) in attention_outputs]
+        if refused:
+            raise ConfigError(
+                f"add_routed_adapters: {refused[0]!r} belongs to a torch attention or transformer layer, "
+                "which reads its weight directly instead of calling it; leave it out of select."
+            )
     if not targets:
         raise ConfigError("add_routed_adapters found no nn.Linear layer to adapt.")
     made = []

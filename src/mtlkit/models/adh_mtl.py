@@ -43,6 +43,7 @@ class ADHMTL(MultiTaskModule):
 
     centroids: Tensor
     dependencies: Tensor
+    groups_fitted: Tensor
 
     def __init__(
         self,
@@ -88,6 +89,8 @@ class ADHMTL(MultiTaskModule):
             "dependencies", dependencies.float() if dependencies is not None else torch.zeros(t, t)
         )
         self.register_buffer("centroids", torch.zeros(num_groups, summary_dim))
+        # whether fit_groups has run (kept in checkpoints): unfitted centroids would put everyone in group 0
+        self.register_buffer("groups_fitted", torch.tensor(False))
         self.last_groups: Tensor | None = None
 
     # -- grouping --------------------------------------------------------------------------------------
@@ -114,12 +117,28 @@ class ADHMTL(MultiTaskModule):
                 break
             c = new
         self.centroids.copy_(c.to(self.centroids))
+        self.groups_fitted.fill_(True)
         return torch.cdist(x, c).argmin(1)
+
+    def set_centroids(self, centroids: Tensor) -> None:
+        """Known group centres (``(num_groups, summary_dim)``) instead of :meth:`fit_groups`."""
+        if tuple(centroids.shape) != tuple(self.centroids.shape):
+            raise ConfigError(
+                f"set_centroids needs shape {tuple(self.centroids.shape)}, got {tuple(centroids.shape)}."
+            )
+        with torch.no_grad():
+            self.centroids.copy_(centroids)
+        self.groups_fitted.fill_(True)
 
     def groups_of(self, x: Tensor) -> Tensor:
         """Each row's group: the nearest centroid of its summary (all 0 with one group)."""
         if self.num_groups == 1 or self.summary_dim == 0:
             return torch.zeros(len(x), dtype=torch.long, device=x.device)
+        if not bool(self.groups_fitted):
+            raise ConfigError(
+                f"adh_mtl has {self.num_groups} groups but no centroids: call fit_groups(summaries) on the "
+                "training patients before training or predicting."
+            )
         return torch.cdist(x[:, : self.summary_dim], self.centroids.to(x.dtype)).argmin(1)
 
     # -- the contract ------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlkit.core.tasks import Task, TaskSet
-from mtlkit.errors import ConfigError
+from mtlkit.errors import ConfigError, ShapeMismatchError
 from mtlkit.models.base import (
     MultiTaskModule,
     MultiTaskOutput,
@@ -139,6 +139,15 @@ def fit_alternating(
     heads = [cast(nn.Linear, model.heads[t]) for t in names]
     if any(h.out_features != 1 for h in heads):
         raise ConfigError("fit_alternating fits one-output regression heads.")
+    data = dict(data)
+    for t in names:
+        x, y = data[t]
+        if y.dim() > 2 or (y.dim() == 2 and y.shape[1] != 1) or y.shape[0] != x.shape[0]:
+            raise ShapeMismatchError(
+                f"fit_alternating: task {t!r} needs targets of shape ({x.shape[0]},) or "
+                f"({x.shape[0]}, 1) for its {x.shape[0]} inputs; got {tuple(y.shape)}."
+            )
+        data[t] = (x, y.reshape(-1))  # (n, 1) targets against (n,) predictions would broadcast
     head_ids = {id(q) for h in heads for q in h.parameters()}
     encoders = [p for p in model.parameters() if id(p) not in head_ids]
     optimizer = torch.optim.Adam(encoders, lr=lr) if encoder_steps else None

@@ -16,6 +16,7 @@ clusters of the shared coefficients.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -77,7 +78,15 @@ def solve_fused_coefficients(
         *[2 * z.T @ z / len(z) + 2 * lambda_r * torch.eye(q, dtype=torch.float64) for z in zs]
     )
     base = torch.cat([2 * z.T @ y / len(z) for z, y in zip(zs, ys, strict=True)])
-    factor = torch.linalg.cholesky(h + rho * d.T @ d)
+    system = h + rho * d.T @ d
+    eigenvalues = torch.linalg.eigvalsh(system)  # small (T q x T q): a numerical rank check
+    if float(eigenvalues[0]) <= 1e-10 * float(eigenvalues[-1]):
+        raise ConfigError(
+            "solve_fused_coefficients: a task's factors are rank-deficient (fewer samples than factors, "
+            "or collinear factor columns), so its least-squares problem has no unique solution; give "
+            "lambda_r > 0 (a ridge term) or more samples."
+        )
+    factor = torch.linalg.cholesky(system)
     u = torch.zeros(len(pairs) * shared, dtype=torch.float64)
     v = torch.zeros_like(u)
     theta = torch.zeros(t * q, dtype=torch.float64)
@@ -94,6 +103,14 @@ def solve_fused_coefficients(
         dual = float(rho * torch.linalg.vector_norm(d.T @ (u - previous)))
         if residual < tol and dual < tol:
             break
+    else:
+        warnings.warn(
+            f"solve_fused_coefficients stopped after {iterations} ADMM iterations with a primal residual "
+            f"of {residual:.2e} (tolerance {tol:g}); the fused clusters may be incomplete: raise "
+            "iterations or rho.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     betas = [theta[k * q : (k + 1) * q] for k in range(t)]
     intercepts = [ym - zm @ b for (zm, ym), b in zip(means, betas, strict=True)]
     fused = [

@@ -123,6 +123,11 @@ class IMPEncoder(MultiTaskModule):
 
     def forward_tasks(self, x: Tensor, tasks: list[str]) -> MultiTaskOutput:
         modality = self.modality_of(x)
+        if tasks and all(self.task_modality[t] != modality for t in tasks):
+            raise ShapeMismatchError(
+                f"IMPEncoder: the input is of modality {modality!r}, which none of the tasks {tasks} reads "
+                f"(they read {sorted({self.task_modality[t] for t in tasks})})."
+            )
         tokens = self.tokenizers[modality](x)
         if tokens.dim() == 4:  # a patch embedding: (B, dim, h, w) -> (B, h*w, dim)
             tokens = tokens.flatten(2).transpose(1, 2)
@@ -147,7 +152,7 @@ class IMPEncoder(MultiTaskModule):
 
     def routing_statistics(self) -> dict[str, float]:
         """Per modality: the share of experts used and the largest expert's share of the tokens."""
-        return load_statistics(self.last_load)
+        return load_statistics(self.last_load, cast(NoisyTopKRouter, self.routers[0]).top_k)
 
     def example_input(self, batch: int = 4) -> Tensor:
         return torch.randn(batch, *next(iter(self.shapes.values())))

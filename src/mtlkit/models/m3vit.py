@@ -174,6 +174,8 @@ class M3ViT(MultiTaskModule):
         outs = resolve_out_features(self.task_names, out_features)
         self.heads = nn.ModuleDict({t: nn.Linear(dim, outs[t]) for t in self.task_names})
         self.last_load: dict[str, Tensor] = {}
+        #: each task's row of the task-conditioned router's one-hot input (kept by a pruned copy)
+        self.task_index = {t: i for i, t in enumerate(self.task_names)}
 
     # -- the contract -----------------------------------------------------------------------------
     def shared_modules(self) -> Iterable[nn.Module]:
@@ -234,9 +236,7 @@ class M3ViT(MultiTaskModule):
     def _route(self, flat: Tensor, task: str, m: int) -> Routing:
         if self.router_kind == "multi_gate":
             return cast(nn.ModuleList, self.routers[task])[m](flat)
-        onehot = F.one_hot(
-            torch.tensor(self.task_names.index(task), device=flat.device), len(self.task_names)
-        )
+        onehot = F.one_hot(torch.tensor(self.task_index[task], device=flat.device), len(self.task_index))
         e = self.task_embedding(onehot.to(flat.dtype))
         return self.shared_routers[m](torch.cat([flat, e.expand(flat.shape[0], -1)], dim=1))
 
@@ -245,8 +245,13 @@ class M3ViT(MultiTaskModule):
         """Per MoE block, the experts that ``task``'s routing selects for any token of ``x``."""
         if task not in self.task_names:
             raise unknown_name("task", task, self.task_names)
-        with torch.no_grad():
-            self.encode(self.tokens(x), task)
+        was_training = self.training
+        self.eval()  # no gate noise, no dropout: the selection inference makes
+        try:
+            with torch.no_grad():
+                self.encode(self.tokens(x), task)
+        finally:
+            self.train(was_training)
         return [set(torch.nonzero(row).squeeze(1).tolist()) for row in self.last_load[task]]
 
     def prune(self, task: str, calibration: Tensor) -> M3ViT:
@@ -270,8 +275,20 @@ class M3ViT(MultiTaskModule):
 
     def routing_statistics(self) -> dict[str, float]:
         """Per task, over the last forward's MoE blocks: the share of experts that received a token
-        and the largest share of the tokens one expert received."""
-        return load_statistics(self.last_load)
+        and the largest share of the tokens one expert received; with several tasks in the last
+        forward, ``moe/task_overlap``: the mean over MoE blocks and task pairs of the Jaccard index of
+        the two tasks' used experts (1: the tasks share every expert; M3ViT's task-specific routing
+        shows as a falling overlap)."""
+        out = load_statistics(self.last_load, self.top_k)
+        used = {t: load > 0 for t, load in self.last_load.items()}
+        pairs = [(a, b) for i, a in enumerate(used) for b in list(used)[i + 1 :]]
+        if pairs:
+            jaccard = [
+                float(((used[a] & used[b]).sum(1) / (used[a] | used[b]).sum(1).clamp_min(1)).mean())
+                for a, b in pairs
+            ]
+            out["moe/task_overlap"] = sum(jaccard) / len(jaccard)
+        return out
 
     def example_input(self, batch: int = 4) -> Tensor:
         dims: tuple[int, ...] = (

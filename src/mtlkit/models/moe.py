@@ -40,15 +40,17 @@ class Routing:
     load: Tensor  # (E,) tokens routed to each expert (a count)
 
 
-def load_statistics(loads: Mapping[str, Tensor]) -> dict[str, float]:
+def load_statistics(loads: Mapping[str, Tensor], top_k: int) -> dict[str, float]:
     """Routing statistics for the logs from each routing's tokens per expert (``(E,)``, or
-    ``(blocks, E)`` for one routed layer per row): the share of experts that received a token and
-    the largest share of a layer's tokens that one expert received."""
+    ``(blocks, E)`` for one routed layer per row; each token counts once for each of its ``top_k``
+    experts): the share of experts that received a token and the largest share of a layer's tokens
+    that one expert received (``top_k / E`` when balanced, 1 when every token goes to one expert)."""
     out: dict[str, float] = {}
     for key, load in loads.items():
-        rows = load.reshape(-1, load.shape[-1])
+        rows = load.reshape(-1, load.shape[-1]).float()
+        tokens = (rows.sum(1, keepdim=True) / top_k).clamp_min(1)
         out[f"moe/{key}/experts_used"] = float((rows > 0).float().mean())
-        out[f"moe/{key}/max_load_share"] = float((rows / rows.sum(1, keepdim=True).clamp_min(1)).max())
+        out[f"moe/{key}/max_load_share"] = float((rows / tokens).max())
     return out
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlkit.core.tasks import Task, TaskSet
-from mtlkit.errors import ConfigError, ShapeMismatchError
+from mtlkit.errors import ConfigError, InputError, ShapeMismatchError
 from mtlkit.models.base import MultiTaskModule, MultiTaskOutput, mlp, register, resolve_out_features
 from mtlkit.models.moe import cv_squared
 
@@ -123,6 +123,18 @@ class LearningToRoute(MultiTaskModule):
         encodings (B, hidden) each."""
         parts = torch.split(x, self.dims, dim=1)
         missing = torch.stack([torch.isnan(part).all(1) for part in parts], dim=1)  # (B, M)
+        partial = torch.stack([torch.isnan(part).any(1) for part in parts], dim=1) & ~missing
+        if bool(partial.any()):
+            b, m = (int(i) for i in torch.nonzero(partial)[0])
+            raise InputError(
+                f"LearningToRoute: sample {b} has NaN in some but not all features of modality {m}; a "
+                "missing modality is all NaN (impute partial gaps before the model)."
+            )
+        if bool(missing.all(1).any()):
+            b = int(torch.nonzero(missing.all(1))[0])
+            raise InputError(
+                f"LearningToRoute: every modality of sample {b} is missing (all NaN): nothing to route."
+            )
         encodings = [
             enc(torch.nan_to_num(part)) * (~missing[:, m : m + 1]).to(x.dtype)
             for m, (enc, part) in enumerate(zip(self.encoders, parts, strict=True))

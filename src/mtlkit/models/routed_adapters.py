@@ -28,7 +28,8 @@ class RoutedAdapters(MultiTaskModule):
             tabular data). Its weights are frozen; only the skills, the routing and the heads train
             (with ``train_backbone=True`` the backbone's other parameters train too, as shared ones).
         features: the backbone's output width (default: the last of ``hidden_dims``).
-        select: which ``nn.Linear`` layers of the backbone get adapters (default: all).
+        select: which ``nn.Linear`` layers of the backbone get adapters (default: every one
+            that can be wrapped, see :func:`~mtlkit.models.adapters.add_routed_adapters`).
         skills, rank, heads, alpha, mixing: the adapters' options (Poly: ``heads=1``; MHR: more).
     """
 
@@ -63,7 +64,7 @@ class RoutedAdapters(MultiTaskModule):
         self.adapted: list[RoutedLoRALinear] = add_routed_adapters(
             backbone,
             self.task_names,
-            select or (lambda name, layer: True),
+            select,
             skills=skills,
             rank=rank,
             heads=heads,
@@ -105,7 +106,7 @@ class RoutedAdapters(MultiTaskModule):
         uniform, 1 is one skill)."""
         out = {}
         for t in self.task_names:
-            top = [float(layer.weights(t).max(-1).values.mean()) for layer in self.adapted]
+            top = [float(layer.weights(t).detach().max(-1).values.mean()) for layer in self.adapted]
             out[f"routing/{t}/max_weight"] = sum(top) / len(top)
         return out
 

@@ -106,4 +106,4 @@ class SparseMoE(MultiTaskModule):
 
     def routing_statistics(self) -> dict[str, float]:
         """Per routing (task, or ``all``): the share of experts used and the largest expert's share."""
-        return load_statistics(self.last_load)
+        return load_statistics(self.last_load, self.router.top_k)

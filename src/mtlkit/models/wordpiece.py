@@ -105,6 +105,8 @@ class WordPieceTokenizer:
     def encode(self, texts: list[str], max_length: int = 256) -> tuple[Tensor, Tensor]:
         """``(input_ids, attention_mask)``, both (N, L) int64, padded to the longest text (at most
         ``max_length`` ids, ``[CLS]`` and ``[SEP]`` included)."""
+        if isinstance(texts, str):
+            raise ConfigError("encode() takes a list of texts; wrap a single text as [text].")
         if not texts:
             raise ConfigError("encode() got no texts.")
         if max_length < 2:

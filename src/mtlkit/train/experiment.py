@@ -13,6 +13,7 @@ import torch
 from mtlkit import data as mk_data
 from mtlkit import methods as mk_methods
 from mtlkit import models as mk_models
+from mtlkit.core.contract import parameter_groups
 from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import ConfigError, unknown_name
 from mtlkit.train import Callback, EarlyStopping, EvaluationReport, Trainer
@@ -87,7 +88,7 @@ def run(
         model,
         tasks,
         method,
-        make_optimizer(cfg, model.parameters()),
+        make_optimizer(cfg, parameter_groups(model, cfg.optimizer.lr, cfg.optimizer.weight_decay)),
         device=device,
         log_dir=output,
         checkpoint_every=t.checkpoint_every,

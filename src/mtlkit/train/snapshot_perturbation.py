@@ -3,6 +3,7 @@ fitted to the best parameter snapshots seen so far."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +71,10 @@ class SnapshotPerturbation(Callback):
             row["perturbation/resets"] = float(self.resets)
 
     def offer(self, value: float, model: nn.Module) -> None:
-        """Keep the model's current parameters if they are among the best ``snapshots``."""
+        """Keep the model's current parameters if they are among the best ``snapshots`` (a
+        non-finite monitored value is never kept: a diverged snapshot would poison the reset)."""
+        if not math.isfinite(value):
+            return
         sign = 1.0 if self.mode == "max" else -1.0
         copy = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
         self.kept.append((sign * value, copy))

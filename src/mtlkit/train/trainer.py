@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mtlkit.core.contract import check_parameter_split, forward_full, unwrap
+from mtlkit.core.contract import check_parameter_split, forward_full, parameter_groups, unwrap
 from mtlkit.core.distributed import barrier, is_ddp, process_rank
 from mtlkit.core.tasks import Batch, TaskBatches, TaskLosses, TaskSet
 from mtlkit.errors import CheckpointError, ConfigError, EmptyDataError, TaskError
@@ -57,7 +57,8 @@ class Trainer:
             Trainer runs its whole lifecycle: ``setup`` with the tasks and model, its own
             parameters into the optimiser (own learning rate, no weight decay), ``after_step``
             with the losses recomputed on the same batch, ``begin_epoch``/``on_epoch_end``.
-        optimizer: a torch optimiser over the model's parameters (default Adam, lr 1e-3).
+        optimizer: a torch optimiser over the model's parameters (default Adam, lr 1e-3, over
+            :func:`~mtlkit.core.contract.parameter_groups`: the model's own groups if it has them).
         scheduler: optional LR scheduler, stepped once per epoch.
         device: ``"auto"`` (CUDA, MPS, CPU), or any torch device.
         log_dir: where ``steps.csv``, ``epochs.csv``, TensorBoard events and ``run.json`` go.
@@ -127,7 +128,7 @@ class Trainer:
         self.method = create_method(method) if isinstance(method, str) else method
         self.method.setup(tasks, model=self.model)  # learnable method parameters exist from here on
         self.method.to(self.device)
-        self.optimizer = optimizer or torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.optimizer = optimizer or torch.optim.Adam(parameter_groups(self.model, lr=1e-3))
         add_param_groups(self.optimizer, self.method.param_groups())
         self.scheduler = scheduler
         self.grad_clip = grad_clip
