@@ -1,12 +1,15 @@
 """Model merging: task vectors and merging methods on any ``nn.Module``, state dict or
 safetensors checkpoint (``merge(pretrained, experts, method=...) -> MergeResult``)."""
 
+from mtlkit.merging.adaptive import AdaMerging
 from mtlkit.merging.average import WeightAveraging
 from mtlkit.merging.base import MERGERS, Merger
 from mtlkit.merging.breadcrumbs import Breadcrumbs
+from mtlkit.merging.concrete import ConcreteAdaMerging, ConcreteTaskArithmetic
 from mtlkit.merging.dare import DARE
 from mtlkit.merging.della import DELLA
 from mtlkit.merging.diagnostics import TaskVectorDiagnostics, diagnose
+from mtlkit.merging.doge import DOGE
 from mtlkit.merging.emr import EMR, TaskModulators
 from mtlkit.merging.fisher import FisherMerging
 from mtlkit.merging.isotropic import IsoC, IsoCTS
@@ -25,12 +28,16 @@ from mtlkit.merging.wudi import WUDI
 __all__ = [
     "DARE",
     "DELLA",
+    "DOGE",
     "EMR",
     "MERGERS",
     "SLERP",
     "TIES",
     "WUDI",
+    "AdaMerging",
     "Breadcrumbs",
+    "ConcreteAdaMerging",
+    "ConcreteTaskArithmetic",
     "FisherMerging",
     "IsoC",
     "IsoCTS",
