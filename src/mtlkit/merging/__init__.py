@@ -6,6 +6,7 @@ from mtlkit.merging.average import WeightAveraging
 from mtlkit.merging.base import MERGERS, Merger
 from mtlkit.merging.breadcrumbs import Breadcrumbs
 from mtlkit.merging.concrete import ConcreteAdaMerging, ConcreteTaskArithmetic
+from mtlkit.merging.corruption import RobustTaskArithmetic, adversarial_contributor, gaussian_corruption
 from mtlkit.merging.dare import DARE
 from mtlkit.merging.della import DELLA
 from mtlkit.merging.diagnostics import TaskVectorDiagnostics, diagnose
@@ -48,6 +49,7 @@ __all__ = [
     "ModelStock",
     "RegMean",
     "RegMeanPlusPlus",
+    "RobustTaskArithmetic",
     "SafetensorsSource",
     "ScalingSearch",
     "TSVMerge",
@@ -56,8 +58,10 @@ __all__ = [
     "TaskVectorDiagnostics",
     "TensorSource",
     "WeightAveraging",
+    "adversarial_contributor",
     "available",
     "diagnose",
+    "gaussian_corruption",
     "merge",
     "open_source",
     "recalibrate_batchnorm",
