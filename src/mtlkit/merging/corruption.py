@@ -33,9 +33,7 @@ AGGREGATES = ("median", "trimmed_mean", "norm_clip", "krum")
 def _states(pretrained: Any, experts: Mapping[str, Any]) -> tuple[StateDict, dict[str, StateDict]]:
     base = open_source(pretrained, "the pretrained model")
     loaded = {n: open_source(e, f"expert {n!r}") for n, e in experts.items()}
-    return {k: base.load(k) for k in base}, {
-        n: {k: s.load(k) for k in s} for n, s in loaded.items()
-    }
+    return {k: base.load(k) for k in base}, {n: {k: s.load(k) for k in s} for n, s in loaded.items()}
 
 
 def gaussian_corruption(
