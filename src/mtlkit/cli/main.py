@@ -207,6 +207,34 @@ def affinity(
 
 
 @app.command()
+def audit(
+    config: Annotated[Path, typer.Argument(help="YAML audit configuration (see benchmarks/audit/).")],
+    output: Annotated[str | None, typer.Option("--out", help="Override the output directory.")] = None,
+    seeds: Annotated[
+        list[int] | None, typer.Option("--seed", help="Override the seeds (repeatable).")
+    ] = None,
+) -> None:
+    """Attack merged models by transfer: adversarial images crafted on each task's expert (FGSM,
+    PGD, MI-, DI-, TI-, VMI-FGSM) against every configured merge of a merging track; reports clean
+    accuracy, representation bias and relative transfer success, and tests the three insights of
+    "Merge Now, Regret Later". Writes audit.md and audit.json to the output directory.
+    """
+    import shlex
+    import sys
+
+    from mtlkit.bench.merging_audit import load_audit_config, run_audit
+
+    cfg = load_audit_config(config)
+    if output is not None:
+        cfg.output = output
+    if seeds:
+        cfg.seeds = list(seeds)
+    command = "mtlkit audit " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    for path in run_audit(cfg, command, log=typer.echo):
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/demo"),
     epochs: Annotated[int, typer.Option(help="Epochs per run.")] = 3,
