@@ -228,7 +228,8 @@ def report(cfg: AuditConfig, seeds: list[dict[str, Any]], command: str) -> str:
         "",
         "Surrogate: each task's expert with the task's head (white-box). *relative*: the attack's success on "
         "the merge over its success on the surrogate, averaged over tasks, budgets and (last column) attacks. "
-        "*bias*: the mean L1 distance of the merge's features from the expert's on the attacked images.",
+        "*bias*: the mean L1 distance of the merge's features from the expert's on the attacked images. "
+        "*clean accuracy*: on the whole test split.",
         "",
         "| merge | clean accuracy (%) | bias | " + " | ".join(cfg.attacks) + " | relative (all) |",
         "|---|---:|---:|" + "---:|" * (len(cfg.attacks) + 1),

@@ -103,8 +103,9 @@ class TaskVectorModel:
         for i, n in enumerate(self.names):
             c = coefficients[:, i if layered else 0]
             mask = None if masks is None else masks.get(n)
-            taus = self.vectors[n] if mask is None else self.vectors[n] * mask
-            out[n] = self.base[n] + torch.tensordot(c, taus, dims=1)
+            update = torch.tensordot(c, self.vectors[n], dims=1)
+            # one mask shared by the tasks: sum_t c_t (m * tau_t) = m * sum_t c_t tau_t (T times fewer products)
+            out[n] = self.base[n] + (update if mask is None else mask * update)
         return out
 
     def forward(self, state: dict[str, Tensor], x: Any) -> Any:

@@ -183,7 +183,7 @@ class ConcreteAdaMerging(CoefficientMerger):
             )
             loss.backward()
             outer.step()
-            history.append(float(loss))
+            history.append(float(loss.detach()))
         with torch.no_grad():
             final = mask.sample(self.eval_mask)
             coefficients.fill_(self.init)
