@@ -185,6 +185,29 @@ def test_a_torch_attention_backbone_gets_adapters_everywhere_but_the_attention_o
         add_routed_adapters(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), ["a"])
 
 
+def test_serving_only_a_new_task_trains_it_alone():
+    torch.manual_seed(0)
+    tasks = mk.TaskSet([mk.Task("a"), mk.Task("b")])
+    model = mk.models.RoutedAdapters(6, tasks, hidden_dims=[16, 16], skills=4, heads=2)
+    model.add_task("c")
+    model.serve_only(["c"])
+    x = torch.randn(32, 6)
+    assert list(model(x)) == ["c"]
+    others = ("routing.a", "routing.b", "heads.a.", "heads.b.")
+    before = {k: v.clone() for k, v in model.state_dict().items() if any(o in k for o in others)}
+    assert len(before) == 2 * len(model.adapted) + 4
+    few = mk.TaskSet([mk.Task("c")])
+    mk.Trainer(model, few, "ew", device="cpu", progress=False).fit(
+        [(x, {"c": torch.randn(32)})] * 3, epochs=1
+    )
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert any(
+        not torch.equal(p, torch.zeros_like(p)) for layer in model.adapted for p in [layer.routing["c"]]
+    )
+    with pytest.raises(mk.errors.ConfigError, match="serve_only"):
+        model.serve_only(["z"])
+
+
 def test_bad_configurations_are_refused():
     with pytest.raises(mk.errors.ConfigError, match="heads dividing"):
         RoutedLoRALinear(nn.Linear(8, 6), ["a"], heads=4)

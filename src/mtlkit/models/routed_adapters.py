@@ -119,6 +119,21 @@ class RoutedAdapters(MultiTaskModule):
         self.heads[task] = nn.Linear(first.in_features, out_features).to(first.weight.device)
         self.task_names = [*self.task_names, task]
 
+    def serve_only(self, tasks: Sequence[str]) -> None:
+        """Serve ``tasks`` alone (few-shot adaptation to a new task): the other tasks' heads and
+        routing logits are frozen and the forward runs only these tasks' passes."""
+        unknown = [t for t in tasks if t not in self.task_names]
+        if unknown or not tasks:
+            raise ConfigError(
+                f"serve_only needs some of the model's tasks {self.task_names}; got {list(tasks)}."
+            )
+        for t in self.task_names:
+            if t not in tasks:
+                self.heads[t].requires_grad_(False)
+                for layer in self.adapted:
+                    layer.routing[t].requires_grad_(False)
+        self.task_names = list(tasks)
+
     def train_routing_only(self) -> None:
         """MHR-z over every adapted layer."""
         for layer in self.adapted:
