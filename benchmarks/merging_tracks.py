@@ -98,6 +98,7 @@ METHODS = [
         family="subspace",
         tracks=("efficientnet_lite0",),
     ),
+    Method("DOGE (lamda chosen on validation; 400 steps, lr 1e-4)", "doge", search=True, family="subspace"),
     Method("Model Stock", "model_stock", family="averaging"),
     Method(
         "Fisher (empirical, 256 examples)", "fisher", {"fisher": "empirical"}, data="labelled", family="data"
