@@ -64,3 +64,30 @@ def test_the_insights_and_the_report():
     text = report(cfg, [seed], "mtlkit audit x.yaml")
     assert all(f"| {label} |" in text for label in labels)
     assert "+1.00 (holds)" in text and "-1.00 (holds)" in text and "iso (not reproduced)" in text
+
+
+def test_an_audit_of_a_small_track_scores_every_merge():
+    from tests.bench.test_merging_track import build
+
+    from mtlkit.bench.merging_audit import audit_seed
+
+    cfg = AuditConfig(
+        [
+            AuditMethod("avg", "average"),
+            AuditMethod("ta", "task_arithmetic", scaling=0.5),
+            AuditMethod("ada", "adamerging", {"steps": 3}, data="test_time"),
+            AuditMethod("emr", "emr"),
+        ],
+        track="mlp8",
+        images=30,
+        attacks=["fgsm", "pgd"],
+        budgets=[0.1],
+    )
+    result = audit_seed(cfg, 0, log=lambda _: None, build=lambda seed: build())
+    assert set(result["summary"]) == {"avg", "ta", "ada", "emr"}
+    assert len(result["rows"]) == 4 * 2 * 2 * 1  # merges x tasks x attacks x budgets
+    for summary in result["summary"].values():
+        assert 0 <= summary["accuracy"] <= 100 and summary["representation_bias"] >= 0
+        assert summary["relative_transfer"] >= 0
+    assert result["summary"]["ta"]["scaling"] == 0.5
+    assert "| emr |" in report(cfg, [result], "test")

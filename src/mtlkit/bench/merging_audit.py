@@ -150,11 +150,16 @@ def merge_on_track(
     return (lambda t: result.state_dict), chosen
 
 
-def audit_seed(cfg: AuditConfig, seed: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+def audit_seed(
+    cfg: AuditConfig, seed: int, log: Callable[[str], None] = print, build: Callable[[int], Any] | None = None
+) -> dict[str, Any]:
+    """One seed's audit; ``build(seed)`` makes the track (default: the configured one)."""
     from mtlkit.bench.merging_track import efficientnet_lite0_track, mlp8_track
 
     torch.set_num_threads(1)
-    track = (mlp8_track if cfg.track == "mlp8" else efficientnet_lite0_track)(seed)
+    if build is None:
+        build = mlp8_track if cfg.track == "mlp8" else efficientnet_lite0_track
+    track = build(seed)
     data = {
         t: (task.test.images[: cfg.images], task.test.labels[: cfg.images]) for t, task in track.tasks.items()
     }
