@@ -67,9 +67,8 @@ def test_the_insights_and_the_report():
 
 
 def test_an_audit_of_a_small_track_scores_every_merge():
-    from tests.bench.test_merging_track import build
-
     from mtlkit.bench.merging_audit import audit_seed
+    from tests.bench.test_merging_track import build
 
     cfg = AuditConfig(
         [
