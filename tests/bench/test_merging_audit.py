@@ -48,22 +48,27 @@ def _seed(values: dict[str, tuple[float, float, float]]) -> dict:
 
 
 def test_the_insights_and_the_report():
-    # accuracy rises with vulnerability and bias falls with it: both insights hold; averaging is not
-    # the most vulnerable here
-    seed = _seed({"avg": (50.0, 0.9, 0.2), "ta": (55.0, 0.7, 0.4), "iso": (65.0, 0.3, 0.8)})
-    labels = ["avg", "ta", "iso"]
-    found = insights([seed], labels)
+    # accuracy rises with vulnerability and bias falls with it over six merges: both insights hold
+    # beyond the 5% critical value (1.96 / sqrt(5) = 0.88); averaging is not the most vulnerable
+    values = {f"m{i}": (50.0 + i, 0.9 - 0.1 * i, 0.2 + 0.1 * i) for i in range(5)}
+    values = {"avg": (49.0, 1.0, 0.1), **values}
+    labels = list(values)
+    found = insights([_seed(values)], labels)
     assert found["accuracy_vs_transfer"] == pytest.approx(1.0)
     assert found["bias_vs_transfer"] == pytest.approx(-1.0)
-    assert found["most_vulnerable"] == "iso"
+    assert found["most_vulnerable"] == "m4"
     cfg = AuditConfig(
-        [AuditMethod("avg", "average"), AuditMethod("ta", "task_arithmetic"), AuditMethod("iso", "iso_c")],
+        [AuditMethod("avg", "average")] + [AuditMethod(f"m{i}", "task_arithmetic") for i in range(5)],
         attacks=["fgsm"],
         budgets=[8 / 255],
     )
-    text = report(cfg, [seed], "mtlkit audit x.yaml")
+    text = report(cfg, [_seed(values)], "mtlkit audit x.yaml")
     assert all(f"| {label} |" in text for label in labels)
-    assert "+1.00 (holds)" in text and "-1.00 (holds)" in text and "iso (not reproduced)" in text
+    assert "+1.00 (holds" in text and "-1.00 (holds" in text and "m4 (not reproduced)" in text
+    few = {k: values[k] for k in ("avg", "m0", "m1")}  # three merges can show nothing at 5%
+    assert "not shown" in report(
+        AuditConfig([AuditMethod(k, "average") for k in few], attacks=["fgsm"]), [_seed(few)], "x"
+    )
 
 
 def test_an_audit_of_a_small_track_scores_every_merge():

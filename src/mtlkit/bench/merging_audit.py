@@ -206,6 +206,15 @@ def insights(seeds: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
     return out
 
 
+def verdict(rho: float, sign: int, critical: float) -> str:
+    """``holds`` when rho has the expected sign beyond the 5% critical value, else how it fails."""
+    if sign * rho > critical:
+        return f"holds: beyond the 5% critical value {critical:.2f}"
+    if sign * rho > 0:
+        return f"the expected sign, but within the 5% critical value {critical:.2f}: not shown"
+    return "the opposite sign: not reproduced"
+
+
 def report(cfg: AuditConfig, seeds: list[dict[str, Any]], command: str) -> str:
     labels = [m.label for m in cfg.methods]
 
@@ -250,19 +259,20 @@ def report(cfg: AuditConfig, seeds: list[dict[str, Any]], command: str) -> str:
     lines += ["", "## The paper's insights", ""]
     if "accuracy_vs_transfer" in found:
         r1, r2 = found["accuracy_vs_transfer"], found["bias_vs_transfer"]
+        critical = 1.96 / (len(labels) - 1) ** 0.5  # two-sided 5% for Spearman's rho (normal approximation)
         lines.append(
             f"- Stronger merges are more vulnerable: Spearman's rho of clean accuracy and relative transfer "
-            f"success {r1:+.2f} ({'holds' if r1 > 0 else 'not reproduced'})."
+            f"success over the {len(labels)} merges {r1:+.2f} ({verdict(r1, +1, critical)})."
         )
         lines.append(
             f"- Less representation bias is more vulnerable: rho of bias and relative transfer success "
-            f"{r2:+.2f} ({'holds' if r2 < 0 else 'not reproduced'})."
+            f"{r2:+.2f} ({verdict(r2, -1, critical)})."
         )
     averaged = [m.label for m in cfg.methods if m.name == "average"]
-    verdict = "holds" if averaged and found["most_vulnerable"] in averaged else "not reproduced"
+    outcome = "holds" if averaged and found["most_vulnerable"] in averaged else "not reproduced"
     lines.append(
         f"- Weight averaging is the most vulnerable: the most vulnerable merge is {found['most_vulnerable']} "
-        f"({verdict if averaged else 'no weight averaging in this audit'})."
+        f"({outcome if averaged else 'no weight averaging in this audit'})."
     )
     return "\n".join(lines) + "\n"
 
