@@ -57,16 +57,39 @@ class ConcreteMask:
         return kept / sum(s.numel() for s in self.logits.values())
 
 
-def _check(steps: int, lr: float, temperature: float, eval_mask: str) -> str:
-    if steps < 0 or not lr > 0 or not temperature > 0:
-        raise ConfigError(
-            f"concrete: need steps >= 0, lr > 0 and temperature > 0; got {steps}, {lr}, {temperature}."
+class ConcreteMerger(CoefficientMerger):
+    """What the Concrete mergers share: the mask's settings, checked once, and the mask itself."""
+
+    def __init__(
+        self,
+        granularity: str,
+        objective: str,
+        steps: int,
+        lr: float,
+        temperature: float,
+        initial_logits: float,
+        eval_mask: str,
+        seed: int,
+    ) -> None:
+        super().__init__(granularity, objective)
+        if steps < 0 or not lr > 0 or not temperature > 0:
+            raise ConfigError(
+                f"concrete: need steps >= 0, lr > 0 and temperature > 0; got {steps}, {lr}, {temperature}."
+            )
+        self.eval_mask = check_choice(eval_mask, MASKS, "eval_mask")
+        self.steps, self.lr = int(steps), float(lr)
+        self.temperature, self.initial_logits, self.seed = (
+            float(temperature),
+            float(initial_logits),
+            int(seed),
         )
-    return check_choice(eval_mask, MASKS, "eval_mask")
+
+    def new_mask(self, model: TaskVectorModel) -> ConcreteMask:
+        return ConcreteMask(model, self.initial_logits, self.temperature, self.seed)
 
 
 @register("concrete_ta")
-class ConcreteTaskArithmetic(CoefficientMerger):
+class ConcreteTaskArithmetic(ConcreteMerger):
     """Concrete Task Arithmetic (Tang, Shen, Luo, Du, Tao, "Concrete Subspace Learning based
     Interference Elimination for Multi-task Model Fusion", arXiv 2312.06173, 2023).
 
@@ -90,17 +113,11 @@ class ConcreteTaskArithmetic(CoefficientMerger):
         objective: str = "entropy",
         seed: int = 0,
     ) -> None:
-        super().__init__("task", objective)
-        self.eval_mask = _check(steps, lr, temperature, eval_mask)
-        self.scaling, self.steps, self.lr = float(scaling), int(steps), float(lr)
-        self.temperature, self.initial_logits, self.seed = (
-            float(temperature),
-            float(initial_logits),
-            int(seed),
-        )
+        super().__init__("task", objective, steps, lr, temperature, initial_logits, eval_mask, seed)
+        self.scaling = float(scaling)
 
     def fit(self, model: TaskVectorModel, streams: Streams) -> tuple[Tensor, dict[str, Tensor] | None]:
-        mask = ConcreteMask(model, self.initial_logits, self.temperature, self.seed)
+        mask = self.new_mask(model)
         coefficients = torch.full((model.tasks, 1), self.scaling)
         history = training_loop(
             list(mask.logits.values()),
@@ -117,7 +134,7 @@ class ConcreteTaskArithmetic(CoefficientMerger):
 
 
 @register("concrete_adamerging")
-class ConcreteAdaMerging(CoefficientMerger):
+class ConcreteAdaMerging(ConcreteMerger):
     """Concrete AdaMerging (Tang et al., arXiv 2312.06173, 2023), as the official code does it.
 
     Stage 1 (``steps`` 1000, the mask meta-learned): each step samples one mask; (i) with the mask
@@ -145,24 +162,14 @@ class ConcreteAdaMerging(CoefficientMerger):
         objective: str = "entropy",
         seed: int = 0,
     ) -> None:
-        super().__init__(granularity, objective)
-        self.eval_mask = _check(steps, lr, temperature, eval_mask)
+        super().__init__(granularity, objective, steps, lr, temperature, initial_logits, eval_mask, seed)
         if adamerging_steps < 0 or not base_lr > 0 or not adamerging_lr > 0:
             raise ConfigError("concrete_adamerging: need adamerging_steps >= 0 and positive learning rates.")
-        self.steps, self.lr, self.base_lr = int(steps), float(lr), float(base_lr)
-        self.adamerging_steps, self.adamerging_lr, self.init = (
-            int(adamerging_steps),
-            float(adamerging_lr),
-            float(init),
-        )
-        self.temperature, self.initial_logits, self.seed = (
-            float(temperature),
-            float(initial_logits),
-            int(seed),
-        )
+        self.base_lr, self.adamerging_steps = float(base_lr), int(adamerging_steps)
+        self.adamerging_lr, self.init = float(adamerging_lr), float(init)
 
     def fit(self, model: TaskVectorModel, streams: Streams) -> tuple[Tensor, dict[str, Tensor] | None]:
-        mask = ConcreteMask(model, self.initial_logits, self.temperature, self.seed)
+        mask = self.new_mask(model)
         coefficients = torch.full(self.coefficient_shape(model), self.init, requires_grad=True)
         inner = torch.optim.Adam([coefficients], lr=self.base_lr)
         outer = torch.optim.Adam(list(mask.logits.values()), lr=self.lr)
