@@ -99,9 +99,9 @@ class TaskVectorModel:
         """``theta_0 + sum_t c[t, l] (m * tau_t)`` per tensor ``l`` (``coefficients``: (T, 1) or
         (T, len(names)); ``masks``: optional masks of some tensors, applied to every task vector)."""
         out: dict[str, Tensor] = dict(self.fixed)
-        layered = coefficients.shape[1] > 1
+        per_tensor = coefficients.expand(-1, len(self.names))  # task-wise: one column for every tensor
         for i, n in enumerate(self.names):
-            c = coefficients[:, i if layered else 0]
+            c = per_tensor[:, i]
             mask = None if masks is None else masks.get(n)
             update = torch.tensordot(c, self.vectors[n], dims=1)
             # one mask shared by the tasks: sum_t c_t (m * tau_t) = m * sum_t c_t tau_t (T times fewer products)
@@ -141,10 +141,6 @@ def prepared_batches(
             raise ConfigError(f"No test-time batches for expert {name!r}.")
         out.append(rows)
     return out
-
-
-def cycle(batches: list[Any]) -> Iterator[Any]:
-    return itertools.cycle(batches)
 
 
 def total_loss(
@@ -205,13 +201,11 @@ class CoefficientMerger(Merger):
 
     def prepare(self, names: Sequence[str], pretrained: Loader | None, experts: Sequence[Loader]) -> None:
         assert pretrained is not None and self._template is not None
-        floating = [n for n in names if torch.is_floating_point(pretrained(n))]
-        model = TaskVectorModel(self._template, floating, pretrained, experts)
-        coefficients, masks = self.fit(model, [cycle(b) for b in self._batches])
-        layered = coefficients.shape[1] > 1
-        self._coefficients = {
-            n: coefficients[:, i if layered else 0].detach().double() for i, n in enumerate(floating)
-        }
+        # the driver's names are the floating tensors it merges (integer ones it copies)
+        model = TaskVectorModel(self._template, names, pretrained, experts)
+        coefficients, masks = self.fit(model, [itertools.cycle(b) for b in self._batches])
+        per_tensor = coefficients.detach().double().expand(-1, len(names))
+        self._coefficients = {n: per_tensor[:, i] for i, n in enumerate(names)}
         self._masks = {n: m.detach().double() for n, m in (masks or {}).items()}
 
     def fit(
@@ -224,12 +218,9 @@ class CoefficientMerger(Merger):
 
     def merge_tensor(self, name: str, pretrained: Tensor | None, experts: Sequence[Tensor]) -> Tensor:
         assert pretrained is not None
-        c = self._coefficients.get(name)
-        if c is None:  # not a merged floating tensor (never reached: the driver copies the others)
-            return pretrained
         mask = self._masks.get(name)
         merged = pretrained.clone()
-        for ct, e in zip(c.tolist(), experts, strict=True):
+        for ct, e in zip(self._coefficients[name].tolist(), experts, strict=True):
             tau = e - pretrained
             merged.add_(tau * mask if mask is not None else tau, alpha=ct)
         return merged
