@@ -203,12 +203,23 @@ def attack(
     return ATTACKS[name](model, x, y, eps, **options).detach()
 
 
+def correct(model: Model, x: Tensor, y: Tensor) -> Tensor:
+    """Which images ``model`` classifies correctly (a boolean mask)."""
+    with torch.no_grad():
+        return model(x).argmax(-1) == y
+
+
+def fooled_share(model: Model, x_adv: Tensor, y: Tensor, right: Tensor) -> float:
+    """Among the images marked ``right`` (classified correctly when clean), the share whose
+    adversarial version ``model`` gets wrong (``nan`` when none is marked)."""
+    if not bool(right.any()):
+        return float("nan")
+    with torch.no_grad():
+        fooled = model(x_adv).argmax(-1) != y
+    return float((fooled & right).sum()) / float(right.sum())
+
+
 def success_rate(model: Model, x: Tensor, x_adv: Tensor, y: Tensor) -> float:
     """Untargeted attack success: the share of the images ``model`` classifies correctly whose
     adversarial version it gets wrong (``nan`` when it gets none right)."""
-    with torch.no_grad():
-        clean = model(x).argmax(-1) == y
-        fooled = model(x_adv).argmax(-1) != y
-    if not bool(clean.any()):
-        return float("nan")
-    return float((fooled & clean).sum()) / float(clean.sum())
+    return fooled_share(model, x_adv, y, correct(model, x, y))

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.errors import ConfigError
-from mtlkit.merging.attacks import ATTACKS, attack, success_rate
+from mtlkit.merging.attacks import ATTACKS, attack, correct, fooled_share
 
 Model = Callable[[Tensor], Tensor]
 
@@ -53,15 +53,15 @@ def transfer_audit(
     rows = []
     for task, surrogate in surrogates.items():
         x, y = data[task]
+        # clean predictions once per model and task, not once per attack and budget
+        surrogate_right = correct(surrogate, x, y)
+        right = {label: correct(models[task], x, y) for label, models in targets.items()}
         for name in attacks:
             for eps in budgets:
                 adversarial = attack(name, surrogate, x, y, eps, seed=seed)
-                white_box = success_rate(surrogate, x, adversarial, y)
+                white_box = fooled_share(surrogate, adversarial, y, surrogate_right)
                 for label, models in targets.items():
-                    model = models[task]
-                    with torch.no_grad():
-                        clean = float((model(x).argmax(-1) == y).float().mean())
-                    transfer = success_rate(model, x, adversarial, y)
+                    transfer = fooled_share(models[task], adversarial, y, right[label])
                     relative = (
                         transfer / white_box if white_box and not math.isnan(white_box) else float("nan")
                     )
@@ -71,7 +71,7 @@ def transfer_audit(
                             "task": task,
                             "attack": name,
                             "eps": eps,
-                            "clean_accuracy": clean,
+                            "clean_accuracy": float(right[label].float().mean()),
                             "surrogate_success": white_box,
                             "transfer_success": transfer,
                             "relative_transfer": relative,
