@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mtlkit.errors import ConfigError, unknown_name
+from mtlkit.errors import ConfigError
 from mtlkit.merging.base import Loader, Merger, check_fraction, register, task_vector
-from mtlkit.merging.spectral import as_matrix, is_matrix
+from mtlkit.merging.spectral import MatrixSelection, as_matrix
 from mtlkit.merging.ties import keep_threshold
-
-OTHERS = ("pretrained", "mean")
 
 
 def doge_residuals(taus: Tensor, lambdas: Tensor, delta: Tensor) -> Tensor:
@@ -81,16 +78,11 @@ class DOGE(Merger):
         select: str | None = None,
         others: str = "pretrained",
     ) -> None:
-        if others not in OTHERS:
-            raise unknown_name("others", others, OTHERS)
+        self._selection = MatrixSelection("doge", select, others)
         if subspace < 1 or steps < 0 or not lr > 0:
             raise ConfigError(
                 f"doge: need subspace >= 1, steps >= 0 and lr > 0; got {subspace}, {steps}, {lr}."
             )
-        try:
-            self._pattern = re.compile(select) if select is not None else None
-        except re.error as exc:
-            raise ConfigError(f"doge: select is not a regular expression: {exc}") from exc
         self.scaling, self.subspace, self.steps, self.lr = (
             float(scaling),
             int(subspace),
@@ -111,11 +103,7 @@ class DOGE(Merger):
 
     def prepare(self, names: Sequence[str], pretrained: Loader | None, experts: Sequence[Loader]) -> None:
         assert pretrained is not None
-        self._selected = {
-            n
-            for n in names
-            if is_matrix(pretrained(n)) and (self._pattern is None or self._pattern.search(n) is not None)
-        }
+        self._selected = {n for n in names if self._selection.chosen(n, pretrained(n))}
         if not self._selected:
             raise ConfigError(
                 f"doge: no 2-D or 1x1-convolution weight matches select={self.select!r}; the result would "
@@ -129,9 +117,7 @@ class DOGE(Merger):
     def merge_tensor(self, name: str, pretrained: Tensor | None, experts: Sequence[Tensor]) -> Tensor:
         assert pretrained is not None
         if name not in self._selected:
-            if self.others == "pretrained":
-                return pretrained
-            return pretrained + torch.stack([e - pretrained for e in experts]).mean(0)
+            return self._selection.other(pretrained, experts)
         taus = torch.stack([as_matrix(e - pretrained) for e in experts])
         norms = torch.linalg.vector_norm(taus.flatten(1), dim=1)
         lambdas = torch.where(norms > 0, self.scaling / norms.clamp_min(1e-300), torch.zeros_like(norms))

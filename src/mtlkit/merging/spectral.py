@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from mtlkit.errors import ConfigError, unknown_name
 from mtlkit.merging.base import Merger
 
 
@@ -45,6 +47,33 @@ def mean_update(pretrained: Tensor, taus: Sequence[Tensor], scaling: float) -> T
     """``theta_0 + scaling * mean_t tau_t``: what the spectral methods give tensors that are not
     2-D weights."""
     return pretrained + scaling * torch.stack(list(taus)).mean(0)
+
+
+#: what a per-matrix optimiser (WUDI, DOGE) gives the tensors it does not optimise
+OTHERS = ("pretrained", "mean")
+
+
+class MatrixSelection:
+    """The linear weights a per-matrix optimiser (WUDI, DOGE) works on: every :func:`is_matrix`
+    tensor whose name matches the regular expression ``select`` (all when ``None``); the others get
+    ``theta_0`` (``others="pretrained"``) or the mean task vector (``"mean"``)."""
+
+    def __init__(self, method: str, select: str | None, others: str) -> None:
+        if others not in OTHERS:
+            raise unknown_name("others", others, OTHERS)
+        try:
+            self.pattern = re.compile(select) if select is not None else None
+        except re.error as exc:
+            raise ConfigError(f"{method}: select is not a regular expression: {exc}") from exc
+        self.others = others
+
+    def chosen(self, name: str, t: Tensor) -> bool:
+        return is_matrix(t) and (self.pattern is None or self.pattern.search(name) is not None)
+
+    def other(self, pretrained: Tensor, experts: Sequence[Tensor]) -> Tensor:
+        if self.others == "pretrained":
+            return pretrained
+        return mean_update(pretrained, [e - pretrained for e in experts], 1.0)
 
 
 class SpectralMerger(Merger):

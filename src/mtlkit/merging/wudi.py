@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mtlkit.errors import ConfigError, unknown_name
+from mtlkit.errors import ConfigError
 from mtlkit.merging.base import Merger, register
-from mtlkit.merging.spectral import as_matrix, is_matrix
-
-OTHERS = ("pretrained", "mean")
+from mtlkit.merging.spectral import MatrixSelection, as_matrix
 
 
 def wudi_loss(merged: Tensor, taus: Sequence[Tensor]) -> Tensor:
@@ -71,33 +68,22 @@ class WUDI(Merger):
     def __init__(
         self, steps: int = 300, lr: float = 1e-5, select: str | None = None, others: str = "pretrained"
     ) -> None:
-        if others not in OTHERS:
-            raise unknown_name("others", others, OTHERS)
+        self._selection = MatrixSelection("wudi", select, others)
         if steps < 0 or not lr > 0:
             raise ConfigError(f"wudi: need steps >= 0 and lr > 0, got {steps}, {lr}.")
-        try:
-            self._pattern = re.compile(select) if select is not None else None
-        except re.error as exc:
-            raise ConfigError(f"wudi: select is not a regular expression: {exc}") from exc
         self.steps, self.lr, self.select, self.others = int(steps), float(lr), select, others
         self._optimised = 0
 
     def begin(self) -> None:
         self._optimised = 0
 
-    def selected(self, name: str, t: Tensor) -> bool:
-        if not is_matrix(t):
-            return False
-        return self._pattern is None or self._pattern.search(name) is not None
-
     def merge_tensor(self, name: str, pretrained: Tensor | None, experts: Sequence[Tensor]) -> Tensor:
         assert pretrained is not None
-        taus = [e - pretrained for e in experts]
-        if not self.selected(name, pretrained):
-            return pretrained if self.others == "pretrained" else pretrained + torch.stack(taus).mean(0)
+        if not self._selection.chosen(name, pretrained):
+            return self._selection.other(pretrained, experts)
         self._optimised += 1
         shape = pretrained.shape
-        taus = [as_matrix(t) for t in taus]
+        taus = [as_matrix(e - pretrained) for e in experts]
         gram, target = wudi_quadratic(taus)
         merged = torch.stack(taus).sum(0)
         optimizer = torch.optim.Adam([merged], lr=self.lr, weight_decay=0.0)
