@@ -29,11 +29,17 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mtlkit.bench.merging_track import MergingTrack, efficientnet_lite0_track, mean, mlp8_track
+from mtlkit.bench.merging_track import (
+    SCALING_GRID,
+    MergingTrack,
+    backbone_state,
+    efficientnet_lite0_track,
+    mean,
+    mlp8_track,
+)
 from mtlkit.merging import adversarial_contributor, gaussian_corruption, merge, select_scaling
 from tables import mean_sd
 
-GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0)
 MERGES: list[tuple[str, str, dict[str, Any]]] = [
     ("Task Arithmetic", "task_arithmetic", {}),
     ("median", "robust_ta", {"aggregate": "median"}),
@@ -41,10 +47,6 @@ MERGES: list[tuple[str, str, dict[str, Any]]] = [
     ("norm clipping", "robust_ta", {"aggregate": "norm_clip"}),
     ("Multi-Krum", "robust_ta", {"aggregate": "krum", "byzantine": 1}),
 ]
-
-
-def backbone_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
 
 
 def few_shot(track: MergingTrack, shots: int = 5) -> dict[str, list[Any]]:
@@ -61,15 +63,9 @@ def evaluate(track: MergingTrack, experts: dict[str, Any]) -> dict[str, float]:
     row = {}
     for label, name, options in MERGES:
         found = select_scaling(
-            track.pretrained,
-            experts,
-            name,
-            lambda r: mean(track.accuracy(r.state_dict, "val")),
-            values=GRID,
-            **options,
+            track.pretrained, experts, name, track.validation_score, values=SCALING_GRID, **options
         )
-        state = merge(track.pretrained, experts, name, scaling=found.best, **options).state_dict
-        row[label] = mean(track.accuracy(state))
+        row[label] = mean(track.accuracy(found.result.state_dict))
     headed = {t: track.headed(s) for t, s in experts.items()}
     realigned = merge(
         track.headed(track.pretrained),
@@ -80,7 +76,7 @@ def evaluate(track: MergingTrack, experts: dict[str, Any]) -> dict[str, float]:
         steps=200,
         lr=1e-2,
     ).state_dict
-    row["few-shot realignment"] = mean(track.accuracy(backbone_part(realigned)))
+    row["few-shot realignment"] = mean(track.accuracy(backbone_state(realigned)))
     return row
 
 

@@ -41,7 +41,9 @@ from torch import nn
 
 from mtlkit.bench.image_tasks import TASKS
 from mtlkit.bench.merging_track import (
+    SCALING_GRID,
     MergingTrack,
+    backbone_state,
     efficientnet_lite0_track,
     mean,
     mlp8_track,
@@ -49,10 +51,6 @@ from mtlkit.bench.merging_track import (
 )
 from mtlkit.merging import merge, select_scaling
 from tables import mean_sd
-
-#: scales tried on validation: fine near 0 (Task Arithmetic's optimum on small models) and up to 3
-#: (Iso-C's flattened spectrum needs more than 1); the pilots' 0.1..2.0 put both on the edge
-GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0)
 
 
 @dataclass
@@ -114,16 +112,9 @@ METHODS = [
 ]
 
 
-def backbone_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-
-
 def run_method(track: MergingTrack, method: Method, grid: tuple[float, ...]) -> dict[str, Any]:
     """Choose the scale on validation (when the method has one), then merge once more with the
     chosen options under the time and memory meters; test accuracy of that merge."""
-
-    def val_score(result: Any) -> float:
-        return mean(track.accuracy(result.state_dict, "val"))
 
     options = dict(method.options)
     scale, boundary, search_seconds = None, False, None
@@ -132,7 +123,7 @@ def run_method(track: MergingTrack, method: Method, grid: tuple[float, ...]) -> 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the boundary is reported in the table instead
             found = select_scaling(
-                track.pretrained, track.experts, method.name, val_score, values=grid, **options
+                track.pretrained, track.experts, method.name, track.validation_score, values=grid, **options
             )
         search_seconds = time.perf_counter() - start
         scale, boundary = found.best, found.on_boundary
@@ -149,7 +140,7 @@ def run_method(track: MergingTrack, method: Method, grid: tuple[float, ...]) -> 
         if method.data == "labelled":
             experts = {t: track.headed(s) for t, s in track.experts.items()}
             data = {t: track.batches(t, labels=True) for t in track.experts}
-            return backbone_part(merge(None, experts, method.name, data=data, **options).state_dict)
+            return backbone_state(merge(None, experts, method.name, data=data, **options).state_dict)
         return merge(track.pretrained, track.experts, method.name, **options).state_dict
 
     state, seconds, peak = measured(run)
@@ -301,7 +292,9 @@ def main() -> None:
     parser.add_argument("--track", choices=["mlp8", "efficientnet_lite0"], default="mlp8")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="*", help="labels' registry names to run (default: all)")
-    parser.add_argument("--grid", type=float, nargs="+", default=list(GRID), help="scaling values to try")
+    parser.add_argument(
+        "--grid", type=float, nargs="+", default=list(SCALING_GRID), help="scaling values to try"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -331,7 +324,7 @@ def main() -> None:
     )
     if args.methods:
         command += " --methods " + " ".join(args.methods)
-    if grid != GRID:
+    if grid != SCALING_GRID:
         command += " --grid " + " ".join(map(str, grid))
     meta = (
         f"`{command}` · "

@@ -34,11 +34,16 @@ if __name__ == "__main__":
 import torch
 
 from mtlkit.bench.image_tasks import TASKS
-from mtlkit.bench.merging_track import MergingTrack, efficientnet_lite0_track, mean, mlp8_track
+from mtlkit.bench.merging_track import (
+    SCALING_GRID,
+    MergingTrack,
+    backbone_state,
+    efficientnet_lite0_track,
+    mean,
+    mlp8_track,
+)
 from mtlkit.merging import merge, select_scaling
 from tables import mean_sd
-
-GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0)
 
 
 def rows(steps: float) -> list[tuple[str, str, dict[str, Any]]]:
@@ -67,31 +72,14 @@ def rows(steps: float) -> list[tuple[str, str, dict[str, Any]]]:
     ]
 
 
-def backbone_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-
-
-def test_time_data(track: MergingTrack, labels: bool, batch: int = 16) -> dict[str, list[Any]]:
-    """Each task's validation split in batches (inputs, or with labels for the supervised control)."""
-    out = {}
-    for t, task in track.tasks.items():
-        xs, ys = task.val.images.split(batch), task.val.labels.split(batch)
-        out[t] = [(x, y) for x, y in zip(xs, ys, strict=True)] if labels else list(xs)
-    return out
-
-
 def run_seed(track: MergingTrack, steps: float) -> dict[str, Any]:
     results: dict[str, Any] = {}
     start = merge(track.pretrained, track.experts, "task_arithmetic", scaling=0.3).state_dict
     results["Task Arithmetic, scaling 0.3 (the TTA start)"] = {"accuracy": track.accuracy(start)}
     found = select_scaling(
-        track.pretrained,
-        track.experts,
-        "task_arithmetic",
-        lambda r: mean(track.accuracy(r.state_dict, "val")),
-        values=GRID,
+        track.pretrained, track.experts, "task_arithmetic", track.validation_score, values=SCALING_GRID
     )
-    best = merge(track.pretrained, track.experts, "task_arithmetic", scaling=found.best).state_dict
+    best = found.result.state_dict
     results["Task Arithmetic, validation-chosen scaling"] = {
         "accuracy": track.accuracy(best),
         "scale": found.best,
@@ -99,14 +87,15 @@ def run_seed(track: MergingTrack, steps: float) -> dict[str, Any]:
     headed = {t: track.headed(s) for t, s in track.experts.items()}
     for label, name, options in rows(steps):
         print(f"  {label}", flush=True)
-        data = test_time_data(track, labels=options.get("objective") == "labels")
+        labels = options.get("objective") == "labels"  # the supervised control reads the labels too
+        data = {t: track.validation_batches(t, labels=labels) for t in track.tasks}
 
         def run(name: str = name, options: dict[str, Any] = options, data: dict[str, Any] = data) -> Any:
             return merge(track.headed(track.pretrained), headed, name, data=data, **options)
 
         result, seconds, peak = measured(run)
         results[label] = {
-            "accuracy": track.accuracy(backbone_part(result.state_dict)),
+            "accuracy": track.accuracy(backbone_state(result.state_dict)),
             "seconds": seconds,
             "peak_mib": peak,
             "first_loss": result.extras.get("first_loss"),

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtlkit.bench.merging_track import SCALING_GRID, backbone_state, efficientnet_lite0_track, mlp8_track
 from mtlkit.core.yaml_files import read_yaml_mapping
 from mtlkit.errors import ConfigError, unknown_name
 from mtlkit.merging import MERGERS, merge, select_scaling
@@ -44,8 +45,6 @@ from mtlkit.merging.audit import representation_bias, spearman, summarise, trans
 
 TRACKS = ("mlp8", "efficientnet_lite0")
 DATA = ("inputs", "test_time")
-#: the validation grid for ``scaling: search`` (the merging benchmark's)
-GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0)
 KEYS = {"track", "seeds", "output", "images", "attacks", "budgets", "methods"}
 
 
@@ -109,10 +108,6 @@ def load_audit_config(path: str | Path) -> AuditConfig:
     return cfg
 
 
-def _backbone_part(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-
-
 def merge_on_track(
     track: Any, method: AuditMethod
 ) -> tuple[Callable[[str], dict[str, Tensor]], float | None]:
@@ -120,30 +115,28 @@ def merge_on_track(
     scaling used (chosen on validation for ``search``)."""
     options = dict(method.options)
     chosen = None
-    if method.scaling == "search":
+    if method.scaling == "search":  # data-free methods: the search keeps its best merge
         found = select_scaling(
             track.pretrained,
             track.experts,
             method.name,
-            lambda r: statistics.mean(track.accuracy(r.state_dict, "val").values()),
-            values=GRID,
+            track.validation_score,
+            values=SCALING_GRID,
             **options,
         )
-        chosen = options["scaling"] = found.best
-    elif method.scaling is not None:
-        chosen = options["scaling"] = float(method.scaling)
-    if method.data == "inputs":
-        data = {t: track.batches(t) for t in track.experts}
-        result = merge(
-            track.pretrained, track.experts, method.name, data=data, model=track.make_backbone(), **options
-        )
-    elif method.data == "test_time":  # the validation split's inputs, never the test split
-        headed = {t: track.headed(s) for t, s in track.experts.items()}
-        data = {t: [x for x in track.tasks[t].val.images.split(16)] for t in track.experts}
-        whole = merge(track.headed(track.pretrained), headed, method.name, data=data, **options)
-        state = _backbone_part(whole.state_dict)
-        return (lambda t: state), chosen
+        chosen, result = found.best, found.result
     else:
+        if method.scaling is not None:
+            chosen = options["scaling"] = float(method.scaling)
+        if method.data == "test_time":  # the validation split's inputs, never the test split
+            headed = {t: track.headed(s) for t, s in track.experts.items()}
+            data = {t: track.validation_batches(t) for t in track.experts}
+            whole = merge(track.headed(track.pretrained), headed, method.name, data=data, **options)
+            state = backbone_state(whole.state_dict)
+            return (lambda t: state), chosen
+        if method.data == "inputs":  # training inputs
+            options["data"] = {t: track.batches(t) for t in track.experts}
+            options["model"] = track.make_backbone()
         result = merge(track.pretrained, track.experts, method.name, **options)
     if "modulators" in result.extras:
         return result.for_task, chosen
@@ -154,8 +147,6 @@ def audit_seed(
     cfg: AuditConfig, seed: int, log: Callable[[str], None] = print, build: Callable[[int], Any] | None = None
 ) -> dict[str, Any]:
     """One seed's audit; ``build(seed)`` makes the track (default: the configured one)."""
-    from mtlkit.bench.merging_track import efficientnet_lite0_track, mlp8_track
-
     torch.set_num_threads(1)
     if build is None:
         build = mlp8_track if cfg.track == "mlp8" else efficientnet_lite0_track

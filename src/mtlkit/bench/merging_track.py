@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,35 @@ from mtlkit.bench.image_tasks import ImageSplit, ImageTask, pretraining_pool
 from mtlkit.data.base import cache_dir
 
 StateDict = dict[str, Tensor]
+
+#: scales tried on validation: fine near 0 (Task Arithmetic's optimum on small models) and up to 3
+#: (Iso-C's flattened spectrum needs more than 1); the pilots' 0.1..2.0 put both on the edge
+SCALING_GRID = (
+    0.05,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.7,
+    0.8,
+    0.9,
+    1.0,
+    1.2,
+    1.4,
+    1.6,
+    1.8,
+    2.0,
+    2.5,
+    3.0,
+)
+
+
+def backbone_state(state: Mapping[str, Tensor]) -> StateDict:
+    """The backbone's tensors of a merged :class:`HeadedModel` state (its ``backbone.`` entries)."""
+    return {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
 
 
 @dataclass(frozen=True)
@@ -90,6 +120,17 @@ class MergingTrack:
                 correct += int((logits.argmax(1) == data.labels[start : start + step]).sum())
             out[name] = 100.0 * correct / len(data)
         return out
+
+    def validation_score(self, result: Any) -> float:
+        """The mean validation accuracy of a merge's backbone (what scale searches maximise)."""
+        return mean(self.accuracy(result.state_dict, "val"))
+
+    def validation_batches(self, task: str, batch: int = 16, labels: bool = False) -> list[Any]:
+        """``task``'s validation split in batches (inputs, or ``(inputs, labels)``): the
+        test-time-adaptation mergers' data, kept apart from the test split they are scored on."""
+        val = self.tasks[task].val
+        xs, ys = val.images.split(batch), val.labels.split(batch)
+        return [(x, y) for x, y in zip(xs, ys, strict=True)] if labels else list(xs)
 
     def batches(
         self, task: str, examples: int = 256, batch: int = 64, labels: bool = False
