@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import mtlkit as mk
-from mtlkit.merging.doge import doge_gradient, doge_loss, shared_projection
+from mtlkit.merging.doge import DogeStep, doge_gradient, doge_loss, shared_basis, shared_projection
 
 
 def _family(tasks: int = 3, seed: int = 0):
@@ -28,6 +28,18 @@ def test_the_closed_form_gradient_is_autograds():
     delta = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
     doge_loss(taus, lambdas, delta).backward()
     torch.testing.assert_close(doge_gradient(taus, lambdas, delta.detach()), delta.grad, atol=1e-10, rtol=0)
+
+
+def test_the_fast_step_is_the_projected_closed_form_gradient():
+    g = torch.Generator().manual_seed(2)
+    taus = torch.randn(4, 9, 7, generator=g, dtype=torch.float64)
+    lambdas = torch.rand(4, generator=g, dtype=torch.float64)
+    delta = torch.randn(9, 7, generator=g, dtype=torch.float64)
+    reference = doge_gradient(taus, lambdas, delta)
+    reference = reference - shared_projection(taus, 3) @ reference
+    torch.testing.assert_close(
+        DogeStep(taus, lambdas, shared_basis(taus, 3))(delta), reference, atol=1e-10, rtol=0
+    )
 
 
 def test_the_shared_projection_is_an_orthogonal_projector_of_the_documented_rank():

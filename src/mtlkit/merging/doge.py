@@ -34,15 +34,46 @@ def doge_gradient(taus: Tensor, lambdas: Tensor, delta: Tensor) -> Tensor:
     return -2.0 * lambdas.sum() * (r.unsqueeze(-1) * taus).sum(0)
 
 
-def shared_projection(taus: Tensor, subspace: int) -> Tensor:
-    """The projector ``U_s U_s^T`` (out x out) on the layer's shared subspace: each task's top
-    ``r // T`` left singular vectors (``r = min(out, in)``), side by side, and the top ``r // subspace``
-    left singular vectors of that concatenation."""
+def shared_basis(taus: Tensor, subspace: int) -> Tensor:
+    """An orthonormal basis ``U_s`` (out x r // subspace) of the layer's shared subspace: each task's
+    top ``r // T`` left singular vectors (``r = min(out, in)``), side by side, and the top
+    ``r // subspace`` left singular vectors of that concatenation."""
     count, rank = taus.shape[0], min(taus.shape[1], taus.shape[2])
     per_task = rank // count
     columns = [torch.linalg.svd(t, full_matrices=False)[0][:, :per_task] for t in taus]
-    u = torch.linalg.svd(torch.cat(columns, dim=1), full_matrices=False)[0][:, : rank // subspace]
+    return torch.linalg.svd(torch.cat(columns, dim=1), full_matrices=False)[0][:, : rank // subspace]
+
+
+def shared_projection(taus: Tensor, subspace: int) -> Tensor:
+    """The projector ``U_s U_s^T`` (out x out) on the layer's shared subspace (:func:`shared_basis`)."""
+    u = shared_basis(taus, subspace)
     return u @ u.T
+
+
+class DogeStep:
+    """:func:`doge_gradient` projected off the shared subspace, for one layer, at a fraction of the
+    reference formulas' cost (the same numbers up to rounding):
+
+    - ``r = c - Lambda <tau_j[row], delta[row]>`` with ``c`` (the residual at ``delta = 0``)
+      computed once, and the gradient ``-2 Lambda sum_j r_j tau_j`` as two batched matrix-vector
+      products over the task vectors laid out row-major (out, T, in): no T x out x in temporary;
+    - ``g - U (U^T g)`` through the basis instead of ``g - P g`` through the out x out projector,
+      ``2 out k in`` instead of ``out^2 in`` multiply-adds (``k = r // subspace``).
+    On MLP-8's three layers (1024 wide, 8 tasks, float64, one thread) a 400-step merge went from
+    96 s to the figure in the merging benchmark's table."""
+
+    def __init__(self, taus: Tensor, lambdas: Tensor, basis: Tensor) -> None:
+        self.total = lambdas.sum()
+        self.rows = taus.transpose(0, 1).contiguous()  # (out, T, in)
+        combined = torch.tensordot(lambdas, taus, dims=1)  # sum_i lambda_i tau_i
+        self.offset = (self.rows * (self.rows - combined.unsqueeze(1))).sum(-1)  # (out, T)
+        self.basis = basis
+
+    def __call__(self, delta: Tensor) -> Tensor:
+        along = torch.bmm(self.rows, delta.unsqueeze(-1)).squeeze(-1)  # (out, T)
+        residuals = self.offset - self.total * along
+        g = (-2.0 * self.total) * torch.bmm(residuals.unsqueeze(1), self.rows).squeeze(1)
+        return g - self.basis @ (self.basis.T @ g)
 
 
 @register("doge")
@@ -61,8 +92,9 @@ class DOGE(Merger):
     ``theta^l = theta_0^l + sum_t lambda_t^l (tau_t^l + delta^l) * mask_t^l``. Other tensors keep
     ``theta_0`` (``others="pretrained"``, official) or take the mean task vector (``"mean"``).
     ``select``: a regular expression on tensor names limiting the matrices (FusionBench takes the
-    encoder's weights). The gradient is formed in closed form (:func:`doge_gradient`) instead of by
-    autograd; the trajectory is the same up to rounding.
+    encoder's weights). The projected gradient is formed in closed form (:class:`DogeStep`, through the
+    subspace's basis) instead of by autograd through the out x out projector; the trajectory is the
+    same up to rounding.
 
     ``scaling`` is tied to the size of the task vectors through the norms only; the merging
     benchmark chooses it on validation like Task Arithmetic's.
@@ -121,14 +153,14 @@ class DOGE(Merger):
         taus = torch.stack([as_matrix(e - pretrained) for e in experts])
         norms = torch.linalg.vector_norm(taus.flatten(1), dim=1)
         lambdas = torch.where(norms > 0, self.scaling / norms.clamp_min(1e-300), torch.zeros_like(norms))
-        projection = shared_projection(taus, self.subspace)
+        step = DogeStep(taus, lambdas, shared_basis(taus, self.subspace))
         delta = torch.zeros_like(taus[0], requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=self.lr)
         for _ in range(self.steps):
             with torch.no_grad():
-                g = doge_gradient(taus, lambdas, delta)
-                delta.grad = g - projection @ g
+                delta.grad = step(delta)
             optimizer.step()
+        del step
         merged = torch.zeros_like(taus[0])
         with torch.no_grad():
             for t, (tau, lam) in enumerate(zip(taus, lambdas.tolist(), strict=True)):
