@@ -9,6 +9,7 @@ LAYER = {
     "core": 0,
     "errors": 0,
     "version": 0,
+    "estimators": 0,
     "methods": 1,
     "models": 1,
     "data": 1,

@@ -5,7 +5,19 @@
 >>> method = mk.methods.create("mgda")
 """
 
-from mtlkit import bench, data, decentralized, errors, merging, methods, metrics, models, relatedness, train
+from mtlkit import (
+    bench,
+    data,
+    decentralized,
+    errors,
+    estimators,
+    merging,
+    methods,
+    metrics,
+    models,
+    relatedness,
+    train,
+)
 from mtlkit.core.contract import MultiTaskOutput
 from mtlkit.core.engine import GradientEngine
 from mtlkit.core.tasks import Batch, Task, TaskBatches, TaskLosses, TaskSet
@@ -27,6 +39,7 @@ __all__ = [
     "data",
     "decentralized",
     "errors",
+    "estimators",
     "merging",
     "methods",
     "metrics",

@@ -89,6 +89,14 @@ def train(
 
 
 @app.command()
+def estimators() -> None:
+    """List the scikit-learn-style multi-task estimators."""
+    from mtlkit.estimators import ESTIMATORS
+
+    _list(ESTIMATORS)
+
+
+@app.command()
 def mergers() -> None:
     """List the model-merging methods."""
     from mtlkit.merging import MERGERS
