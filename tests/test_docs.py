@@ -97,3 +97,14 @@ def test_the_runnable_examples_of_a_page_run(page):
     assert blocks
     for code in blocks:
         exec(compile(code, f"docs/{page}", "exec"), {})
+
+
+def test_every_estimator_is_in_the_estimator_table_and_the_example_runs():
+    text = (DOCS / "estimators.md").read_text()
+    table = text.split("## Tasks")[0]
+    for name in mk.estimators.ESTIMATORS.available():
+        assert f"| `{name}` |" in table, name
+    namespace: dict = {}
+    exec(compile(re.findall(r"```python\n(.*?)```", text, re.S)[0], "docs/estimators.md", "exec"), namespace)
+    assert namespace["model"].outlier_tasks_.tolist() == namespace["outliers"].tolist()
+    assert namespace["search"].best_params_["gamma"] in (1.0, 10.0)

@@ -54,3 +54,16 @@ def test_imports_point_down_the_layers():
             if LAYER[other] > LAYER[own] or (LAYER[other] == LAYER[own] and LAYER[own] != 0):
                 bad.append(f"{rel} imports {module}")
     assert bad == []
+
+
+def test_the_estimators_need_no_torch():
+    allowed = {"mtlkit.core.registry", "mtlkit.errors"}
+    for path in (SRC / "estimators").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {
+            alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        }
+        names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not any(n == "torch" or n.startswith("torch.") for n in names), path
+        mtlkit = {n for n in names if n.startswith("mtlkit")}
+        assert all(n.startswith("mtlkit.estimators") or n in allowed for n in mtlkit), (path, mtlkit)
