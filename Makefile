@@ -6,7 +6,7 @@ TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.mtlkit-installed
 
 .PHONY: setup data data-text demo test test-slow lint format bench bench-aggregators bench-census bench-architectures \
-	data-images bench-merging bench-merging-lite bench-suite-quick bench-suite-full clean
+	data-images bench-merging bench-merging-lite bench-estimators bench-suite-quick bench-suite-full clean
 
 # The pinned CPU torch goes in first, so the package's `torch>=2.2` installs nothing more.
 $(STAMP): pyproject.toml
@@ -71,6 +71,10 @@ bench-census: setup
 bench-architectures: setup
 	$(BIN)/python benchmarks/census_architectures.py --epochs 10 --workers 2 --out benchmarks/results/census_architectures.md
 	$(BIN)/python benchmarks/mmoe_synthetic_gap.py --epochs 30 --workers 2 --out benchmarks/results/mmoe_synthetic_gap.md
+
+# R-MTGB, MTLComb and TFCL against scikit-learn's models (ILEA Exam from the data extra), 5 seeds.
+bench-estimators: setup data
+	$(BIN)/python benchmarks/estimators.py --seeds 0 1 2 3 4 --out benchmarks/results/estimators.md
 
 # Every merging method on the MLP-8 track, 3 seeds (about 35 minutes on one core), then mtlkit beside
 # FusionBench and mergekit on the same tensors (about 5 minutes).
