@@ -2,7 +2,7 @@
 
 import numpy as np
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import nnls
 
@@ -19,6 +19,7 @@ def dualproj_weights(J, **options):
 
 
 @given(k=st.integers(1, 12), d=st.integers(1, 10), seed=st.integers(0, 10_000), log_scale=st.integers(-8, 8))
+@example(k=9, d=5, seed=2260, log_scale=0)  # d = 0 with weights near 2000: the tolerance must scale
 @settings(max_examples=80, deadline=None)
 def test_kkt_conditions_and_agreement_with_nnls(k, d, seed, log_scale):
     gen = torch.Generator().manual_seed(seed)
@@ -30,7 +31,9 @@ def test_kkt_conditions_and_agreement_with_nnls(k, d, seed, log_scale):
     top = float(G.diagonal().max())
     assert (w >= p - 1e-12).all()
     assert (gw >= -1e-9 * top).all()  # no task conflicts with the direction
-    assert ((w - p) * gw).abs().max() <= 1e-9 * top  # complementarity
+    # complementarity; its round-off grows with the weights: with K > d the dual cone is often {0},
+    # every w >= p with J^T w = 0 is optimal, and the exact solve on the free set may pick large ones
+    assert ((w - p) * gw).abs().max() <= 1e-9 * top * max(1.0, float(w.abs().max()))
     mu, _ = nnls(J.T.numpy(), -(J.T.numpy() @ p.numpy()), maxiter=10_000)
     ref = J.T @ (p + torch.from_numpy(mu))
     torch.testing.assert_close(J.T @ w, ref, atol=1e-8 * top**0.5, rtol=0)
