@@ -88,3 +88,18 @@ def test_end_to_end_matches_the_projection_of_explicit_gradients():
     J, _, _ = brute_force(net, tasks, x, y)
     mk.methods.create("dualproj").backward(tasks.losses(net(x), y), net)
     torch.testing.assert_close(shared_grad(net), J.T @ dualproj_weights(J), atol=1e-10, rtol=1e-8)
+
+
+def test_problems_the_exchanges_leave_unsolved_are_finished_by_lawson_hanson():
+    from mtlkit.methods.dual_cone import nonneg_qp_batched
+
+    gen = torch.Generator().manual_seed(4)
+    J = torch.randn(9, 5, generator=gen, dtype=torch.float64)
+    G = J @ J.T
+    p = torch.full((9,), 1 / 9, dtype=torch.float64)
+    mu, _ = nnls(J.T.numpy(), -(J.T.numpy() @ p.numpy()), maxiter=10_000)
+    ref = J.T @ (p + torch.from_numpy(mu))
+    for limit in (1, 2):  # too few exchanges to finish: the fallback must still give the optimum
+        x, free = nonneg_qp_batched(G, (p @ G)[None], max_iter=limit)
+        torch.testing.assert_close(J.T @ (p + x[0]), ref, atol=1e-10, rtol=0)
+        assert (G @ (p + x[0]) >= -1e-10).all() and torch.equal(free[0], x[0] > 0)

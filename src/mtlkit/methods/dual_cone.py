@@ -15,13 +15,16 @@ nonnegative matrix factorization: an active-set-like method and comparisons", SI
 Comput. 2011). Every iteration solves each problem exactly on its current free set (one batched
 Cholesky solve) and exchanges *all* variables that violate the KKT conditions at once; after three
 exchanges that do not reduce the number of violations a problem falls back to exchanging one
-variable (Murty's rule), which guarantees termination. It stops at the exact optimum (no fixed
-iteration count); a warm start from the previous step's free sets usually ends it after one or two
-solves. At the solution ``G v >= 0`` holds to round-off, so ``J^T v`` conflicts with no task.
+variable (Murty's rule), which guarantees termination in exact arithmetic. It stops at the exact
+optimum (no fixed iteration count); a warm start from the previous step's free sets usually ends it
+after one or two solves. Where round-off on an ill-conditioned free set makes the exchanges cycle
+(seen with K > d), those problems are finished by SciPy's Lawson-Hanson NNLS on a square factor of
+the Gramian instead of returning a point that violates the KKT conditions. At the solution ``G v >= 0`` holds to round-off, so ``J^T v`` conflicts with no task.
 
 Rank-deficient Gramians (duplicated tasks, K > d) make the free-set systems singular; they are
 solved with a ridge of ``1e-11`` of the largest diagonal entry, which the consistent right-hand
-sides (``G b`` lies in the range of G) make harmless: it moves ``G v`` by about ``1e-11 * ||v||``.
+sides (``G b`` lies in the range of G) make harmless: three refinement steps against the unridged
+system remove its bias where the free set's smallest eigenvalue is well above the ridge.
 UPGrad and DualProj in TorchJD solve the same problems with quadprog after adding ``1e-4 I`` to the
 trace-normalised Gramian, which lets the result conflict with tasks (by up to 5% of a gradient on
 random Gramians); the reference here for tests is SciPy's NNLS on J.
@@ -35,6 +38,8 @@ from torch import Tensor
 #: Ridge relative to the largest diagonal entry, for the singular free-set systems of
 #: rank-deficient Gramians.
 RIDGE = 1e-11
+#: refinement steps after the ridged solve
+REFINEMENTS = 3
 
 
 def nonneg_qp_batched(
@@ -88,7 +93,29 @@ def nonneg_qp_batched(
         single = positions[None, :] == last[:, None]
         pending = count > 0
         f = f ^ (torch.where(full[:, None], bad, single) & pending[:, None])
+    else:  # the exchanges cycled (round-off on ill-conditioned free sets): Lawson-Hanson for those
+        rows = pending.nonzero().squeeze(1)
+        x[rows], f[rows] = _lawson_hanson(g, c[rows])
     return x.clamp_min(0), f
+
+
+def _lawson_hanson(g: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """The same problems by SciPy's active-set NNLS (Lawson & Hanson) on a square factor ``R``
+    of ``G`` (``G = R^T R`` from its eigendecomposition; ``c = G b`` gives the least-squares
+    form ``min_{x >= 0} ||R x + R b||``), on the CPU: slower, but it works on ``R``, whose
+    condition number is the square root of ``G``'s, and it terminates."""
+    from scipy.optimize import nnls
+
+    values, vectors = torch.linalg.eigh(g.cpu())
+    keep = values > values.max() * 1e-15
+    r = (vectors[:, keep] * values[keep].sqrt()).T  # rank x K
+    # c = G b = R^T (R b): the target -R b is -(pinv(R^T) c)
+    target = -((vectors[:, keep] / values[keep].sqrt()).T @ c.cpu().T).T
+    out = torch.zeros_like(c)
+    for i in range(c.shape[0]):
+        solution, _ = nnls(r.numpy(), target[i].numpy(), maxiter=50 * c.shape[1])
+        out[i] = torch.from_numpy(solution).to(c)
+    return out, out > 0
 
 
 def _solve_on_free_sets(g: Tensor, c: Tensor, free: Tensor) -> Tensor:
@@ -114,9 +141,11 @@ def _solve_on_free_sets(g: Tensor, c: Tensor, free: Tensor) -> Tensor:
     a.diagonal(dim1=1, dim2=2).add_(ridge)
     factor, info = torch.linalg.cholesky_ex(a)
     sol = torch.cholesky_solve(rhs, factor)
-    # one refinement step against the system without the ridge undoes the ridge's bias
-    residual = rhs - (a @ sol - ridge[..., None] * sol)
-    sol = sol + torch.cholesky_solve(residual, factor)
+    # refinement against the system without the ridge undoes the ridge's bias; ill-conditioned
+    # free sets (K > d, where the optimal weights can be large) need more than one step
+    for _ in range(REFINEMENTS):
+        residual = rhs - (a @ sol - ridge[..., None] * sol)
+        sol = sol + torch.cholesky_solve(residual, factor)
     if bool((info != 0).any()):  # numerically indefinite: a pseudo-inverse for those problems
         broken = info != 0
         a.diagonal(dim1=1, dim2=2).sub_(ridge)
