@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mtlkit.estimators import MTLComb, MTLCombCV, joint_selection_problem, stack_tasks
 from mtlkit.estimators.mtlcomb import Problem, solve
@@ -149,3 +151,29 @@ def test_bad_inputs_are_refused():
         MTLComb(classification_tasks=(9,)).fit(x, y)
     with pytest.raises(ValueError, match="lam must be > 0"):
         MTLComb(-1.0).fit(x, y)
+
+
+@given(
+    tasks=st.integers(1, 4),
+    features=st.integers(1, 6),
+    samples=st.integers(3, 20),
+    kinds=st.lists(st.booleans(), min_size=4, max_size=4),
+    seed=st.integers(0, 10_000),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+)
+@settings(max_examples=40, deadline=None)
+def test_lambda_max_is_the_exact_entry_point_on_random_problems(tasks, features, samples, kinds, seed, scale):
+    rng = np.random.default_rng(seed)
+    data, cls = [], []
+    for t in range(tasks):
+        x = scale * rng.standard_normal((samples, features))
+        y = rng.standard_normal(samples)
+        if kinds[t]:
+            y = np.where(np.arange(samples) % 2 == 0, 1.0, -1.0)[rng.permutation(samples)]
+            cls.append(t)
+        data.append((x, y))
+    x, y = stack_tasks(data)
+    top = MTLComb(classification_tasks=cls).fit(x, y).lambda_max_
+    assert np.count_nonzero(MTLComb(top, classification_tasks=cls).fit(x, y).coef_) == 0
+    inside = MTLComb(0.5 * top, classification_tasks=cls, n_lambdas=2, max_iter=200, tol=1e-12).fit(x, y)
+    assert np.count_nonzero(inside.coef_) > 0
