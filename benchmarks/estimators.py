@@ -376,6 +376,15 @@ def mean_sd(values: list[float], fmt: str) -> str:
     return f"{statistics.mean(values):{fmt}} ± {sd:{fmt}}"
 
 
+def table_rows(seeds: list[dict], columns: list[tuple[str, str]]) -> list[str]:
+    """One table row per model: each column's mean ± sd over the seeds."""
+    rows = []
+    for label in seeds[0]:
+        cells = [mean_sd([s[label][key] for s in seeds], fmt) for key, fmt in columns]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def report(exam: list[dict], selection: list[dict], tfcl: list[dict], timing: dict, command: str) -> str:
     load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
     n = len(exam)
@@ -409,12 +418,17 @@ def report(exam: list[dict], selection: list[dict], tfcl: list[dict], timing: di
         "| model | features selected | precision | recall | regression test MSE | classification test AUC | fit s |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for label in selection[0]:
-        r = [s[label] for s in selection]
-        lines.append(
-            f"| {label} | {mean_sd([x['selected'] for x in r], '.1f')} | {mean_sd([x['precision'] for x in r], '.3f')} | "
-            f"{mean_sd([x['recall'] for x in r], '.3f')} | {mean_sd([x['mse'] for x in r], '.3f')} | {mean_sd([x['auc'] for x in r], '.3f')} | {mean_sd([x['seconds'] for x in r], '.2f')} |"
-        )
+    lines += table_rows(
+        selection,
+        [
+            ("selected", ".1f"),
+            ("precision", ".3f"),
+            ("recall", ".3f"),
+            ("mse", ".3f"),
+            ("auc", ".3f"),
+            ("seconds", ".2f"),
+        ],
+    )
     lines += [
         "",
         "## TFCL's feature-task blocks",
@@ -422,12 +436,9 @@ def report(exam: list[dict], selection: list[dict], tfcl: list[dict], timing: di
         "| model | off-block mass | mean abs coefficient error | test MSE | fit s |",
         "|---|---:|---:|---:|---:|",
     ]
-    for label in tfcl[0]:
-        r = [s[label] for s in tfcl]
-        lines.append(
-            f"| {label} | {mean_sd([x['off_block'] for x in r], '.3f')} | {mean_sd([x['coef_error'] for x in r], '.3f')} | "
-            f"{mean_sd([x['mse'] for x in r], '.3f')} | {mean_sd([x['seconds'] for x in r], '.2f')} |"
-        )
+    lines += table_rows(
+        tfcl, [("off_block", ".3f"), ("coef_error", ".3f"), ("mse", ".3f"), ("seconds", ".2f")]
+    )
     gammas = [s["TFCL (gamma on validation)"]["gamma"] for s in tfcl]
     blocks = [s["TFCL (gamma on validation)"]["blocks"] for s in tfcl]
     lines += ["", f"TFCL's chosen gamma: {gammas}; components holding a task: {blocks}."]
@@ -452,23 +463,36 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/estimators.md")
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=list(SECTIONS),
+        choices=list(SECTIONS),
+        help="rerun only these; the others are read from the output's JSON",
+    )
     args = parser.parse_args()
     threadpool_limits(1)
-    exam = [exam_seed(s) for s in args.seeds]
-    print("exam done", flush=True)
-    selection = [selection_seed(s) for s in args.seeds]
-    print("selection done", flush=True)
-    tfcl = [tfcl_seed(s) for s in args.seeds]
-    timing = speed(args.rounds)
-    command = "python benchmarks/estimators.py --seeds " + " ".join(map(str, args.seeds))
     out = Path(args.out)
-    out.write_text(report(exam, selection, tfcl, timing, command))
-    out.with_suffix(".json").write_text(
-        json.dumps(
-            {"exam": exam, "selection": selection, "tfcl": tfcl, "speed": timing}, indent=1, default=str
-        )
-    )
+    stored = out.with_suffix(".json")
+    results = json.loads(stored.read_text()) if stored.exists() else {}
+    for section in args.sections:
+        results[section] = SECTIONS[section](args)
+        stored.write_text(json.dumps(results, indent=1, default=str))
+        print(f"{section} done", flush=True)
+    missing = [s for s in SECTIONS if s not in results]
+    if missing:
+        raise SystemExit(f"no results yet for {missing}: run them with --sections")
+    command = "python benchmarks/estimators.py --seeds " + " ".join(map(str, args.seeds))
+    out.write_text(report(results["exam"], results["selection"], results["tfcl"], results["speed"], command))
     print(out.read_text())
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], Any]] = {
+    "exam": lambda a: [exam_seed(s) for s in a.seeds],
+    "selection": lambda a: [selection_seed(s) for s in a.seeds],
+    "tfcl": lambda a: [tfcl_seed(s) for s in a.seeds],
+    "speed": lambda a: speed(a.rounds),
+}
 
 
 if __name__ == "__main__":
