@@ -4,6 +4,8 @@ they say, the shared Concrete mask, reproducibility and bad input."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from scipy.optimize import minimize_scalar
@@ -192,3 +194,32 @@ def test_bad_input_is_named():
         )
     with pytest.raises(mk.errors.ConfigError, match="temperature"):
         mk.merging.merge(base, experts, "concrete_ta", data=_data(experts), temperature=0.0)
+
+
+@pytest.mark.parametrize("method", ["adamerging", "concrete_adamerging"])
+def test_batch_norm_statistics_are_merged_without_a_gradient(method):
+    torch.manual_seed(0)
+
+    def net() -> nn.Sequential:
+        return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+
+    base = net()
+    with torch.no_grad():  # statistics of their own, so their task vectors are not 0
+        base[1].running_mean.normal_()
+        base[1].running_var.uniform_(0.5, 2.0)
+    experts = {}
+    for t in range(2):
+        expert = copy.deepcopy(base)
+        with torch.no_grad():
+            for tensor in [*expert.parameters(), expert[1].running_mean, expert[1].running_var]:
+                tensor.add_(0.3 * torch.randn_like(tensor))
+        experts[f"task{t}"] = expert
+    options = (
+        {"steps": 5, "lr": 0.05}
+        if method == "adamerging"
+        else {"steps": 3, "adamerging_steps": 5, "adamerging_lr": 0.05}
+    )
+    result = mk.merging.merge(base, experts, method, data=_data(experts), **options)
+    coefficients = result.extras["coefficients"]
+    assert coefficients["1.running_mean"] == pytest.approx([0.3, 0.3])  # no gradient: the start
+    assert coefficients["0.weight"] != pytest.approx([0.3, 0.3])  # parameters moved

@@ -85,11 +85,12 @@ class TaskVectorModel:
             n: torch.stack([e(n).to(torch.float32) for e in experts]) - self.base[n] for n in self.names
         }
         self.fixed = {n: pretrained(n) for n in state if n not in self.vectors}
+        own = {n for n, _ in self.template.named_parameters()}
+        self.buffers = {n for n in self.names if n not in own}
 
     def parameter_names(self) -> list[str]:
         """The merged tensors that are parameters of the model (not buffers)."""
-        own = {n for n, _ in self.template.named_parameters()}
-        return [n for n in self.names if n in own]
+        return [n for n in self.names if n not in self.buffers]
 
     @property
     def tasks(self) -> int:
@@ -101,7 +102,9 @@ class TaskVectorModel:
         out: dict[str, Tensor] = dict(self.fixed)
         per_tensor = coefficients.expand(-1, len(self.names))  # task-wise: one column for every tensor
         for i, n in enumerate(self.names):
-            c = per_tensor[:, i]
+            # buffers (batch-norm statistics) follow their coefficients without a gradient: batch
+            # norm cannot differentiate through its running statistics
+            c = per_tensor[:, i].detach() if n in self.buffers else per_tensor[:, i]
             mask = None if masks is None else masks.get(n)
             update = torch.tensordot(c, self.vectors[n], dims=1)
             # one mask shared by the tasks: sum_t c_t (m * tau_t) = m * sum_t c_t tau_t (T times fewer products)
@@ -253,7 +256,9 @@ class AdaMerging(CoefficientMerger):
     coefficients and the objective's first and last values. Departures: the tasks' losses are
     summed before one backward (the same gradient as the official per-task backward passes);
     floating buffers (normalisation statistics) are layers too, since the functional merge feeds
-    them to the forward.
+    them to the forward, but they take no gradient (batch norm cannot differentiate through its
+    running statistics): a buffer's coefficient stays at ``init`` layer-wise, and follows its
+    task's coefficient task-wise.
     """
 
     def __init__(
