@@ -333,10 +333,8 @@ def speed(rounds: int) -> dict[str, Any]:
     targets = np.column_stack([yt for _, yt in problem["parts"]["train"]])
     mtl = MTLComb(classification_tasks=problem["classification"], max_iter=20, tol=0.01).fit(xs, ys)
     lambdas = mtl.lambdas_
-    alpha_max = (
-        np.sqrt(((shared_x.T @ (targets - targets.mean(0)) / len(targets)) ** 2).sum(1)).max()
-        / targets.shape[1]
-    )
+    # scikit-learn's entry point for MultiTaskLasso: max_j ||X_j^T (Y - mean Y)||_2 / n
+    alpha_max = np.sqrt(((shared_x.T @ (targets - targets.mean(0)) / len(targets)) ** 2).sum(1)).max()
 
     def rmtgb() -> None:
         RMTGBRegressor(n_iter_1st=100, n_iter_2nd=100, n_iter_3rd=50, random_state=0).fit(x, y)

@@ -84,3 +84,23 @@ def test_bad_settings_are_refused():
             RMTGBRegressor(**bad).fit(x, y)
     with pytest.raises(ValueError, match="at least 2 classes"):
         RMTGBClassifier().fit(x, np.ones(len(x)))
+
+
+def test_no_outlier_is_named_without_a_clear_partition():
+    x, y, _ = outlier_task_problem(n_tasks=10, n_outliers=0, n_samples=200, seed=0)
+    for seed in range(3):
+        assert RMTGBRegressor(random_state=seed).fit(x, y).outlier_tasks_.size == 0
+    x, y, _ = outlier_task_problem(seed=0)
+    untrained = RMTGBRegressor(n_iter_2nd=0, n_iter_3rd=5, random_state=0).fit(x, y)
+    assert untrained.outlier_tasks_.size == 0  # the weights are their random start
+
+
+def test_tree_settings_and_float32_overflow_are_refused():
+    x, y, _ = outlier_task_problem(n_tasks=2, n_outliers=1, n_samples=20, seed=0)
+    for bad in ({"max_depth": 0}, {"min_samples_leaf": 0}, {"max_features": "bogus"}, {"max_leaf_nodes": 1}):
+        with pytest.raises(ValueError):
+            RMTGBRegressor(**bad).fit(x, y)
+    huge = x.copy()
+    huge[0, 0] = 1e39
+    with pytest.raises(ValueError, match="too large"):
+        RMTGBRegressor(n_iter_1st=2, n_iter_2nd=0, n_iter_3rd=0).fit(huge, y)

@@ -69,3 +69,12 @@ def test_bad_settings_are_refused():
         TFCL(n_blocks=0).fit(x, y)
     with pytest.raises(ValueError, match="exceeds"):
         TFCL(n_blocks=50).fit(x, y)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_constant_feature_does_not_count_as_a_block(seed):
+    x, y, _, mask = block_task_problem(seed=seed)
+    with_constant = np.column_stack([x[:, :-1], np.ones(len(x)), x[:, -1]])  # centred away: a zero row
+    model = TFCL(n_blocks=2).fit(with_constant, y)
+    assert _off_block(np.delete(model.coef_, 20, axis=1), mask) < 0.05
+    assert np.all(model.coef_[:, 20] == 0)

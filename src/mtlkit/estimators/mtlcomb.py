@@ -72,6 +72,10 @@ class Problem:
         for y, is_cls in zip(self.targets, self.classification, strict=True):
             if is_cls:
                 p = float(np.mean(y > 0))
+                if p in (0.0, 1.0):
+                    raise ValueError(
+                        "a classification task's rows hold one class only: its intercept is infinite."
+                    )
                 out.append(np.log(p / (1 - p)))
             else:
                 out.append(float(np.mean(y)))
@@ -139,6 +143,11 @@ def solve(
             if f_candidate <= f_search + float((dw * gw).sum() + (db * gb).sum()) + gamma * step / 2:
                 break
             gamma *= 2
+            if not (np.isfinite(f_search) and gamma < 1e300):
+                raise FloatingPointError(
+                    "MTLComb's line search found no step (a non-finite loss or gradient: a classification "
+                    "task with one class?); nothing was fitted."
+                )
         w_old, b_old, w, b = w, b, cw, cb
         history.append(f_candidate + lam * float(np.sqrt((w**2).sum(1)).sum()))
         iteration += 1
@@ -156,9 +165,11 @@ def lambda_path(lambda_max: float, count: int, ratio: float, end: float | None =
     low = ratio * lambda_max if end is None else end
     if not low > 0:
         raise ValueError(f"the penalty must be > 0, got {low:.4g}.")
-    if low >= lambda_max:
+    if low >= lambda_max or count == 1:
         return np.array([low])
-    return np.exp(np.linspace(np.log(lambda_max), np.log(low), count))
+    path = np.geomspace(lambda_max, low, count)
+    path[0], path[-1] = lambda_max, low  # exactly: exp(log(x)) may fall below x and let a feature in
+    return path
 
 
 class MTLComb(RegressorMixin, BaseEstimator):
@@ -181,8 +192,10 @@ class MTLComb(RegressorMixin, BaseEstimator):
 
     Where we depart from the official R code (transbioZI/MTLComb): intercepts are unpenalised
     per-task offsets (``fit_intercept``; the official code puts a column of ones inside the group
-    penalty, or has none), and ``lambda_max_`` is taken at their optimum; ``mean_reg`` (the
-    paper's mean regularisation) sits beside the official ridge term ``C ||W||_F^2`` (``ridge``).
+    penalty, or has none), and ``lambda_max_`` is taken at their optimum. The quadratic terms are
+    written without halves: ``ridge ||W||_F^2`` is the R package's ``C ||W||_F^2`` in its
+    ``solve_L21`` (the paper's ``(C2 / 2) ||W||_F^2``: ``ridge = C2 / 2``) and ``mean_reg`` the
+    paper's mean regularisation ``(C / 2) ||W G||_F^2`` (``mean_reg = C / 2``).
     Classification tasks take two distinct labels each (the larger is +1). Features should be
     standardised first (``lambda_max_`` depends on their scale).
 
@@ -220,9 +233,9 @@ class MTLComb(RegressorMixin, BaseEstimator):
     def _check_settings(self) -> None:
         if self.lam is not None and not self.lam > 0:
             raise ValueError(f"lam must be > 0 (or None for the path's end), got {self.lam}.")
-        if not 0 < self.lambda_ratio <= 1 or self.n_lambdas < 1:
+        if not 0 < self.lambda_ratio < 1 or self.n_lambdas < 1:
             raise ValueError(
-                f"need 0 < lambda_ratio <= 1 and n_lambdas >= 1; got {self.lambda_ratio}, {self.n_lambdas}."
+                f"need 0 < lambda_ratio < 1 and n_lambdas >= 1; got {self.lambda_ratio}, {self.n_lambdas}."
             )
         if self.ridge < 0 or self.mean_reg < 0 or self.max_iter < 1 or self.tol < 0:
             raise ValueError("ridge, mean_reg and tol must be >= 0 and max_iter >= 1.")
@@ -272,10 +285,13 @@ class MTLComb(RegressorMixin, BaseEstimator):
 
     def _fit_path(self, problem: Problem, end: float | None) -> None:
         self.lambda_max_ = problem.lambda_max()
-        if self.lambda_max_ == 0:
-            raise ValueError(
-                "every task's gradient at W = 0 vanishes (constant targets?): nothing to select."
-            )
+        if self.lambda_max_ == 0:  # W = 0 is optimal at every penalty (constant targets)
+            zero, offsets = np.zeros((problem.width, len(problem.targets))), problem.null_intercepts()
+            self.lambdas_ = np.array([end if end is not None else 0.0])
+            self.path_coefs_, self.path_intercepts_ = zero.T[None].copy(), offsets[None].copy()
+            self.coef_, self.intercept_ = zero.T.copy(), offsets
+            self.objective_, self.n_iter_ = [problem.loss(zero, offsets)], 0
+            return
         self.lambdas_ = lambda_path(self.lambda_max_, self.n_lambdas, self.lambda_ratio, end)
         start = None
         coefs, intercepts = [], []
@@ -343,17 +359,21 @@ class MTLComb(RegressorMixin, BaseEstimator):
         return np.column_stack([1 - p, p])
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
-        """The mean over the tasks in ``X`` of R^2 (regression tasks) and accuracy (classification)."""
+        """The mean over the tasks in ``X`` (with some weight) of R^2 (regression tasks) and accuracy
+        (classification), each weighted by ``sample_weight`` within its task."""
         prediction = self.predict(X)
         _, rows = self._rows(X)
         y = np.asarray(y)
+        weight = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         scores = []
         for r in np.unique(rows):
             idx = rows == r
+            if not weight[idx].sum() > 0:
+                continue  # a task without weight does not count
             if self.classes_[r] is None:
-                scores.append(r2_score(y[idx], prediction[idx]))
+                scores.append(r2_score(y[idx], prediction[idx], sample_weight=weight[idx]))
             else:
-                scores.append(float(np.mean(y[idx] == prediction[idx])))
+                scores.append(float(np.average(y[idx] == prediction[idx], weights=weight[idx])))
         return float(np.mean(scores))
 
 
@@ -396,19 +416,42 @@ class MTLCombCV(MTLComb):
         self.cv = cv
         self.random_state = random_state
 
+    def _deal(self, target: Array, classification: bool, rng: np.random.RandomState) -> np.ndarray:
+        """Each row's fold: the task's rows shuffled and dealt in turn (the official partition);
+        a classification task's classes dealt one after the other, so every fold's training part
+        keeps both (the official partition can lose one, and a one-class task has no intercept)."""
+        fold_of = np.empty(len(target), dtype=np.intp)
+        groups = (
+            [np.flatnonzero(target == c) for c in np.unique(target)]
+            if classification
+            else [np.arange(len(target))]
+        )
+        dealt = 0
+        for rows in groups:
+            if classification and len(rows) < 2:
+                raise ValueError(
+                    "MTLCombCV: a classification task has a class with one row; every training fold needs both classes."
+                )
+            fold_of[rng.permutation(rows)] = (dealt + np.arange(len(rows))) % self.cv
+            dealt += len(rows)
+        return fold_of
+
     def fit(self, X: Any, y: Any) -> MTLCombCV:
         if self.cv < 2:
             raise ValueError(f"cv must be >= 2, got {self.cv}.")
         problem, _, _ = self._prepare(X, y)
         rng = check_random_state(self.random_state)
-        folds = [rng.permutation(len(t)) for t in problem.targets]
+        folds = [
+            self._deal(target, cls, rng)
+            for target, cls in zip(problem.targets, problem.classification, strict=True)
+        ]
         count = len(problem.targets)
         errors = np.full((self.cv, self.n_lambdas), np.nan)
         aucs = np.full((self.cv, self.n_lambdas), np.nan)
         lambdas = np.zeros((self.cv, self.n_lambdas))
         for fold in range(self.cv):
-            held = [order[fold :: self.cv] for order in folds]
-            kept = [np.setdiff1d(np.arange(len(order)), h) for order, h in zip(folds, held, strict=True)]
+            held = [np.flatnonzero(of == fold) for of in folds]
+            kept = [np.flatnonzero(of != fold) for of in folds]
             train = Problem(
                 [problem.features[t][kept[t]] for t in range(count)],
                 [problem.targets[t][kept[t]] for t in range(count)],

@@ -31,7 +31,8 @@ def spectral_costs(weights: Array, k: int, normalized: bool = True) -> tuple[Arr
     eigenvectors, Ky Fan's theorem gives ``sum_i lambda_i = tr(U^T L U)``, and for the plain
     Laplacian ``tr(U^T L(|W|) U) = sum_jt c[j, t] |W[j, t]|`` with ``c[j, t] = ||u_j - u_(p+t)||^2``.
     ``normalized``: the symmetric normalised Laplacian ``D^-1/2 L D^-1/2`` instead, whose ``c``
-    uses ``u_j / sqrt(d_j)`` with the degrees of ``weights`` held fixed."""
+    uses ``u_j / sqrt(d_j)`` with the degrees of ``weights`` held fixed, and whose isolated nodes
+    (degree 0) take a diagonal of 1, so that they are no component of their own."""
     p = weights.shape[0]
     laplacian = bipartite_laplacian(weights)
     scale = np.ones(len(laplacian))
@@ -39,6 +40,9 @@ def spectral_costs(weights: Array, k: int, normalized: bool = True) -> tuple[Arr
         degrees = np.diag(laplacian)
         scale = 1 / np.sqrt(np.where(degrees > 0, degrees, 1.0))
         laplacian = laplacian * scale[:, None] * scale[None, :]
+        # an isolated node gets eigenvalue 1, not 0: it does not count as a block, so cutting a
+        # node loose (a feature's whole row at 0) earns nothing
+        laplacian[np.diag_indices_from(laplacian)] = np.where(degrees > 0, np.diag(laplacian), 1.0)
     values, vectors = np.linalg.eigh(laplacian)
     u = vectors[:, :k] * scale[:, None]
     costs = ((u[:p, None, :] - u[None, p:, :]) ** 2).sum(-1)
@@ -70,7 +74,7 @@ class TFCL(RegressorMixin, BaseEstimator):
     term, unpenalised per-task intercepts (the data are centred per task), the start and the
     solver, and by default the **normalised** Laplacian ``D^-1/2 L D^-1/2`` (``normalized=True``;
     its ``c`` holds the degrees of the previous iterate fixed, so the alternation is no longer an
-    exact descent). Why: the plain Laplacian's eigenvalue sum is 0 as soon as ``n_blocks - 1``
+    exact descent; an isolated node's diagonal is 1, so a feature whose row is 0 is no block). Why: the plain Laplacian's eigenvalue sum is 0 as soon as ``n_blocks - 1``
     nodes are isolated, so on our block-recovery test it detached one weak feature instead of
     cutting between the groups (off-block mass 17-22%, as the ridge start), while the normalised
     one (a normalised cut) recovered both blocks exactly; the authors' sibling paper (Yang et al.,
@@ -136,6 +140,7 @@ class TFCL(RegressorMixin, BaseEstimator):
             y_means.append(ym)
         # the W step's Lipschitz constant: the largest task's ||X_t||_2^2 / n_t, plus alpha
         lipschitz = max(float(np.linalg.norm(xt, 2) ** 2) / len(xt) for xt in xs) + self.alpha
+        lipschitz = lipschitz if lipschitz > 0 else 1.0  # every feature constant within its task
         w = np.column_stack(
             [
                 np.linalg.solve(xt.T @ xt / len(xt) + max(self.alpha, 1e-8) * np.eye(p), xt.T @ yt / len(xt))
