@@ -74,12 +74,14 @@ def nonneg_qp_batched(
     positions = torch.arange(k, device=c.device)
     x = torch.zeros_like(c)
     pending = torch.ones(r, dtype=torch.bool, device=c.device)  # rows whose free set changed
+    stale = torch.zeros(r, dtype=torch.long, device=c.device)  # iterations since the count last fell
+    stuck = torch.zeros(r, dtype=torch.bool, device=c.device)  # cycling on round-off: finished below
     limit = max_iter if max_iter is not None else 10 * k + 20
     for _ in range(limit):
         rows = pending.nonzero().squeeze(1)
         x[rows] = _solve_on_free_sets(g, c[rows], f[rows])
         y = x @ g + c  # the KKT multipliers on the fixed variables
-        bad = (f & (x < -tol_abs)) | (~f & (y < -tol_abs))
+        bad = ((f & (x < -tol_abs)) | (~f & (y < -tol_abs))) & ~stuck[:, None]
         count = bad.sum(1)
         if not bool(count.any()):
             break
@@ -89,12 +91,20 @@ def nonneg_qp_batched(
         full = better | (tries > 0)
         tries = torch.where(better, 3, torch.where(full, tries - 1, tries))
         best = torch.where(better, count, best)
+        # k + 20 exchanges without fewer violations: the exchanges cycle on round-off (an
+        # ill-conditioned free set); those rows leave the loop instead of running to the limit
+        stale = torch.where(better, 0, stale + 1)
+        stuck = stuck | ((stale > k + 20) & (count > 0))
         last = torch.where(bad, positions, -1).max(1).values
         single = positions[None, :] == last[:, None]
-        pending = count > 0
+        pending = (count > 0) & ~stuck
         f = f ^ (torch.where(full[:, None], bad, single) & pending[:, None])
-    else:  # the exchanges cycled (round-off on ill-conditioned free sets): Lawson-Hanson for those
-        rows = pending.nonzero().squeeze(1)
+        if not bool(pending.any()):
+            break
+    else:
+        stuck = stuck | pending
+    rows = stuck.nonzero().squeeze(1)
+    if rows.numel():  # Lawson-Hanson finishes the rows the exchanges could not
         x[rows], f[rows] = _lawson_hanson(g, c[rows])
     return x.clamp_min(0), f
 
