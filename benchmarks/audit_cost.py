@@ -30,19 +30,13 @@ fix_mmap_threshold()
 
 import torch  # noqa: E402
 
+from merging_corruption import MERGES  # noqa: E402  (the corruption benchmark's merges)
 from mtlkit.bench.merging_track import efficientnet_lite0_track, mlp8_track  # noqa: E402
 from mtlkit.merging import merge  # noqa: E402
 from mtlkit.merging.attacks import attack  # noqa: E402
 
 #: input gradients per image of each attack at its defaults (10 iterations; VMI adds 20 samples each)
 GRADIENTS = {"fgsm": 1, "pgd": 10, "mi_fgsm": 10, "di_fgsm": 10, "ti_fgsm": 10, "vmi_fgsm": 210}
-MERGES = [
-    ("Task Arithmetic", "task_arithmetic", {}),
-    ("median", "robust_ta", {"aggregate": "median"}),
-    ("trimmed mean", "robust_ta", {"aggregate": "trimmed_mean", "trim": 1}),
-    ("norm clipping", "robust_ta", {"aggregate": "norm_clip"}),
-    ("Multi-Krum", "robust_ta", {"aggregate": "krum", "byzantine": 1}),
-]
 
 
 def track_cost(name: str, images: int, rounds: int, eps: float) -> dict[str, Any]:

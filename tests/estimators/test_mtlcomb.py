@@ -47,7 +47,7 @@ def test_d4_no_feature_at_lambda_max_and_exactly_the_argmax_row_just_below(kind,
     below = MTLComb(
         0.99 * top, classification_tasks=cls, fit_intercept=intercept, max_iter=5000, tol=1e-14
     ).fit(x, y)
-    problem = below._prepare(x, y)[0]
+    problem = below._prepare(x, y)
     gradient, _ = problem.gradient(np.zeros((8, 4)), problem.null_intercepts())
     assert below.selected_features_.tolist() == [int(np.argmax(np.linalg.norm(gradient, axis=1)))]
 
@@ -76,7 +76,7 @@ def test_d5_the_solution_agrees_with_a_conic_solver(intercept):
         max_iter=20000,
         tol=1e-15,
     ).fit(x, y)
-    problem = model._prepare(x, y)[0]
+    problem = model._prepare(x, y)
     w, b = cp.Variable((6, 4)), cp.Variable(4)
     terms = []
     for t, (xt, yt) in enumerate(zip(problem.features, problem.targets, strict=True)):
@@ -103,7 +103,7 @@ def test_d5_the_solution_agrees_with_a_conic_solver(intercept):
 def test_fista_meets_its_convergence_rate():
     x, y, cls = _mixed("mixed", seed=3)
     model = MTLComb(0.05, classification_tasks=cls).fit(x, y)
-    problem = model._prepare(x, y)[0]
+    problem = model._prepare(x, y)
     best = solve(problem, 0.05, max_iter=20000, tol=1e-15)
     zero_w, zero_b = np.zeros_like(best.coef), problem.null_intercepts()
     distance = float(((zero_w - best.coef) ** 2).sum() + ((zero_b - best.intercept) ** 2).sum())

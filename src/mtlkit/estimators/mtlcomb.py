@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -242,7 +242,7 @@ class MTLComb(RegressorMixin, BaseEstimator):
 
     def _problem(self, x: Array, y: Array, rows: np.ndarray) -> Problem:
         features, targets = [], []
-        classification = np.isin(self.tasks_, np.asarray(self.classification_tasks, dtype=np.float64))
+        classification = np.array([labels is not None for labels in self.classes_])
         for r in range(len(self.tasks_)):
             idx = rows == r
             target = y[idx].astype(np.float64)
@@ -253,14 +253,13 @@ class MTLComb(RegressorMixin, BaseEstimator):
             targets.append(target)
         return Problem(features, targets, classification, self.ridge, self.mean_reg, self.fit_intercept)
 
-    def _prepare(self, X: Any, y: Any) -> tuple[Problem, Array, np.ndarray]:
+    def _prepare(self, X: Any, y: Any) -> Problem:
         self._check_settings()
         x, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
         features, ids = split_tasks(x, self.task_column)
         self.tasks_, rows = np.unique(ids, return_inverse=True)
-        unknown = set(np.asarray(self.classification_tasks, dtype=np.float64).tolist()) - set(
-            self.tasks_.tolist()
-        )
+        wanted = np.asarray(self.classification_tasks, dtype=np.float64)
+        unknown = set(wanted.tolist()) - set(self.tasks_.tolist())
         if unknown:
             raise ValueError(
                 f"classification_tasks {sorted(unknown)} are not among the tasks in y ({self.tasks_.tolist()})."
@@ -272,7 +271,7 @@ class MTLComb(RegressorMixin, BaseEstimator):
             )
         self.classes_: list[Array | None] = []
         for r, task in enumerate(self.tasks_):
-            if task in np.asarray(self.classification_tasks, dtype=np.float64):
+            if task in wanted:
                 labels = np.unique(y[rows == r])
                 if len(labels) != 2:
                     raise ValueError(
@@ -281,7 +280,7 @@ class MTLComb(RegressorMixin, BaseEstimator):
                 self.classes_.append(labels)
             else:
                 self.classes_.append(None)
-        return self._problem(features, y, rows), features, rows
+        return self._problem(features, y, rows)
 
     def _fit_path(self, problem: Problem, end: float | None) -> None:
         self.lambda_max_ = problem.lambda_max()
@@ -305,7 +304,7 @@ class MTLComb(RegressorMixin, BaseEstimator):
         self.objective_, self.n_iter_ = solution.objective, solution.iterations
 
     def fit(self, X: Any, y: Any) -> MTLComb:
-        problem, _, _ = self._prepare(X, y)
+        problem = self._prepare(X, y)
         self._fit_path(problem, self.lam)
         return self
 
@@ -439,7 +438,7 @@ class MTLCombCV(MTLComb):
     def fit(self, X: Any, y: Any) -> MTLCombCV:
         if self.cv < 2:
             raise ValueError(f"cv must be >= 2, got {self.cv}.")
-        problem, _, _ = self._prepare(X, y)
+        problem = self._prepare(X, y)
         rng = check_random_state(self.random_state)
         folds = [
             self._deal(target, cls, rng)
@@ -452,13 +451,10 @@ class MTLCombCV(MTLComb):
         for fold in range(self.cv):
             held = [np.flatnonzero(of == fold) for of in folds]
             kept = [np.flatnonzero(of != fold) for of in folds]
-            train = Problem(
-                [problem.features[t][kept[t]] for t in range(count)],
-                [problem.targets[t][kept[t]] for t in range(count)],
-                problem.classification,
-                self.ridge,
-                self.mean_reg,
-                self.fit_intercept,
+            train = replace(
+                problem,
+                features=[problem.features[t][kept[t]] for t in range(count)],
+                targets=[problem.targets[t][kept[t]] for t in range(count)],
             )
             part = MTLComb(
                 n_lambdas=self.n_lambdas, lambda_ratio=self.lambda_ratio, max_iter=self.max_iter, tol=self.tol

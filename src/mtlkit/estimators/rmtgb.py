@@ -21,6 +21,12 @@ def check_float32(features: Array) -> None:
         raise ValueError("Input X contains a value too large for dtype('float32'), which the trees use.")
 
 
+def mixed(theta: Array, rows: np.ndarray, shared: Array, out: Array, non: Array, own: Array) -> Array:
+    """``F_shared + s_r F_out + (1 - s_r) F_non + F_r`` for each row's task ``r``, ``s = sigmoid(theta)``."""
+    s = expit(theta)[rows][:, None]
+    return shared + s * out + (1 - s) * non + own
+
+
 class _RMTGB(BaseEstimator):
     """R-MTGB (Emami, Martínez-Muñoz, Hernández-Lobato, "Robust Multi-Task Gradient Boosting",
     Expert Systems with Applications, 2025; arXiv 2507.11411). For a sample of task ``r``,
@@ -144,8 +150,7 @@ class _RMTGB(BaseEstimator):
         shared, out, non, own = (np.zeros((n, k)) for _ in range(4))
 
         def full() -> Array:
-            s = expit(self.theta_)[rows][:, None]
-            return shared + s * out + (1 - s) * non + own
+            return mixed(self.theta_, rows, shared, out, non, own)
 
         lr = self.learning_rate
         self.shared_trees_, self.outlier_trees_, self.non_outlier_trees_ = [], [], []
@@ -155,10 +160,10 @@ class _RMTGB(BaseEstimator):
             shared += lr * step
         for _ in range(self.n_iter_2nd):
             rho = self._negative_gradient(targets, full())
-            s = expit(self.theta_)[rows][:, None]
+            sigma = expit(self.theta_)
+            s = sigma[rows][:, None]
             # dL/dtheta_r = -sum_{i in r} rho_i . s_r (1 - s_r) (F_out - F_non)(x_i), before this round's trees
             along = (rho * (out - non)).sum(1)
-            sigma = expit(self.theta_)
             gradient = -np.bincount(rows, weights=along, minlength=count) * sigma * (1 - sigma)
             tree_out, step_out = self._grow(x32, rho * s, rng)
             tree_non, step_non = self._grow(x32, rho * (1 - s), rng)
@@ -197,8 +202,7 @@ class _RMTGB(BaseEstimator):
             idx = np.flatnonzero(rows == r)
             for tree in self.task_trees_[r]:
                 own[idx] += lr * self._predict_tree(tree, x32[idx])
-        s = expit(self.theta_)[rows][:, None]
-        return shared + s * out + (1 - s) * non + own
+        return mixed(self.theta_, rows, shared, out, non, own)
 
     @property
     def outlier_weights_(self) -> Array:
