@@ -19,7 +19,8 @@ variable (Murty's rule), which guarantees termination in exact arithmetic. It st
 optimum (no fixed iteration count); a warm start from the previous step's free sets usually ends it
 after one or two solves. Where round-off on an ill-conditioned free set makes the exchanges cycle
 (seen with K > d), those problems are finished by SciPy's Lawson-Hanson NNLS on a square factor of
-the Gramian instead of returning a point that violates the KKT conditions. At the solution ``G v >= 0`` holds to round-off, so ``J^T v`` conflicts with no task.
+the Gramian instead of returning a point that violates the KKT conditions. At the solution
+``G v >= 0`` holds to round-off, so ``J^T v`` conflicts with no task.
 
 Rank-deficient Gramians (duplicated tasks, K > d) make the free-set systems singular; they are
 solved with a ridge of ``1e-11`` of the largest diagonal entry, which the consistent right-hand
