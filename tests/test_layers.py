@@ -1,5 +1,5 @@
 """Imports only point down the layers (docs/design.md): core <- methods, models, data, metrics <-
-train, merging <- bench, relatedness <- cli. Nothing imports the package root."""
+train, merging <- bench, relatedness, pareto <- cli. Nothing imports the package root."""
 
 import ast
 from pathlib import Path
@@ -18,6 +18,7 @@ LAYER = {
     "merging": 2,
     "decentralized": 2,
     "relatedness": 3,
+    "pareto": 3,
     "bench": 3,
     "cli": 4,
 }

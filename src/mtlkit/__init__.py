@@ -15,6 +15,7 @@ from mtlkit import (
     methods,
     metrics,
     models,
+    pareto,
     relatedness,
     train,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "methods",
     "metrics",
     "models",
+    "pareto",
     "relatedness",
     "train",
 ]

@@ -27,7 +27,7 @@ from tests.methods.helpers import assert_same_grads, grads, make_method, run_ste
 
 NAMES = mk.methods.available()
 #: methods that take logarithms of the losses
-POSITIVE = {"si", "gls", "famo", "stch", "db_mtl"}
+POSITIVE = {"si", "gls", "famo", "stch", "db_mtl", "epo"}
 #: options under which every epoch-based method accumulates something within epoch 0
 BUSY = {"stch": {"warmup_epochs": 0}, "gradnorm": {"initial": "first_epoch"}}
 

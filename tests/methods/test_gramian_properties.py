@@ -14,8 +14,9 @@ from mtlkit.methods import GramianWeighting
 GRAMIAN = [n for n in mk.methods.available() if issubclass(mk.methods.method_class(n), GramianWeighting)]
 #: methods whose result depends on a random visiting order (equivariant only in distribution), or
 #: that break structural ties by index (Krum: two mutual nearest neighbours score the same), or
-#: that treat one task differently by design (PCD: the first task is the primary one)
-NOT_EQUIVARIANT = {"pcgrad", "gradvac", "krum", "pcd"}
+#: that treat one task differently by design (PCD: the first task is the primary one; PMTL: the
+#: sub-region of one reference vector)
+NOT_EQUIVARIANT = {"pcgrad", "gradvac", "krum", "pcd", "pmtl"}
 #: methods whose weights exist only for full-rank Gramians (elsewhere: finite, path dependent),
 #: or are unique only there (MGDA on unit gradients: two coinciding directions tie)
 FULL_RANK = {"nash_mtl", "fairgrad", "paretognn"}

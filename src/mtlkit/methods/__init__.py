@@ -6,11 +6,13 @@ from mtlkit.methods.base import Hook, Method, StepInfo, StepInputs
 from mtlkit.methods.cagrad import CAGrad
 from mtlkit.methods.conflictfree import ConFIG
 from mtlkit.methods.coordinate_median import CoordinateMedian
+from mtlkit.methods.cosmos import COSMOS
 from mtlkit.methods.db_mtl import DBMTL
 from mtlkit.methods.dibs_mtl import DiBSMTL
 from mtlkit.methods.driver import Driver, add_param_groups
 from mtlkit.methods.dualproj import DualProj
 from mtlkit.methods.dwa import DWA
+from mtlkit.methods.epo import EPO
 from mtlkit.methods.ew import EW
 from mtlkit.methods.excess_mtl import ExcessMTL
 from mtlkit.methods.fairgrad import FairGrad
@@ -27,6 +29,7 @@ from mtlkit.methods.imtl_g import IMTLG
 from mtlkit.methods.imtl_l import IMTLL
 from mtlkit.methods.krum import Krum
 from mtlkit.methods.loss_weighting import LossWeighting
+from mtlkit.methods.ls import LinearScalarization
 from mtlkit.methods.mgda import MGDA
 from mtlkit.methods.min_norm import min_norm_weights
 from mtlkit.methods.moco import MoCo
@@ -34,6 +37,8 @@ from mtlkit.methods.modo import MoDo
 from mtlkit.methods.nash_mtl import NashMTL
 from mtlkit.methods.pcd import PCD
 from mtlkit.methods.pcgrad import PCGrad
+from mtlkit.methods.pmtl import PMTL
+from mtlkit.methods.preferences import PreferenceMethod
 from mtlkit.methods.registry import METHODS, available, create, method_class, register, register_variant
 from mtlkit.methods.rep_mtl import RepMTL
 from mtlkit.methods.rlw import RLW
@@ -46,8 +51,10 @@ from mtlkit.methods.uw import UW
 
 __all__ = [
     "AGD",
+    "COSMOS",
     "DBMTL",
     "DWA",
+    "EPO",
     "EW",
     "FAMO",
     "FMTL",
@@ -59,6 +66,7 @@ __all__ = [
     "METHODS",
     "MGDA",
     "PCD",
+    "PMTL",
     "RLW",
     "SI",
     "STCH",
@@ -80,12 +88,14 @@ __all__ = [
     "Hook",
     "JacobianAggregator",
     "Krum",
+    "LinearScalarization",
     "LossWeighting",
     "Method",
     "MoCo",
     "MoDo",
     "NashMTL",
     "PCGrad",
+    "PreferenceMethod",
     "RepMTL",
     "SDMGrad",
     "StepInfo",

@@ -15,6 +15,7 @@ from mtlkit.models.dual_encoder import DualEncoder, fit_alternating
 from mtlkit.models.efficientnet_lite import EfficientNetLite0, load_efficientnet_lite0
 from mtlkit.models.esmm import ESMM
 from mtlkit.models.home import HoME
+from mtlkit.models.hypernetwork import ParetoHyperNetwork
 from mtlkit.models.imp_encoder import IMPEncoder
 from mtlkit.models.info_mtl import InfoMTL
 from mtlkit.models.lenet import MultiLeNet
@@ -23,6 +24,7 @@ from mtlkit.models.mmoe import MMoE
 from mtlkit.models.modality import ModalityFusion
 from mtlkit.models.mtan import MTAN
 from mtlkit.models.ple import CGC, PLE
+from mtlkit.models.preference_conditioned import PreferenceConditioned
 from mtlkit.models.route import LearningToRoute
 from mtlkit.models.routed_adapters import RoutedAdapters
 from mtlkit.models.shared_bottom import SharedBottom
@@ -63,6 +65,8 @@ __all__ = [
     "MultiTaskModel",
     "MultiTaskModule",
     "MultiTaskOutput",
+    "ParetoHyperNetwork",
+    "PreferenceConditioned",
     "RoutedAdapters",
     "SharedBottom",
     "SoftSharing",
