@@ -90,7 +90,9 @@ def test_every_merging_method_is_in_the_merging_table_and_the_example_runs():
     exec(compile(code, "docs/merging.md", "exec"), {})
 
 
-@pytest.mark.parametrize("page", ["schemes.md", "relatedness.md", "decentralized.md", "pareto.md"])
+@pytest.mark.parametrize(
+    "page", ["schemes.md", "relatedness.md", "decentralized.md", "pareto.md", "integrations.md"]
+)
 def test_the_runnable_examples_of_a_page_run(page):
     text = (DOCS / page).read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "import mtlkit as mk" in b]

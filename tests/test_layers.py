@@ -19,6 +19,7 @@ LAYER = {
     "decentralized": 2,
     "relatedness": 3,
     "pareto": 3,
+    "integrations": 3,
     "bench": 3,
     "cli": 4,
 }
