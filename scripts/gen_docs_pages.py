@@ -1,0 +1,320 @@
+"""Pages of the documentation site written at build time (mkdocs-gen-files runs this file).
+
+1. The reference: one page per registered method, model, merging method, estimator and front
+   approach, from the registries, so a new one appears without editing the site. A method's page has
+   its declared hyper-parameters (default, accepted values, meaning), its docstring (paper,
+   defaults, departures from the official code) through mkdocstrings, and its measured cost copied
+   from the committed tables (the step-cost benchmark and the suite's training times).
+2. The repository files the hand-written pages link to (``../benchmarks/results/...``,
+   ``../CONTRIBUTING.md``, ``../examples/...``) are copied under ``repo/`` and the links rewritten,
+   so the site is self-contained and its link check (``mkdocs build --strict``) covers them.
+
+``pages()`` returns ``{path in the site: markdown}`` and does the work; the tests call it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+RESULTS = ROOT / "benchmarks" / "results"
+LINK = re.compile(r"(\]\()([^)#\s]+)((?:#[^)]*)?\))")
+#: repository files a copied page may carry along (images and text the pages show or link)
+COPIED = {".md", ".png", ".py", ".yaml", ".json", ".txt", ".svg"}
+
+
+# -- 1. the reference --------------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:g}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _step_costs() -> dict[str, dict[str, float]]:
+    """``{method: {K: ms per step relative to one summed-loss backward}}`` from the committed
+    step-cost table (one thread; trunk 256-512-512-256, batch 256)."""
+    path = RESULTS / "step_cost_contracts.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    out: dict[str, dict[str, float]] = {}
+    for k, rows in data.items():
+        for name, row in rows.items():
+            if name.startswith("mtlkit:"):
+                out.setdefault(name.removeprefix("mtlkit:"), {})[k] = float(row["ratio"])
+    return out
+
+
+def _suite_seconds() -> dict[str, dict[str, tuple[float, float]]]:
+    """``{method: {dataset label: (its training seconds, EW's)}}`` from the committed suite reports."""
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for name in ("suite_quick.json", "suite_census.json", "suite_multi_mnist.json"):
+        path = RESULTS / name
+        if not path.is_file():
+            continue
+        for table in json.loads(path.read_text()).get("tables", []):
+            methods = table.get("methods", {})
+            ew = methods.get("ew", {}).get("seconds", {}).get("mean")
+            if ew is None:
+                continue
+            label = f"{table['dataset']}, {table['architecture']} ({name.removesuffix('.json')})"
+            for method, row in methods.items():
+                seconds = row.get("seconds", {}).get("mean")
+                if seconds is not None:
+                    out.setdefault(method, {})[label] = (float(seconds), float(ew))
+    return out
+
+
+def _method_page(name: str, costs: dict[str, dict[str, float]], seconds: dict[str, Any]) -> str:
+    from mtlkit.methods import GramianWeighting, JacobianAggregator, LossWeighting
+    from mtlkit.methods.hparams import collect
+    from mtlkit.methods.registry import method_class, variant_defaults
+
+    cls = method_class(name)
+    family = (
+        "loss weighting (one backward)"
+        if issubclass(cls, LossWeighting)
+        else "Gramian weighting (per-task gradients)"
+        if issubclass(cls, GramianWeighting)
+        else "Jacobian aggregator (per-task gradients)"
+        if issubclass(cls, JacobianAggregator)
+        else "training scheme"
+    )
+    lines = [
+        f"# `{name}`",
+        "",
+        f"`mk.methods.create({name!r})`: `{cls.__module__}.{cls.__name__}`, a {family}.",
+        "",
+    ]
+    variant = variant_defaults(name)
+    if variant:
+        lines += [
+            f"A registry variant of `{cls.__name__}` with "
+            + ", ".join(f"`{k}={_fmt(v)}`" for k, v in variant.items())
+            + ".",
+            "",
+        ]
+    declared = {k: v for k, v in collect(cls).items() if v.config}
+    if declared:
+        lines += ["## Hyper-parameters", "", "| name | default | accepts | meaning |", "|---|---|---|---|"]
+        for key, spec in declared.items():
+            default = variant.get(key, spec.default)
+            meaning = spec.doc.replace("|", "/")
+            lines.append(f"| `{key}` | `{_fmt(default)}` | {spec.check.expected} | {meaning} |")
+        lines.append("")
+    lines += ["## Measured cost", ""]
+    cost = costs.get(name)
+    if cost:
+        ratios = ", ".join(f"K={k}: {cost[k]:.2f}x" for k in sorted(cost, key=int))
+        lines.append(
+            f"- One training step relative to one backward of the summed losses ({ratios}), "
+            "[step-cost table](../../repo/benchmarks/results/step_cost_contracts.md) (one thread)."
+        )
+    for label, (own, ew) in sorted(seconds.get(name, {}).items()):
+        lines.append(f"- Training time on {label}: {own:.1f} s, against EW's {ew:.1f} s (mean over seeds).")
+    if not cost and name not in seconds:
+        lines.append("- Not in the committed cost tables yet.")
+    lines += [
+        "",
+        "## Reference",
+        "",
+        f"::: {cls.__module__}.{cls.__name__}",
+        "    options:",
+        "      members: false",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _class_page(title: str, usage: str, cls: type) -> str:
+    return "\n".join(
+        [
+            f"# `{title}`",
+            "",
+            f"{usage}: `{cls.__module__}.{cls.__name__}`.",
+            "",
+            f"::: {cls.__module__}.{cls.__name__}",
+            "    options:",
+            "      members: false",
+            "",
+        ]
+    )
+
+
+def reference_pages() -> dict[str, str]:
+    import mtlkit as mk
+    from mtlkit.estimators import ESTIMATORS
+    from mtlkit.merging import MERGERS
+    from mtlkit.models.base import MODELS
+    from mtlkit.pareto import APPROACHES
+
+    pages: dict[str, str] = {}
+    costs, seconds = _step_costs(), _suite_seconds()
+    sections: dict[str, list[str]] = {
+        "methods": [],
+        "models": [],
+        "merging": [],
+        "estimators": [],
+        "fronts": [],
+    }
+    for name in mk.methods.available():
+        pages[f"reference/methods/{name}.md"] = _method_page(name, costs, seconds)
+        sections["methods"].append(name)
+    for name in MODELS.available():
+        cls = MODELS.get(name)
+        pages[f"reference/models/{name}.md"] = _class_page(name, f"`mk.models.create({name!r}, ...)`", cls)
+        sections["models"].append(name)
+    for name in MERGERS.available():
+        cls = MERGERS.get(name)
+        pages[f"reference/merging/{name}.md"] = _class_page(
+            name, f"`mk.merging.merge(pretrained, experts, {name!r})`", cls
+        )
+        sections["merging"].append(name)
+    for name in ESTIMATORS.available():
+        cls = ESTIMATORS.get(name)
+        pages[f"reference/estimators/{name}.md"] = _class_page(name, "A scikit-learn estimator", cls)
+        sections["estimators"].append(name)
+    for name, spec in APPROACHES.items():
+        model = (
+            f"`{spec.model}` (one model for the front)" if spec.model else "one plain model per preference"
+        )
+        pages[f"reference/fronts/{name}.md"] = "\n".join(
+            [
+                f"# `{name}`",
+                "",
+                f"`mk.pareto.learn_front({name!r}, ...)`: {spec.paper}.",
+                "",
+                f"- model: {model}",
+                f"- loss: the [`{spec.method}`](../methods/{spec.method}.md) method"
+                + (
+                    f" with {', '.join(f'`{k}={_fmt(v)}`' for k, v in spec.method_options.items())}"
+                    if spec.method_options
+                    else ""
+                ),
+                f"- preferences in training: {'Dir(' + _fmt(spec.alpha) + ') per step' if spec.alpha else 'fixed, one per model'}",
+                "",
+                "See [Pareto fronts](../../pareto.md).",
+                "",
+            ]
+        )
+        sections["fronts"].append(name)
+    titles = {
+        "methods": "Methods (loss weightings, gradient aggregators, schemes)",
+        "models": "Models",
+        "merging": "Merging methods",
+        "estimators": "Estimators (scikit-learn)",
+        "fronts": "Front-learning approaches",
+    }
+    index = [
+        "# Reference",
+        "",
+        "One page per registered name, generated from the registries and docstrings.",
+        "",
+    ]
+    for key, names in sections.items():
+        index += [f"## {titles[key]}", ""]
+        index += [f"- [`{n}`]({key}/{n}.md)" for n in names]
+        index.append("")
+    pages["reference/index.md"] = "\n".join(index)
+    return pages
+
+
+# -- 2. repository files the pages link to -------------------------------------------------------------
+def _links(text: str) -> Iterator[str]:
+    for match in LINK.finditer(text):
+        target = match.group(2)
+        if "://" not in target and not target.startswith(("mailto:", "/")):
+            yield target
+
+
+def _site_path(repo_path: str) -> str:
+    """Where a repository file lives in the site: docs pages as they are, the rest under repo/."""
+    return repo_path.removeprefix("docs/") if repo_path.startswith("docs/") else f"repo/{repo_path}"
+
+
+def _rewrite(text: str, repo_path: str) -> tuple[str, set[str]]:
+    """``text`` (the file at ``repo_path``) with every relative link pointing at the target's place
+    in the site; and the repository files it links to outside docs/."""
+    here = posixpath.dirname(repo_path)
+    site_here = posixpath.dirname(_site_path(repo_path))
+    wanted: set[str] = set()
+
+    def fix(match: re.Match[str]) -> str:
+        target = match.group(2)
+        if "://" in target or target.startswith(("mailto:", "/")):
+            return match.group(0)
+        resolved = posixpath.normpath(posixpath.join(here, target))
+        if resolved.startswith(".."):
+            return match.group(0)
+        if not resolved.startswith("docs/"):
+            wanted.add(resolved)
+        new = posixpath.relpath(_site_path(resolved), site_here or ".")
+        return f"{match.group(1)}{new}{match.group(3)}"
+
+    return LINK.sub(fix, text), wanted
+
+
+def repository_pages(also: Iterable[str] = ()) -> dict[str, str | bytes]:
+    """The docs pages with rewritten links, and every repository file reachable from them (and
+    from the repository paths ``also``)."""
+    out: dict[str, str | bytes] = {}
+    queue: list[str] = list(also)
+    for page in sorted(DOCS.glob("*.md")):
+        repo_path = f"docs/{page.name}"
+        text, wanted = _rewrite(page.read_text(), repo_path)
+        out[page.name] = text
+        queue += sorted(wanted)
+    seen: set[str] = set()
+    while queue:
+        repo_path = queue.pop()
+        if repo_path in seen:
+            continue
+        seen.add(repo_path)
+        source = ROOT / repo_path
+        if source.is_dir():
+            readme = f"{repo_path}/README.md"
+            if (ROOT / readme).is_file():
+                queue.append(readme)
+            continue
+        if not source.is_file() or source.suffix not in COPIED:
+            continue
+        if source.suffix == ".md":
+            text, wanted = _rewrite(source.read_text(), repo_path)
+            out[_site_path(repo_path)] = text
+            queue += sorted(wanted)
+        elif source.suffix == ".png":
+            out[_site_path(repo_path)] = source.read_bytes()
+        else:
+            out[_site_path(repo_path)] = source.read_text()
+    return out
+
+
+def pages() -> dict[str, str | bytes]:
+    reference = reference_pages()
+    linked = {
+        posixpath.normpath(posixpath.join(posixpath.dirname(path), target)).removeprefix("repo/")
+        for path, text in reference.items()
+        for target in _links(text)
+        if "repo/" in target
+    }
+    return {**repository_pages(sorted(linked)), **reference}
+
+
+def _write() -> None:
+    import mkdocs_gen_files
+
+    for path, content in pages().items():
+        mode = "wb" if isinstance(content, bytes) else "w"
+        with mkdocs_gen_files.open(path, mode) as handle:
+            handle.write(content)
+
+
+if __name__ in {"__main__", "<run_path>"}:
+    _write()
