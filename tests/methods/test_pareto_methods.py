@@ -3,6 +3,7 @@ a problem with a known front, agreement with a reference LP solver, and exact gr
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -46,11 +47,16 @@ def distance_to_front(x: torch.Tensor) -> float:
     return float((x - (A + min(max(t, 0.0), 1.0) * (B - A))).norm())
 
 
-@pytest.mark.parametrize("preference", [[0.2, 0.8], [0.5, 0.5], [0.7, 0.3]])
-def test_epo_reaches_the_preferred_point_of_the_front(preference: list[float]) -> None:
+@functools.cache
+def epo_solution(preference: tuple[float, float], eps: float) -> torch.Tensor:
+    return descend(mk.methods.create("epo", preference=list(preference), eps=eps), steps=400, lr=0.03)
+
+
+@pytest.mark.parametrize("preference", [(0.2, 0.8), (0.5, 0.5), (0.7, 0.3)])
+def test_epo_reaches_the_preferred_point_of_the_front(preference: tuple[float, float]) -> None:
     r = torch.tensor(preference, dtype=torch.float64)
     for eps, rtol in [(1e-4, 3e-2), (1e-9, 2e-4)]:  # balanced to within eps, then descent
-        x = descend(mk.methods.create("epo", preference=preference, eps=eps))
+        x = epo_solution(preference, eps)
         f = torch.stack(list(losses_at(x).values()))
         assert distance_to_front(x) < 1e-3  # Pareto optimal
         assert float(non_uniformity(f, r)) <= eps * 1.01  # r_1 f_1 = r_2 f_2, up to eps
@@ -58,8 +64,7 @@ def test_epo_reaches_the_preferred_point_of_the_front(preference: list[float]) -
 
 
 def test_epo_larger_preference_means_smaller_loss() -> None:
-    low = descend(mk.methods.create("epo", preference=[0.2, 0.8]))
-    high = descend(mk.methods.create("epo", preference=[0.8, 0.2]))
+    low, high = epo_solution((0.2, 0.8), 1e-4), epo_solution((0.7, 0.3), 1e-4)
     assert losses_at(high)["f1"] < losses_at(low)["f1"]
 
 
@@ -124,10 +129,14 @@ def test_non_uniformity_is_zero_exactly_on_the_ray() -> None:
     assert float(non_uniformity(torch.tensor([1.0, 1.0], dtype=torch.float64), r)) > 0.1
 
 
+@functools.cache
+def pmtl_solution(index: int) -> torch.Tensor:
+    return descend(mk.methods.create("pmtl", index=index, init_epochs=2), steps=800, lr=0.02)
+
+
 @pytest.mark.parametrize("index", range(5))
 def test_pmtl_ends_pareto_optimal_in_its_sub_region(index: int) -> None:
-    method = mk.methods.create("pmtl", index=index, init_epochs=2)
-    x = descend(method, steps=800, lr=0.02)
+    x = pmtl_solution(index)
     f = torch.stack(list(losses_at(x).values()))
     assert distance_to_front(x) < 1e-3
     refs = circle_references(5)
@@ -137,10 +146,7 @@ def test_pmtl_ends_pareto_optimal_in_its_sub_region(index: int) -> None:
 
 
 def test_pmtl_sub_regions_order_the_solutions() -> None:
-    firsts = [
-        float(losses_at(descend(mk.methods.create("pmtl", index=k), steps=800, lr=0.02))["f1"])
-        for k in range(5)
-    ]
+    firsts = [float(losses_at(pmtl_solution(k))["f1"]) for k in range(5)]
     assert firsts == sorted(firsts, reverse=True)  # u_0 = (1, 0) allows the largest f1
 
 
