@@ -133,19 +133,48 @@ def _method_page(name: str, costs: dict[str, dict[str, float]], seconds: dict[st
     return "\n".join(lines)
 
 
-def _class_page(title: str, usage: str, cls: type) -> str:
-    return "\n".join(
-        [
-            f"# `{title}`",
-            "",
-            f"{usage}: `{cls.__module__}.{cls.__name__}`.",
-            "",
-            f"::: {cls.__module__}.{cls.__name__}",
-            "    options:",
-            "      members: false",
-            "",
-        ]
-    )
+def _merging_results() -> dict[str, list[str]]:
+    """``{merging method: [result lines]}``: each configuration's average test accuracy and merge
+    time on the merging tracks, from the committed track tables (mean over their seeds)."""
+    import runpy
+    import statistics
+
+    script = ROOT / "benchmarks" / "merging_tracks.py"
+    if not script.is_file():
+        return {}
+    names = {m.label: m.name for m in runpy.run_path(str(script), run_name="merging_tracks")["METHODS"]}
+    out: dict[str, list[str]] = {}
+    for table, track in (("merging_mlp8", "MLP-8"), ("merging_efficientnet_lite0", "EfficientNet-Lite0")):
+        path = RESULTS / f"{table}.json"
+        if not path.is_file():
+            continue
+        seeds = json.loads(path.read_text())["results"]
+        for label, name in names.items():
+            rows = [seed["rows"][label] for seed in seeds if label in seed["rows"]]
+            if not rows:
+                continue
+            accuracy = statistics.mean(r["average"] for r in rows)
+            seconds = statistics.mean(r["seconds"] for r in rows)
+            out.setdefault(name, []).append(
+                f"- {track} track, {label}: average test accuracy {accuracy:.1f}%, one merge {seconds:.2f} s "
+                f"([{table}](../../repo/benchmarks/results/{table}.md), {len(rows)} seed(s), one thread)."
+            )
+    return out
+
+
+def _class_page(title: str, usage: str, cls: type, measured: list[str] | None = None) -> str:
+    lines = [f"# `{title}`", "", f"{usage}: `{cls.__module__}.{cls.__name__}`.", ""]
+    if measured:
+        lines += ["## Measured", "", *measured, ""]
+    lines += [
+        "## Reference",
+        "",
+        f"::: {cls.__module__}.{cls.__name__}",
+        "    options:",
+        "      members: false",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def reference_pages() -> dict[str, str]:
@@ -171,11 +200,11 @@ def reference_pages() -> dict[str, str]:
         cls = MODELS.get(name)
         pages[f"reference/models/{name}.md"] = _class_page(name, f"`mk.models.create({name!r}, ...)`", cls)
         sections["models"].append(name)
+    merged = _merging_results()
     for name in MERGERS.available():
         cls = MERGERS.get(name)
-        pages[f"reference/merging/{name}.md"] = _class_page(
-            name, f"`mk.merging.merge(pretrained, experts, {name!r})`", cls
-        )
+        usage = f"`mk.merging.merge(pretrained, experts, {name!r})`"
+        pages[f"reference/merging/{name}.md"] = _class_page(name, usage, cls, merged.get(name))
         sections["merging"].append(name)
     for name in ESTIMATORS.available():
         cls = ESTIMATORS.get(name)
