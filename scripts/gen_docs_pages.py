@@ -72,6 +72,18 @@ def _suite_seconds() -> dict[str, dict[str, tuple[float, float]]]:
     return out
 
 
+def _reference_block(cls: type) -> list[str]:
+    """The mkdocstrings directive that renders ``cls``'s docstring (without its members)."""
+    return [
+        "## Reference",
+        "",
+        f"::: {cls.__module__}.{cls.__name__}",
+        "    options:",
+        "      members: false",
+        "",
+    ]
+
+
 def _method_page(name: str, costs: dict[str, dict[str, float]], seconds: dict[str, Any]) -> str:
     from mtlkit.methods import GramianWeighting, JacobianAggregator, LossWeighting
     from mtlkit.methods.hparams import collect
@@ -121,15 +133,7 @@ def _method_page(name: str, costs: dict[str, dict[str, float]], seconds: dict[st
         lines.append(f"- Training time on {label}: {own:.1f} s, against EW's {ew:.1f} s (mean over seeds).")
     if not cost and name not in seconds:
         lines.append("- Not in the committed cost tables yet.")
-    lines += [
-        "",
-        "## Reference",
-        "",
-        f"::: {cls.__module__}.{cls.__name__}",
-        "    options:",
-        "      members: false",
-        "",
-    ]
+    lines += ["", *_reference_block(cls)]
     return "\n".join(lines)
 
 
@@ -166,14 +170,7 @@ def _class_page(title: str, usage: str, cls: type, measured: list[str] | None = 
     lines = [f"# `{title}`", "", f"{usage}: `{cls.__module__}.{cls.__name__}`.", ""]
     if measured:
         lines += ["## Measured", "", *measured, ""]
-    lines += [
-        "## Reference",
-        "",
-        f"::: {cls.__module__}.{cls.__name__}",
-        "    options:",
-        "      members: false",
-        "",
-    ]
+    lines += _reference_block(cls)
     return "\n".join(lines)
 
 

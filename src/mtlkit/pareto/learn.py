@@ -131,6 +131,21 @@ def learn_front(
     make_optimizer = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
     options = dict(model_options or {})
     k = len(tasks)
+
+    def fit(net: nn.Module, method: Any, with_callbacks: list[Callback]) -> None:
+        trainer = Trainer(
+            net,
+            tasks,
+            method,
+            make_optimizer(net.parameters()),
+            device=device,
+            callbacks=with_callbacks,
+            seed=seed,
+            progress=progress,
+            tensorboard=False,
+        )
+        trainer.fit(train_loader, epochs=epochs)
+
     start = time.perf_counter()
     if spec.conditioned:
         assert spec.model is not None
@@ -146,18 +161,7 @@ def learn_front(
         )
         method = create_method(spec.method, **{**spec.method_options, **dict(method_options or {})})
         sampler = PreferenceSampler(alpha if alpha is not None else float(spec.alpha or 1.0), seed=seed)
-        trainer = Trainer(
-            net,
-            tasks,
-            method,
-            make_optimizer(net.parameters()),
-            device=device,
-            callbacks=[sampler, *callbacks],
-            seed=seed,
-            progress=progress,
-            tensorboard=False,
-        )
-        trainer.fit(train_loader, epochs=epochs)
+        fit(net, method, [sampler, *callbacks])
         return FrontRun(spec, tasks, [net], None, time.perf_counter() - start)
     rays = (
         training_preferences(k, preferences)
@@ -174,17 +178,6 @@ def learn_front(
             else {"preference": r.tolist()}
         )
         method = create_method(spec.method, **{**spec.method_options, **extra, **dict(method_options or {})})
-        trainer = Trainer(
-            net,
-            tasks,
-            method,
-            make_optimizer(net.parameters()),
-            device=device,
-            callbacks=list(callbacks),
-            seed=seed,
-            progress=progress,
-            tensorboard=False,
-        )
-        trainer.fit(train_loader, epochs=epochs)
+        fit(net, method, list(callbacks))
         models.append(net)
     return FrontRun(spec, tasks, models, rays, time.perf_counter() - start)
