@@ -6,7 +6,7 @@ TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.mtlkit-installed
 
 .PHONY: setup data data-text demo test test-slow lint format docs bench bench-aggregators bench-census bench-architectures \
-	data-images bench-merging bench-merging-lite bench-estimators bench-suite-quick bench-suite-full clean
+	data-images bench-merging bench-merging-lite bench-estimators bench-pareto bench-suite-quick bench-suite-full clean
 
 # The pinned CPU torch goes in first, so the package's `torch>=2.2` installs nothing more.
 $(STAMP): pyproject.toml
@@ -79,6 +79,9 @@ bench-architectures: setup
 	$(BIN)/python benchmarks/mmoe_synthetic_gap.py --epochs 30 --workers 2 --out benchmarks/results/mmoe_synthetic_gap.md
 
 # R-MTGB, MTLComb and TFCL against scikit-learn's models (ILEA Exam from the data extra), 5 seeds.
+bench-pareto: setup data-images
+	$(BIN)/python benchmarks/pareto_fronts.py --datasets multi_fashion multi_mnist_10k --seeds 0 1
+
 bench-estimators: setup data
 	$(BIN)/python benchmarks/estimators.py --seeds 0 1 2 3 4 --out benchmarks/results/estimators.md
 
