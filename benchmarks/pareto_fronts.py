@@ -21,6 +21,7 @@ The single-point methods' accuracies come from the committed suite reports
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import platform
@@ -57,9 +58,16 @@ def sweep_preferences() -> torch.Tensor:
     return circle_rays(SWEEP, start=0.1, end=math.pi / 2 - 0.1)
 
 
+@functools.cache
+def load(dataset: str, seed: int) -> Any:
+    """The dataset's splits for ``seed``, built once and shared by every approach (nothing mutates
+    them)."""
+    return seeded_subset(mk.data.load(dataset, seed=seed), PROTOCOL[dataset][1], seed)
+
+
 def run_one(dataset: str, approach: str, seed: int, device: str) -> dict[str, Any]:
-    label, size, epochs, _ = PROTOCOL[dataset]
-    data = seeded_subset(mk.data.load(dataset, seed=seed), size, seed)
+    label, _, epochs, _ = PROTOCOL[dataset]
+    data = load(dataset, seed)
     train = loader(data.train, batch_size=256, shuffle=True, generator=torch.Generator().manual_seed(seed))
     test = loader(data.test, batch_size=1024)
     fit = learn_front(

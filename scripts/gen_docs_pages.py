@@ -253,11 +253,15 @@ def reference_pages() -> dict[str, str]:
 
 
 # -- 2. repository files the pages link to -------------------------------------------------------------
+def _is_relative(target: str) -> bool:
+    """A link to another file of the repository (not a URL, a mail address or a site-absolute path)."""
+    return "://" not in target and not target.startswith(("mailto:", "/"))
+
+
 def _links(text: str) -> Iterator[str]:
     for match in LINK.finditer(text):
-        target = match.group(2)
-        if "://" not in target and not target.startswith(("mailto:", "/")):
-            yield target
+        if _is_relative(match.group(2)):
+            yield match.group(2)
 
 
 def _site_path(repo_path: str) -> str:
@@ -274,7 +278,7 @@ def _rewrite(text: str, repo_path: str) -> tuple[str, set[str]]:
 
     def fix(match: re.Match[str]) -> str:
         target = match.group(2)
-        if "://" in target or target.startswith(("mailto:", "/")):
+        if not _is_relative(target):
             return match.group(0)
         resolved = posixpath.normpath(posixpath.join(here, target))
         if resolved.startswith(".."):

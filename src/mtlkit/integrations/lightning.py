@@ -152,11 +152,12 @@ class MultiTaskLightningModule(L.LightningModule):
         )
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        losses, _ = self._losses(self._batch(batch))
+        step_batch = self._batch(batch)
+        losses, _ = self._losses(step_batch)
         self.log_dict(
             {f"val/loss/{name}": value.detach() for name, value in losses.items()},
             on_epoch=True,
-            batch_size=_batch_size(self._batch(batch)),
+            batch_size=_batch_size(step_batch),
         )
 
     # -- helpers -------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.core.tasks import TaskSet
-from mtlkit.methods.hparams import hparam, none, number, numbers
+from mtlkit.methods.hparams import hparam, number
 from mtlkit.methods.loss_weighting import LossWeighting
 from mtlkit.methods.preferences import HasPreference
 from mtlkit.methods.registry import register
@@ -41,11 +41,6 @@ class COSMOS(HasPreference, LossWeighting):
     official code; a zero loss vector has no direction, so its cosine term is dropped that step.
     """
 
-    preference: list[float] | None = hparam(
-        None,
-        numbers(number(ge=0)) | none(),
-        "preference r_k >= 0 per task (normalised to sum 1; default uniform)",
-    )
     penalty: float = hparam(2.0, number(ge=0), "weight lambda of the cosine term (official 2 on MultiMNIST)")
 
     def _build(self, tasks: TaskSet) -> None:

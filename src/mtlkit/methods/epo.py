@@ -9,7 +9,7 @@ from torch import Tensor
 
 from mtlkit.core.tasks import TaskSet
 from mtlkit.methods.gradient_methods import GramianWeighting
-from mtlkit.methods.hparams import hparam, none, number, numbers
+from mtlkit.methods.hparams import hparam, number
 from mtlkit.methods.preferences import HasPreference
 from mtlkit.methods.registry import register
 
@@ -53,9 +53,8 @@ def epo_direction(
     # linprog minimises and takes A_ub x <= b_ub: (C alpha)_j >= b_j becomes -C_j alpha <= -b_j
     if descent:
         objective = -c.sum(axis=0)
-        rows, bounds = [-c], [np.zeros(m)]
-        rows.append(-ca[None, :])
-        bounds.append(np.array([-min(0.0, float(ca.max()))]))
+        rows = [-c, -ca[None, :]]
+        bounds = [np.zeros(m), np.array([-min(0.0, float(ca.max()))])]
     else:
         objective = -ca
         lower = ca.copy()
@@ -109,11 +108,6 @@ class EPO(HasPreference, GramianWeighting):
     logarithm).
     """
 
-    preference: list[float] | None = hparam(
-        None,
-        numbers(number(ge=0)) | none(),
-        "preference r_k >= 0 per task (normalised to sum 1; default uniform); a larger r_k asks for a smaller L_k",
-    )
     positive_losses = True
     eps: float = hparam(1e-4, number(gt=0), "non-uniformity below which the step descends (official 1e-4)")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from mtlkit.core.tasks import TaskSet
-from mtlkit.methods.hparams import hparam, none, number, numbers
 from mtlkit.methods.loss_weighting import LossWeighting
 from mtlkit.methods.preferences import HasPreference
 from mtlkit.methods.registry import register
@@ -21,12 +20,6 @@ class LinearScalarization(HasPreference, LossWeighting):
     linear scalarisation lie on the convex hull of the front only: a concave part of the front has
     no preference that reaches it (the reason for EPO and PMTL).
     """
-
-    preference: list[float] | None = hparam(
-        None,
-        numbers(number(ge=0)) | none(),
-        "preference r_k >= 0 per task (normalised to sum 1; default uniform)",
-    )
 
     def _build(self, tasks: TaskSet) -> None:
         self._build_preference(len(tasks))

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.core.preferences import check_preference, circle_rays, dirichlet, simplex_lattice
+from mtlkit.methods.hparams import hparam, none, number, numbers
 
 __all__ = [
     "HasPreference",
@@ -34,9 +35,14 @@ class PreferenceMethod(Protocol):
 class HasPreference:
     """Mixin of the preference-aware methods: the preference lives in the buffer
     ``preference_vector`` (saved with the method's state, so a resumed run keeps it), starts at the
-    ``preference`` hyper-parameter (uniform when ``None``) and is changed by :meth:`set_preference`."""
+    ``preference`` hyper-parameter declared here once for all of them (uniform when ``None``) and is
+    changed by :meth:`set_preference`."""
 
-    preference: list[float] | None
+    preference: list[float] | None = hparam(
+        None,
+        numbers(number(ge=0)) | none(),
+        "preference r_k >= 0 per task (normalised to sum 1; default uniform)",
+    )
     preference_vector: Tensor
 
     def _build_preference(self, tasks: int) -> None:
