@@ -127,8 +127,14 @@ def clean_test_accuracy(
     epochs: int = 3,
 ) -> dict[str, float]:
     """Per-task clean test accuracy of ``model`` trained with ``method`` on ``train + delta``."""
+    if delta.shape != train.inputs.shape:
+        raise ValueError(
+            f"the perturbation has shape {tuple(delta.shape)}, the images {tuple(train.inputs.shape)}."
+        )
+    if not bool(torch.isfinite(delta).all()):
+        raise ValueError("the perturbation has NaN or infinite values.")
     if float(delta.abs().max()) > EPSILON + 1e-6:
-        raise ValueError("the perturbation exceeds the budget")
+        raise ValueError(f"the perturbation exceeds the budget of {EPSILON:.4f} per pixel.")
     released = MultiTaskTensorDataset((train.inputs + delta).clamp(0, 1), train.targets)
     net = create_model(model, tuple(train.inputs.shape[1:]), seed)
     trainer = mk.Trainer(

@@ -50,6 +50,10 @@ def test_the_evaluation_refuses_a_perturbation_over_the_budget():
     data = EXAMPLE["MultiTaskTensorDataset"](torch.rand(4, *SHAPE), labels(4))
     with pytest.raises(ValueError, match="exceeds the budget"):
         EXAMPLE["clean_test_accuracy"](data, data, torch.full((4, *SHAPE), 2 * EPSILON), "lenet", "ew")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        EXAMPLE["clean_test_accuracy"](data, data, torch.full((4, *SHAPE), float("nan")), "lenet", "ew")
+    with pytest.raises(ValueError, match="has shape"):
+        EXAMPLE["clean_test_accuracy"](data, data, torch.zeros(3, *SHAPE), "lenet", "ew")
     with pytest.raises(ValueError, match="unknown perturbation"):
         EXAMPLE["perturbation"]("blur", data)
 
