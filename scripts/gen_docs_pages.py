@@ -4,7 +4,10 @@
    approach, from the registries, so a new one appears without editing the site. A method's page has
    its declared hyper-parameters (default, accepted values, meaning), its docstring (paper,
    defaults, departures from the official code) through mkdocstrings, and its measured cost copied
-   from the committed tables (the step-cost benchmark and the suite's training times).
+   from the committed tables (the step-cost benchmark and the suite's training times). Model,
+   merging and estimator pages carry what the committed tables measured of them: parameters,
+   training time and memory (architecture table, suites, M3ViT's costs), accuracy and merge time
+   (merging tracks), fit time (estimator benchmark).
 2. The repository files the hand-written pages link to (``../benchmarks/results/...``,
    ``../CONTRIBUTING.md``, ``../examples/...``) are copied under ``repo/`` and the links rewritten,
    so the site is self-contained and its link check (``mkdocs build --strict``) covers them.
@@ -166,6 +169,107 @@ def _merging_results() -> dict[str, list[str]]:
     return out
 
 
+NOT_MEASURED = ["- Not in the committed cost tables yet."]
+
+# the architecture labels of the committed tables, by registry name
+MODEL_LABELS = {
+    "MultiLeNet": "lenet",
+    "MLP 256-128": "shared_bottom",
+    "SharedBottom": "shared_bottom",
+    "MMoE": "mmoe",
+    "CGC": "cgc",
+    "PLE": "ple",
+    "DSelect-k": "dselect_k",
+    "HoME": "home",
+}
+
+
+def _model_results() -> dict[str, list[str]]:
+    """``{model: [result lines]}``: parameters and training time from the committed architecture
+    table, the suites (with equal weighting) and the M3ViT cost table."""
+    import statistics
+
+    out: dict[str, list[str]] = {}
+    path = RESULTS / "census_architectures.json"
+    if path.is_file():
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for row in json.loads(path.read_text())["results"]:
+            if row["kind"] == "mtl" and row["method"] == "EW" and row["label"] in MODEL_LABELS:
+                runs.setdefault(row["label"], []).append(row)
+        for label, rows in runs.items():
+            per_epoch = statistics.mean(r["seconds"] / r["epochs"] for r in rows)
+            out.setdefault(MODEL_LABELS[label], []).append(
+                f"- Census-Income, {label} with EW: {rows[0]['params']:,} parameters, {per_epoch:.1f} s per epoch "
+                f"([census_architectures](../../repo/benchmarks/results/census_architectures.md), "
+                f"{len(rows)} seeds, two one-thread workers)."
+            )
+    for name in ("suite_quick", "suite_census", "suite_multi_mnist"):
+        path = RESULTS / f"{name}.json"
+        if not path.is_file():
+            continue
+        for table in json.loads(path.read_text()).get("tables", []):
+            model, ew = MODEL_LABELS.get(table["architecture"]), table["methods"].get("ew", {})
+            if model is None or "seconds" not in ew:
+                continue
+            memory = ew.get("peak_memory_mib", {}).get("mean")
+            out.setdefault(model, []).append(
+                f"- {table['dataset']}, {table['architecture']} with EW: the whole training run "
+                f"{ew['seconds']['mean']:.1f} s"
+                + (f", peak memory its steps added {memory:.0f} MiB" if memory is not None else "")
+                + f" ([{name}](../../repo/benchmarks/results/{name}.md), mean over {ew['seconds']['n']} seeds)."
+            )
+    path = RESULTS / "m3vit.json"
+    if path.is_file():
+        m3vit = json.loads(path.read_text())
+        for case in m3vit["inference"]:
+            if case["case"].startswith("M3ViT"):
+                out.setdefault("m3vit", []).append(
+                    f"- {case['case']}: {case['parameters']:,} parameters, {case['gflops']:.3f} GFLOPs per batch of 64, "
+                    f"{case['flops_vs_dense_vit']:.3f} of a dense ViT's FLOPs, {case['ms']:.2f} ms on one CPU thread "
+                    "([m3vit](../../repo/benchmarks/results/m3vit.md))."
+                )
+    return out
+
+
+def _estimator_results() -> dict[str, list[str]]:
+    """``{estimator: [result lines]}``: fit times from the committed estimator benchmark."""
+    import statistics
+
+    path = RESULTS / "estimators.json"
+    if not path.is_file():
+        return {}
+    results = json.loads(path.read_text())
+    times = {label: statistics.median(values) for label, values in results["speed"]["times"].items()}
+    link = "([estimators](../../repo/benchmarks/results/estimators.md), median of three fits, one thread)"
+    out: dict[str, list[str]] = {}
+    for label, anchor, name, setting in (
+        ("R-MTGB", "sklearn GB", "rmtgb_regressor", "on ILEA Exam's training split"),
+        (
+            "MTLComb path",
+            "MultiTaskLasso path",
+            "mtlcomb",
+            "20 tasks x 100 samples x 200 features (not like for like)",
+        ),
+    ):
+        ours = next((k for k in times if k.startswith(label)), None)
+        theirs = next((k for k in times if k.startswith(anchor)), None)
+        if ours is None or theirs is None:
+            continue
+        out[name] = [
+            f"- {ours} {setting}: {times[ours]:.3f} s, {times[ours] / times[theirs]:.2f}x "
+            f"{theirs} ({times[theirs]:.3f} s) {link}."
+        ]
+    tfcl = results.get("tfcl")
+    if isinstance(tfcl, list) and tfcl:
+        seconds = [seed[k]["seconds"] for seed in tfcl for k in seed if k.startswith("TFCL")]
+        if seconds:
+            out.setdefault("tfcl", []).append(
+                f"- One fit with gamma chosen on validation: {statistics.median(seconds):.3f} s "
+                f"(median over {len(seconds)} seeds) ([estimators](../../repo/benchmarks/results/estimators.md))."
+            )
+    return out
+
+
 def _class_page(title: str, usage: str, cls: type, measured: list[str] | None = None) -> str:
     lines = [f"# `{title}`", "", f"{usage}: `{cls.__module__}.{cls.__name__}`.", ""]
     if measured:
@@ -193,9 +297,13 @@ def reference_pages() -> dict[str, str]:
     for name in mk.methods.available():
         pages[f"reference/methods/{name}.md"] = _method_page(name, costs, seconds)
         sections["methods"].append(name)
+    model_results = _model_results()
     for name in MODELS.available():
         cls = MODELS.get(name)
-        pages[f"reference/models/{name}.md"] = _class_page(name, f"`mk.models.create({name!r}, ...)`", cls)
+        usage = f"`mk.models.create({name!r}, ...)`"
+        pages[f"reference/models/{name}.md"] = _class_page(
+            name, usage, cls, model_results.get(name, NOT_MEASURED)
+        )
         sections["models"].append(name)
     merged = _merging_results()
     for name in MERGERS.available():
@@ -203,9 +311,12 @@ def reference_pages() -> dict[str, str]:
         usage = f"`mk.merging.merge(pretrained, experts, {name!r})`"
         pages[f"reference/merging/{name}.md"] = _class_page(name, usage, cls, merged.get(name))
         sections["merging"].append(name)
+    estimator_results = _estimator_results()
     for name in ESTIMATORS.available():
         cls = ESTIMATORS.get(name)
-        pages[f"reference/estimators/{name}.md"] = _class_page(name, "A scikit-learn estimator", cls)
+        pages[f"reference/estimators/{name}.md"] = _class_page(
+            name, "A scikit-learn estimator", cls, estimator_results.get(name, NOT_MEASURED)
+        )
         sections["estimators"].append(name)
     for name, spec in APPROACHES.items():
         model = (

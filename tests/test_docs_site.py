@@ -30,6 +30,9 @@ def test_every_registered_name_has_a_reference_page():
     epo = PAGES["reference/methods/epo.md"]
     assert "| `eps` | `0.0001` |" in epo and "::: mtlkit.methods.epo.EPO" in epo
     assert "K=40:" in PAGES["reference/methods/mgda.md"]  # the measured cost, from the committed table
+    assert "270,338 parameters" in PAGES["reference/models/mmoe.md"]  # from census_architectures.json
+    assert "0.347 of a dense ViT's FLOPs" in PAGES["reference/models/m3vit.md"]
+    assert "0.73x sklearn GB" in PAGES["reference/estimators/rmtgb_regressor.md"]
 
 
 def test_every_relative_link_resolves_inside_the_site():
