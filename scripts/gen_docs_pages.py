@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import posixpath
@@ -55,23 +56,31 @@ def _step_costs() -> dict[str, dict[str, float]]:
     return out
 
 
+@functools.cache
+def _suite_tables() -> list[tuple[str, dict[str, Any]]]:
+    """``(report name, table)`` for every dataset x architecture table of the committed suite
+    reports, read once per build."""
+    tables = []
+    for name in ("suite_quick", "suite_census", "suite_multi_mnist"):
+        path = RESULTS / f"{name}.json"
+        if path.is_file():
+            tables += [(name, table) for table in json.loads(path.read_text()).get("tables", [])]
+    return tables
+
+
 def _suite_seconds() -> dict[str, dict[str, tuple[float, float]]]:
     """``{method: {dataset label: (its training seconds, EW's)}}`` from the committed suite reports."""
     out: dict[str, dict[str, tuple[float, float]]] = {}
-    for name in ("suite_quick.json", "suite_census.json", "suite_multi_mnist.json"):
-        path = RESULTS / name
-        if not path.is_file():
+    for name, table in _suite_tables():
+        methods = table.get("methods", {})
+        ew = methods.get("ew", {}).get("seconds", {}).get("mean")
+        if ew is None:
             continue
-        for table in json.loads(path.read_text()).get("tables", []):
-            methods = table.get("methods", {})
-            ew = methods.get("ew", {}).get("seconds", {}).get("mean")
-            if ew is None:
-                continue
-            label = f"{table['dataset']}, {table['architecture']} ({name.removesuffix('.json')})"
-            for method, row in methods.items():
-                seconds = row.get("seconds", {}).get("mean")
-                if seconds is not None:
-                    out.setdefault(method, {})[label] = (float(seconds), float(ew))
+        label = f"{table['dataset']}, {table['architecture']} ({name})"
+        for method, row in methods.items():
+            seconds = row.get("seconds", {}).get("mean")
+            if seconds is not None:
+                out.setdefault(method, {})[label] = (float(seconds), float(ew))
     return out
 
 
@@ -203,21 +212,17 @@ def _model_results() -> dict[str, list[str]]:
                 f"([census_architectures](../../repo/benchmarks/results/census_architectures.md), "
                 f"{len(rows)} seeds, two one-thread workers)."
             )
-    for name in ("suite_quick", "suite_census", "suite_multi_mnist"):
-        path = RESULTS / f"{name}.json"
-        if not path.is_file():
+    for name, table in _suite_tables():
+        model, ew = MODEL_LABELS.get(table["architecture"]), table["methods"].get("ew", {})
+        if model is None or "seconds" not in ew:
             continue
-        for table in json.loads(path.read_text()).get("tables", []):
-            model, ew = MODEL_LABELS.get(table["architecture"]), table["methods"].get("ew", {})
-            if model is None or "seconds" not in ew:
-                continue
-            memory = ew.get("peak_memory_mib", {}).get("mean")
-            out.setdefault(model, []).append(
-                f"- {table['dataset']}, {table['architecture']} with EW: the whole training run "
-                f"{ew['seconds']['mean']:.1f} s"
-                + (f", peak memory its steps added {memory:.0f} MiB" if memory is not None else "")
-                + f" ([{name}](../../repo/benchmarks/results/{name}.md), mean over {ew['seconds']['n']} seeds)."
-            )
+        memory = ew.get("peak_memory_mib", {}).get("mean")
+        out.setdefault(model, []).append(
+            f"- {table['dataset']}, {table['architecture']} with EW: the whole training run "
+            f"{ew['seconds']['mean']:.1f} s"
+            + (f", peak memory its steps added {memory:.0f} MiB" if memory is not None else "")
+            + f" ([{name}](../../repo/benchmarks/results/{name}.md), mean over {ew['seconds']['n']} seeds)."
+        )
     path = RESULTS / "m3vit.json"
     if path.is_file():
         m3vit = json.loads(path.read_text())
