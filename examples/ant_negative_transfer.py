@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 import mtlkit as mk
+from mtlkit.core.figures import pyplot, save_figure
 from mtlkit.core.intervals import uniform_intervals
 
 K, BATCH = 5, 100
@@ -137,11 +138,7 @@ def run(seed: int = 0, n: int = 4000, epochs: int = 20) -> dict[str, object]:
 
 
 def figure(result: dict, path: Path) -> Path:  # type: ignore[type-arg]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     image = left.imshow(result["affinity"], cmap="viridis", vmin=-1, vmax=1)
     left.set_xticks(range(len(AFFINITY_STEPS)), AFFINITY_STEPS, rotation=90, fontsize=7)
@@ -160,11 +157,7 @@ def figure(result: dict, path: Path) -> Path:  # type: ignore[type-arg]
         title="O2: negative transfer",
     )
     right.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> None:

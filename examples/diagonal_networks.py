@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mtlkit.core.figures import pyplot, save_figure
+
 D, AUX_SUPPORT, MAIN_SUPPORT = 100, 10, 3
 
 
@@ -140,11 +142,7 @@ def sweep(sizes: list[int], seeds: list[int], nested: bool) -> dict[str, np.ndar
 def figure(
     sizes: list[int], nested: dict[str, np.ndarray], disjoint: dict[str, np.ndarray], path: Path
 ) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, results, title in [
         (axes[0], nested, "main support inside the auxiliary one"),
@@ -159,11 +157,7 @@ def figure(
     axes[0].set_ylabel("main-task test error (median over seeds)")
     axes[0].legend()
     fig.suptitle("Diagonal linear networks: MTL against pretraining + finetuning (Lippl & Lindsey)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> None:

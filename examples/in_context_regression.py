@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mtlkit.core.figures import pyplot, save_figure
+
 D, L = 4, 24
 BLOCKS = ((0, 1, 2), (1, 2, 3))  # the coordinates each task reads
 ONLY = ((0,), (3,))  # the coordinates only that task reads
@@ -121,11 +123,7 @@ def head_allocation(model: MultiHeadAttention) -> dict[str, np.ndarray]:
 
 
 def figure(models: dict[int, MultiHeadAttention], losses: dict[int, float], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(models) + 1, figsize=(3.6 * (len(models) + 1), 3.4))
     axes[0].bar([str(h) for h in losses], list(losses.values()))
     axes[0].set(xlabel="heads", ylabel="test MSE", title="loss by head count")
@@ -138,11 +136,7 @@ def figure(models: dict[int, MultiHeadAttention], losses: dict[int, float], path
         ax.set_title(f"H = {heads}: key-query mass (row-scaled)")
         fig.colorbar(image, ax=ax)
     fig.suptitle("In-context multi-task regression: heads split up (H >= 2T) or superpose (H < 2T)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> None:

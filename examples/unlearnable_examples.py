@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import mtlkit as mk
+from mtlkit.core.figures import pyplot, save_figure
 from mtlkit.data.base import MultiTaskTensorDataset, loader
 
 EPSILON = 8 / 255
@@ -172,11 +173,7 @@ def run(
 
 
 def figure(result: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     accuracy = result["accuracy"]
     methods, kinds = list(accuracy), list(next(iter(accuracy.values())))
     fig = plt.figure(figsize=(4.5 * len(methods) + 4.5, 3.8))
@@ -204,11 +201,7 @@ def figure(result: dict, path: Path) -> Path:
     fig.suptitle(
         f"Training data perturbed within {EPSILON * 255:.0f}/255, tested clean (Multi-Fashion, {result['model']})"
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> None:

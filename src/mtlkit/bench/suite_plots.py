@@ -11,15 +11,7 @@ from typing import Any
 
 from mtlkit.bench.suite_config import SuiteConfig
 from mtlkit.bench.suite_report import DatasetTable, build_tables
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from mtlkit.core.figures import pyplot, save_figure
 
 
 def _runs(results: Mapping[str, dict[str, Any]], table: DatasetTable, method: str) -> list[dict[str, Any]]:
@@ -41,20 +33,12 @@ def _grid(plt: Any, count: int, title: str) -> tuple[Any, list[Any]]:
     return fig, flat[:count]
 
 
-def _save(plt: Any, fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
 def plot_traces(
     results: Mapping[str, dict[str, Any]], table: DatasetTable, prefix: str, out: Path, title: str
 ) -> Path | None:
     """One panel per method that logs ``prefix`` values (``weight/`` or ``cosine/``): the first
     seed's trace over training steps."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = []
     for row in table.rows:
         runs = _runs(results, table, row.method)
@@ -74,7 +58,7 @@ def plot_traces(
         ax.tick_params(labelsize=6)
     if len(panels[0][2]) <= 4:
         axes[0].legend(fontsize=6)
-    return _save(plt, fig, out)
+    return save_figure(fig, out)
 
 
 def plot_pareto(results: Mapping[str, dict[str, Any]], table: DatasetTable, out: Path) -> Path | None:
@@ -83,7 +67,7 @@ def plot_pareto(results: Mapping[str, dict[str, Any]], table: DatasetTable, out:
     axes frame the means; outlying seeds fall outside)."""
     if len(table.columns) != 2:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     (t1, m1, h1), (t2, m2, h2) = table.columns
     fig, ax = plt.subplots(figsize=(7, 6))
     cmap = plt.get_cmap("tab20")
@@ -116,7 +100,7 @@ def plot_pareto(results: Mapping[str, dict[str, Any]], table: DatasetTable, out:
     )
     ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.grid(alpha=0.3)
-    return _save(plt, fig, out)
+    return save_figure(fig, out)
 
 
 def _front(points: Mapping[str, tuple[float, float]], h1: bool, h2: bool) -> list[str]:
@@ -132,7 +116,7 @@ def plot_time_to_quality(
     results: Mapping[str, dict[str, Any]], table: DatasetTable, out: Path
 ) -> Path | None:
     """Validation Δm% after each epoch against training seconds (means over seeds), per method."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     cmap = plt.get_cmap("tab20")
     drawn = 0
@@ -164,7 +148,7 @@ def plot_time_to_quality(
     )
     ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.grid(alpha=0.3)
-    return _save(plt, fig, out)
+    return save_figure(fig, out)
 
 
 def write_plots(suite: SuiteConfig, results: Mapping[str, dict[str, Any]], folder: Path) -> list[Path]:

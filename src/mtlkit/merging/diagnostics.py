@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from mtlkit.core.figures import pyplot, save_figure
 from mtlkit.errors import ConfigError
 from mtlkit.merging.base import COMPUTE_DTYPE
 from mtlkit.merging.merge import _check_compatible
@@ -59,11 +60,7 @@ class TaskVectorDiagnostics:
 
     def plot(self, path: str | Path) -> Path:
         """Two heat maps: the whole-model cosine matrix, and the norms per tensor and task."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         k = len(self.tasks)
         matrix = torch.eye(k, dtype=torch.float64)
         for (a, b), c in self.cosine.items():
@@ -80,12 +77,7 @@ class TaskVectorDiagnostics:
         axes[1].set_yticks(range(len(self.tensors)), self.tensors, fontsize=6)
         axes[1].set_title("norm per tensor")
         fig.colorbar(im, ax=axes[1], fraction=0.046)
-        fig.tight_layout()
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=120)
-        plt.close(fig)
-        return out
+        return save_figure(fig, path, dpi=120)
 
 
 def diagnose(pretrained: Any, experts: Mapping[str, Any]) -> TaskVectorDiagnostics:

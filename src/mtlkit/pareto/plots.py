@@ -5,22 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from mtlkit.core.figures import pyplot, save_figure
 from mtlkit.errors import ConfigError
 from mtlkit.metrics.pareto import non_dominated
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_fronts(
@@ -36,7 +27,7 @@ def plot_fronts(
     """One colour per approach: every seed's front as a line through its points in preference
     order (faint after the first seed); ``points`` (single-point methods) as grey dots with the
     non-dominated ones named; ``single_task`` as a star. Two objectives only."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 6))
     cmap = plt.get_cmap("tab10")
     for i, (name, seeds) in enumerate(fronts.items()):
@@ -66,9 +57,4 @@ def plot_fronts(
     ax.set(xlabel=labels[0], ylabel=labels[1], title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out)

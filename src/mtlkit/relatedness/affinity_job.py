@@ -24,6 +24,7 @@ import torch
 from scipy.stats import spearmanr
 
 from mtlkit import data as mk_data
+from mtlkit.core.figures import pyplot, save_figure
 from mtlkit.core.tasks import TaskSet
 from mtlkit.errors import ConfigError
 from mtlkit.metrics.delta import delta_m, per_task_delta
@@ -242,11 +243,7 @@ def predicted_transfer(result: AffinityResult, observed: dict[str, float]) -> di
 
 
 def plot(result: AffinityResult, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = [k for k in TITLES if k in result.matrices]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
@@ -260,11 +257,7 @@ def plot(result: AffinityResult, path: Path) -> Path:
         ax.set_ylabel("source")
         ax.set_title(TITLES[key], fontsize=9)
         fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def _row(cells: Sequence[str]) -> str:

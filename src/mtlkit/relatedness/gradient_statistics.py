@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mtlkit.core.contract import forward_full, shared_parameters, unwrap
 from mtlkit.core.engine import GradientEngine
+from mtlkit.core.figures import pyplot, save_figure
 from mtlkit.core.tasks import Batch
 from mtlkit.errors import ConfigError
 from mtlkit.train.batches import move_to, unpack_batch
@@ -180,11 +181,7 @@ class GradientStatistics(Callback):
     def plot(self, path: str | Path) -> Path:
         """Heat maps of the last epoch's mean cosine and conflict rate, and every pair's cosine
         over the measured steps; written to ``path`` (PNG)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         means = self.matrices()
         fig, axes = plt.subplots(1, 3, figsize=(14, 4))
         for ax, key, title, cmap in (
@@ -206,12 +203,7 @@ class GradientStatistics(Callback):
         axes[2].set_title("pairwise cosines over training")
         if len(self.names) <= 6:
             axes[2].legend(fontsize=7)
-        fig.tight_layout()
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
-        return out
+        return save_figure(fig, path, dpi=110)
 
 
 def _owner_names(model: Any, params: Sequence[Tensor]) -> list[str]:

@@ -6,6 +6,8 @@ import csv
 from collections.abc import Mapping
 from pathlib import Path
 
+from mtlkit.core.figures import pyplot, save_figure
+
 
 def _read(path: Path) -> list[dict[str, str]]:
     if not path.exists():
@@ -35,11 +37,7 @@ def _smooth(ys: list[float], window: int) -> list[float]:
 
 def plot_runs(runs: Mapping[str, Path], out: Path, tasks: list[str], metric: str) -> Path:
     """A 2x2 figure: training loss, validation ``metric`` per task, task weights, gradient cosine."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     ax_loss, ax_val, ax_w, ax_cos = axes.ravel()
     styles = ["-", "--", ":", "-."]
@@ -72,8 +70,4 @@ def plot_runs(runs: Mapping[str, Path], out: Path, tasks: list[str], metric: str
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=110)
